@@ -1,0 +1,90 @@
+# MES backend — developer entry points. `make help` lists them.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO    ?= cargo
+SERVICES := scan-ingest trace-query erp-sync gateway
+
+# Container images: $(IMAGE_PREFIX)<service>:$(IMAGE_TAG)
+IMAGE_PREFIX ?= mes/
+IMAGE_TAG    ?= dev
+
+# Kubernetes manifests: overlays to render and the API versions to validate them against
+K8S_OVERLAYS      := $(notdir $(wildcard k8s/overlays/*))
+K8S_VERSIONS      ?= 1.30.0 1.37.0
+K8S_VENV          := var/venv-k8s
+K8S_VALIDATE      := $(K8S_VENV)/bin/kubernetes-validate
+K8S_VALIDATE_PKG  ?= kubernetes-validate==1.37.0
+
+.PHONY: help run test build lint fmt bench docker k8s clean deps-up deps-down
+
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+run: ## build and run all four services on the demo plant (Ctrl-C stops everything)
+	scripts/run.sh
+
+test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test suite
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "$(CARGO) nextest run --workspace"; \
+		$(CARGO) nextest run --workspace; \
+	else \
+		echo "cargo-nextest not found; using cargo test"; \
+		$(CARGO) test --workspace; \
+	fi
+
+build: ## build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+bench: ## run the benchmarks (scripts/bench.sh)
+	@if [[ -x scripts/bench.sh ]]; then scripts/bench.sh; \
+	else echo "no benchmarks yet: scripts/bench.sh comes with a later issue"; fi
+
+docker: ## build one image per service from deploy/Dockerfile (needs a running Docker engine)
+	@docker info >/dev/null 2>&1 || { echo "docker: no Docker engine is reachable (docker info failed)" >&2; exit 1; }
+	@for s in $(SERVICES); do \
+		echo "docker build --build-arg SERVICE=$$s -t $(IMAGE_PREFIX)$$s:$(IMAGE_TAG)"; \
+		DOCKER_BUILDKIT=1 docker build -f deploy/Dockerfile --build-arg SERVICE=$$s \
+			-t $(IMAGE_PREFIX)$$s:$(IMAGE_TAG) . ; \
+	done
+
+$(K8S_VALIDATE):
+	@echo "installing $(K8S_VALIDATE_PKG) into $(K8S_VENV)"
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install --quiet --disable-pip-version-check $(K8S_VALIDATE_PKG)
+
+k8s: $(K8S_VALIDATE) ## render every k8s overlay with kustomize and validate it against the Kubernetes schemas
+	@command -v kubectl >/dev/null || { echo "k8s: kubectl is needed (kubectl kustomize)" >&2; exit 1; }
+	@mkdir -p var/k8s
+	@for o in $(K8S_OVERLAYS); do \
+		echo "kubectl kustomize k8s/overlays/$$o > var/k8s/$$o.yaml"; \
+		kubectl kustomize k8s/overlays/$$o > var/k8s/$$o.yaml; \
+		for v in $(K8S_VERSIONS); do \
+			echo "kubernetes-validate --strict --quiet -k $$v var/k8s/$$o.yaml"; \
+			$(K8S_VALIDATE) --strict --quiet -k $$v var/k8s/$$o.yaml; \
+		done; \
+		echo "k8s/overlays/$$o: $$(grep -c '^kind:' var/k8s/$$o.yaml) resources valid"; \
+	done
+
+deps-up: ## make sure PostgreSQL and Redis answer (starts throwaway local ones if not)
+	scripts/deps.sh up
+
+deps-down: ## stop what deps-up started (never a server it did not start)
+	scripts/deps.sh down
+
+clean: ## stop started deps and delete var/ and cargo's target directory
+	scripts/deps.sh down --purge
+	rm -rf var
+	$(CARGO) clean

@@ -1,0 +1,66 @@
+//! The Redis client (fred). Cache failures never block a request: commands time out quickly
+//! and fail fast while disconnected, and the client reconnects in the background.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+/// A Redis client with the service's key prefix.
+#[derive(Clone)]
+pub struct Redis {
+    client: Client,
+    prefix: String,
+}
+
+impl Redis {
+    /// Connects in the background; returns at once even when Redis is down (waits up to
+    /// `initial_wait` for the first connection so a healthy start is ready immediately).
+    pub async fn connect(url: &str, prefix: &str, initial_wait: Duration) -> anyhow::Result<Self> {
+        let mut config = Config::from_url(url)?;
+        config.fail_fast = true;
+        let client = Builder::from_config(config)
+            .with_performance_config(|p| p.default_command_timeout = Duration::from_millis(500))
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+                c.max_command_attempts = 1;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()?;
+        client.connect();
+        if tokio::time::timeout(initial_wait, client.wait_for_connect())
+            .await
+            .is_err()
+        {
+            tracing::warn!(redis = %url, "redis not reachable yet; continuing without it and reconnecting");
+        }
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The key `k` under this service's prefix.
+    pub fn key(&self, k: &str) -> String {
+        format!("{}{}", self.prefix, k)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// PING round-trip time.
+    pub async fn ping(&self) -> anyhow::Result<Duration> {
+        let start = std::time::Instant::now();
+        let _: String = self.client.ping(None).await?;
+        Ok(start.elapsed())
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+}

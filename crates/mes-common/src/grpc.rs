@@ -1,0 +1,161 @@
+//! gRPC plumbing: the server builder (telemetry layer, health, reflection) and client channels
+//! that propagate the trace context and have timeouts.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint, Server};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::propagation;
+
+/// Tower layer for gRPC servers: continues the caller's W3C trace in a `grpc.request` span and
+/// records `grpc_server_requests_total` and `grpc_server_request_duration_seconds`.
+#[derive(Clone, Copy)]
+pub struct GrpcTelemetryLayer {
+    service: &'static str,
+}
+
+impl GrpcTelemetryLayer {
+    pub fn new(service: &'static str) -> Self {
+        Self { service }
+    }
+}
+
+impl<S> Layer<S> for GrpcTelemetryLayer {
+    type Service = GrpcTelemetry<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTelemetry {
+            inner,
+            service: self.service,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcTelemetry<S> {
+    inner: S,
+    service: &'static str,
+}
+
+impl<S, B, R> Service<http::Request<B>> for GrpcTelemetry<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_owned();
+        let quiet = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        let span = if quiet {
+            tracing::debug_span!("grpc.request", otel.name = %method, rpc.system = "grpc", otel.kind = "server")
+        } else {
+            tracing::info_span!(
+                "grpc.request",
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = self.service,
+                rpc.method = %method,
+                rpc.grpc.status_code = tracing::field::Empty,
+            )
+        };
+        propagation::set_parent(&span, propagation::extract_http(req.headers()));
+        let fut = span.in_scope(|| self.inner.call(req));
+        let service = self.service;
+        Box::pin(
+            async move {
+                let start = Instant::now();
+                let res = fut.await;
+                let code = match &res {
+                    // Errors come as trailers-only responses: the status is in the headers.
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .unwrap_or(0),
+                    Err(_) => 13,
+                };
+                let code_name = format!("{:?}", tonic::Code::from_i32(code));
+                tracing::Span::current().record("rpc.grpc.status_code", code);
+                if !quiet {
+                    metrics::counter!("grpc_server_requests_total", "service" => service, "method" => method.clone(), "code" => code_name)
+                        .increment(1);
+                    metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method)
+                        .record(start.elapsed().as_secs_f64());
+                }
+                res
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// A server builder with the telemetry layer, HTTP/2 keep-alives and a concurrency guard.
+pub fn server(
+    service: &'static str,
+) -> Server<tower::layer::util::Stack<GrpcTelemetryLayer, tower::layer::util::Identity>> {
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .tcp_nodelay(true)
+        .layer(GrpcTelemetryLayer::new(service))
+}
+
+/// The reflection service over every MES contract.
+pub fn reflection() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mes_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// Adds the current span's trace context to every outgoing call.
+#[derive(Clone, Copy, Default)]
+pub struct TracePropagation;
+
+impl Interceptor for TracePropagation {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        propagation::inject_current(req.metadata_mut());
+        Ok(req)
+    }
+}
+
+/// A channel to another service: lazy (never blocks start-up), with connect and per-call
+/// timeouts. Wrap clients with [`TracePropagation`].
+pub fn channel(
+    url: &str,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Binds `addr` (port 0 picks a free port, for tests).
+pub async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
