@@ -1,0 +1,404 @@
+//! The write path: one transaction per batch applies the scans, the inventory, the work-order
+//! progress and the event log; rows a batch touches are locked in a fixed order (work orders,
+//! then lots, each sorted) so concurrent batches queue instead of deadlocking or failing.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use mes_common::identity::Caller;
+use mes_proto::v1 as pb;
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{LotState, OperationState, ScanInput, World, WorkOrderState};
+use crate::error::Error;
+use crate::store::{events, timestamp};
+
+const MAX_ATTEMPTS: usize = 8;
+
+/// Commits a validated batch; returns one result per input, in order. Acknowledged = committed.
+pub async fn submit(pool: &PgPool, inputs: &[ScanInput], caller: &Caller) -> Result<Vec<pb::ScanResult>, Error> {
+    let traceparent = mes_common::propagation::current_traceparent();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_submit(pool, inputs, caller, &traceparent).await {
+            Err(e) if attempt < MAX_ATTEMPTS && is_retryable(&e) => {
+                metrics::counter!("scan_batch_retries_total").increment(1);
+                tracing::debug!(attempt, error = %e, "retrying batch");
+                tokio::time::sleep(std::time::Duration::from_millis(2 * attempt as u64)).await;
+            }
+            other => return other.map_err(Error::from),
+        }
+    }
+}
+
+/// Deadlocks, serialization failures, and unique violations from a concurrent insert of the
+/// same scan id or new lot (the retry then sees the committed row: duplicate, or an existing lot).
+fn is_retryable(e: &sqlx::Error) -> bool {
+    super::is_retryable(e) || e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23505")
+}
+
+async fn try_submit(
+    pool: &PgPool,
+    inputs: &[ScanInput],
+    caller: &Caller,
+    traceparent: &str,
+) -> Result<Vec<pb::ScanResult>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = inputs.iter().map(|s| s.scan_id).collect();
+    let existing: HashMap<Uuid, String> = sqlx::query("SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.get("scan_id"), r.get("content_hash")))
+        .collect();
+
+    let fresh: Vec<&ScanInput> = inputs.iter().filter(|s| !existing.contains_key(&s.scan_id)).collect();
+    let mut world = load_world(&mut tx, &fresh).await?;
+
+    let received_at = Utc::now();
+    let mut results = Vec::with_capacity(inputs.len());
+    let mut accepted: Vec<(ScanInput, String)> = Vec::new();
+    for s in inputs {
+        let id = s.scan_id.to_string();
+        if let Some(hash) = existing.get(&s.scan_id) {
+            if *hash == s.content_hash() {
+                results.push(result(id, pb::ScanStatus::Duplicate, None));
+            } else {
+                results.push(result(
+                    id,
+                    pb::ScanStatus::Rejected,
+                    Some(("conflict", "this scan_id was already used with different content".into())),
+                ));
+            }
+            continue;
+        }
+        match world.apply(s, caller.station.as_deref()) {
+            Ok(applied) => {
+                accepted.push((s.clone(), applied.material));
+                results.push(result(id, pb::ScanStatus::Accepted, None));
+            }
+            Err(r) => {
+                metrics::counter!("scans_total", "kind" => s.kind.as_str(), "status" => "rejected", "code" => r.code).increment(1);
+                results.push(result(id, pb::ScanStatus::Rejected, Some((r.code, r.message))));
+            }
+        }
+    }
+
+    if !accepted.is_empty() {
+        insert_scans(&mut tx, &accepted, caller, received_at, traceparent).await?;
+        write_world(&mut tx, &world).await?;
+        let evs: Vec<pb::Event> = accepted
+            .iter()
+            .map(|(s, material)| {
+                let stored = stored_scan(s, material, caller, received_at, traceparent);
+                events::event("scan.accepted", pb::event::Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) }))
+            })
+            .collect();
+        events::append(&mut tx, &evs).await?;
+    }
+    tx.commit().await?;
+    for (s, _) in &accepted {
+        metrics::counter!("scans_total", "kind" => s.kind.as_str(), "status" => "accepted", "code" => "").increment(1);
+    }
+    Ok(results)
+}
+
+fn result(scan_id: String, status: pb::ScanStatus, error: Option<(&str, String)>) -> pb::ScanResult {
+    pb::ScanResult {
+        scan_id,
+        status: status as i32,
+        error: error.map(|(code, message)| pb::ScanError { code: code.to_owned(), message }),
+    }
+}
+
+/// The stored form of an accepted scan (also the event payload).
+pub fn stored_scan(s: &ScanInput, material: &str, caller: &Caller, received_at: DateTime<Utc>, traceparent: &str) -> pb::StoredScan {
+    pb::StoredScan {
+        scan: Some(pb::Scan {
+            scan_id: s.scan_id.to_string(),
+            kind: s.kind.to_proto() as i32,
+            work_order: s.work_order.clone(),
+            operation: s.operation as u32,
+            station: s.station.clone(),
+            lot: s.lot.clone(),
+            material: s.material.clone(),
+            quantity: s.quantity.map(|q| q.normalize().to_string()).unwrap_or_default(),
+            into_lot: s.into_lot.clone(),
+            location: s.location.clone(),
+            result: match s.result.as_str() {
+                "pass" => pb::InspectResult::Pass as i32,
+                "fail" => pb::InspectResult::Fail as i32,
+                _ => 0,
+            },
+            defect_code: s.defect_code.clone(),
+            scanned_at: Some(timestamp(s.scanned_at)),
+            attributes_json: s.attributes.clone(),
+        }),
+        operator: caller.user.clone(),
+        device: caller.device.clone().unwrap_or_default(),
+        received_at: Some(timestamp(received_at)),
+        status: "active".into(),
+        voided_by: String::new(),
+        voids: String::new(),
+        reason: String::new(),
+        material: material.to_owned(),
+        traceparent: traceparent.to_owned(),
+    }
+}
+
+/// Loads and locks what `scans` touch: work orders (with routing and BOM), lots, materials, stations.
+pub async fn load_world(tx: &mut Transaction<'_, Postgres>, scans: &[&ScanInput]) -> Result<World, sqlx::Error> {
+    let mut world = World::default();
+    let wo_numbers: Vec<String> =
+        scans.iter().filter(|s| !s.work_order.is_empty()).map(|s| s.work_order.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let lot_names: Vec<String> = scans
+        .iter()
+        .flat_map(|s| [s.lot.clone(), s.into_lot.clone()])
+        .filter(|l| !l.is_empty())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let stations: Vec<String> = scans.iter().map(|s| s.station.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+
+    if !wo_numbers.is_empty() {
+        for r in sqlx::query(
+            "SELECT number, material, status, planned_quantity, produced_quantity, scrap_quantity
+             FROM work_orders WHERE number = ANY($1) ORDER BY number FOR UPDATE",
+        )
+        .bind(&wo_numbers)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            let number: String = r.get("number");
+            world.work_orders.insert(
+                number.clone(),
+                WorkOrderState {
+                    number,
+                    material: r.get("material"),
+                    status: r.get("status"),
+                    planned: r.get("planned_quantity"),
+                    produced: r.get("produced_quantity"),
+                    scrap: r.get("scrap_quantity"),
+                    operations: Default::default(),
+                    components: Default::default(),
+                    dirty: false,
+                },
+            );
+        }
+        for r in sqlx::query(
+            "SELECT work_order, step, station, status, good_quantity, scrap_quantity
+             FROM work_order_operations WHERE work_order = ANY($1)",
+        )
+        .bind(&wo_numbers)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            let wo: String = r.get("work_order");
+            if let Some(w) = world.work_orders.get_mut(&wo) {
+                let step: i32 = r.get("step");
+                w.operations.insert(
+                    step,
+                    OperationState {
+                        step,
+                        station: r.get("station"),
+                        status: r.get("status"),
+                        good: r.get("good_quantity"),
+                        scrap: r.get("scrap_quantity"),
+                    },
+                );
+            }
+        }
+        for r in sqlx::query("SELECT work_order, material, quantity_per_unit FROM work_order_components WHERE work_order = ANY($1)")
+            .bind(&wo_numbers)
+            .fetch_all(&mut **tx)
+            .await?
+        {
+            let wo: String = r.get("work_order");
+            if let Some(w) = world.work_orders.get_mut(&wo) {
+                w.components.insert(r.get("material"), r.get("quantity_per_unit"));
+            }
+        }
+    }
+    if !lot_names.is_empty() {
+        for r in sqlx::query(
+            "SELECT lot, material, quantity_on_hand, status, location, origin_kind, work_order
+             FROM lots WHERE lot = ANY($1) ORDER BY lot FOR UPDATE",
+        )
+        .bind(&lot_names)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            let lot: String = r.get("lot");
+            world.lots.insert(
+                lot.clone(),
+                LotState {
+                    lot,
+                    material: r.get("material"),
+                    on_hand: r.get("quantity_on_hand"),
+                    status: r.get("status"),
+                    location: r.get("location"),
+                    origin_kind: r.get("origin_kind"),
+                    work_order: r.get("work_order"),
+                    is_new: false,
+                    dirty: false,
+                },
+            );
+        }
+    }
+    let materials: Vec<String> = world
+        .work_orders
+        .values()
+        .map(|w| w.material.clone())
+        .chain(world.lots.values().map(|l| l.material.clone()))
+        .chain(scans.iter().filter(|s| !s.material.is_empty()).map(|s| s.material.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for r in sqlx::query("SELECT number, tracking FROM materials WHERE number = ANY($1)").bind(&materials).fetch_all(&mut **tx).await? {
+        world.materials.insert(r.get("number"), r.get("tracking"));
+    }
+    for r in sqlx::query("SELECT id FROM stations WHERE id = ANY($1)").bind(&stations).fetch_all(&mut **tx).await? {
+        world.stations.insert(r.get("id"));
+    }
+    Ok(world)
+}
+
+async fn insert_scans(
+    tx: &mut Transaction<'_, Postgres>,
+    accepted: &[(ScanInput, String)],
+    caller: &Caller,
+    received_at: DateTime<Utc>,
+    traceparent: &str,
+) -> Result<(), sqlx::Error> {
+    let n = accepted.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut wos = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n);
+    let mut stations = Vec::with_capacity(n);
+    let mut lots = Vec::with_capacity(n);
+    let mut materials = Vec::with_capacity(n);
+    let mut quantities: Vec<Option<Decimal>> = Vec::with_capacity(n);
+    let mut into_lots = Vec::with_capacity(n);
+    let mut locations = Vec::with_capacity(n);
+    let mut results = Vec::with_capacity(n);
+    let mut defects = Vec::with_capacity(n);
+    let mut scanned = Vec::with_capacity(n);
+    let mut attributes = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    for (s, material) in accepted {
+        ids.push(s.scan_id);
+        kinds.push(s.kind.as_str().to_owned());
+        wos.push(s.work_order.clone());
+        ops.push(s.operation);
+        stations.push(s.station.clone());
+        lots.push(s.lot.clone());
+        materials.push(material.clone());
+        quantities.push(s.quantity);
+        into_lots.push(s.into_lot.clone());
+        locations.push(s.location.clone());
+        results.push(s.result.clone());
+        defects.push(s.defect_code.clone());
+        scanned.push(s.scanned_at);
+        attributes.push(s.attributes.clone());
+        hashes.push(s.content_hash());
+    }
+    sqlx::query(
+        "INSERT INTO scans (scan_id, kind, work_order, operation, station, lot, material, quantity, into_lot,
+                            location, result, defect_code, scanned_at, attributes, content_hash,
+                            operator, device, received_at, traceparent)
+         SELECT u.*, $16, $17, $18, $19
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+                     $8::numeric[], $9::text[], $10::text[], $11::text[], $12::text[], $13::timestamptz[],
+                     $14::text[], $15::text[]) AS u",
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&wos)
+    .bind(&ops)
+    .bind(&stations)
+    .bind(&lots)
+    .bind(&materials)
+    .bind(&quantities)
+    .bind(&into_lots)
+    .bind(&locations)
+    .bind(&results)
+    .bind(&defects)
+    .bind(&scanned)
+    .bind(&attributes)
+    .bind(&hashes)
+    .bind(&caller.user)
+    .bind(caller.device.clone().unwrap_or_default())
+    .bind(received_at)
+    .bind(traceparent)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes back every changed work order, operation and lot of `world`.
+pub async fn write_world(tx: &mut Transaction<'_, Postgres>, world: &World) -> Result<(), sqlx::Error> {
+    let dirty_lots: Vec<&LotState> = world.lots.values().filter(|l| l.dirty).collect();
+    let (new_lots, old_lots): (Vec<&LotState>, Vec<&LotState>) = dirty_lots.into_iter().partition(|l| l.is_new);
+    if !new_lots.is_empty() {
+        sqlx::query(
+            "INSERT INTO lots (lot, material, quantity_on_hand, status, location, origin_kind, work_order)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::text[], $5::text[], $6::text[], $7::text[])",
+        )
+        .bind(new_lots.iter().map(|l| l.lot.clone()).collect::<Vec<_>>())
+        .bind(new_lots.iter().map(|l| l.material.clone()).collect::<Vec<_>>())
+        .bind(new_lots.iter().map(|l| l.on_hand).collect::<Vec<_>>())
+        .bind(new_lots.iter().map(|l| l.status.clone()).collect::<Vec<_>>())
+        .bind(new_lots.iter().map(|l| l.location.clone()).collect::<Vec<_>>())
+        .bind(new_lots.iter().map(|l| l.origin_kind.clone()).collect::<Vec<_>>())
+        .bind(new_lots.iter().map(|l| l.work_order.clone()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !old_lots.is_empty() {
+        sqlx::query(
+            "UPDATE lots SET quantity_on_hand = u.q, status = u.status, location = u.location, updated_at = now()
+             FROM UNNEST($1::text[], $2::numeric[], $3::text[], $4::text[]) AS u(lot, q, status, location)
+             WHERE lots.lot = u.lot",
+        )
+        .bind(old_lots.iter().map(|l| l.lot.clone()).collect::<Vec<_>>())
+        .bind(old_lots.iter().map(|l| l.on_hand).collect::<Vec<_>>())
+        .bind(old_lots.iter().map(|l| l.status.clone()).collect::<Vec<_>>())
+        .bind(old_lots.iter().map(|l| l.location.clone()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    let wos: Vec<&WorkOrderState> = world.work_orders.values().filter(|w| w.dirty).collect();
+    if !wos.is_empty() {
+        sqlx::query(
+            "UPDATE work_orders SET status = u.status, produced_quantity = u.produced, scrap_quantity = u.scrap, updated_at = now()
+             FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[]) AS u(number, status, produced, scrap)
+             WHERE work_orders.number = u.number",
+        )
+        .bind(wos.iter().map(|w| w.number.clone()).collect::<Vec<_>>())
+        .bind(wos.iter().map(|w| w.status.clone()).collect::<Vec<_>>())
+        .bind(wos.iter().map(|w| w.produced).collect::<Vec<_>>())
+        .bind(wos.iter().map(|w| w.scrap).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        let ops: Vec<(&String, &OperationState)> = wos.iter().flat_map(|w| w.operations.values().map(move |o| (&w.number, o))).collect();
+        sqlx::query(
+            "UPDATE work_order_operations o SET status = u.status, good_quantity = u.good, scrap_quantity = u.scrap
+             FROM UNNEST($1::text[], $2::int[], $3::text[], $4::numeric[], $5::numeric[]) AS u(wo, step, status, good, scrap)
+             WHERE o.work_order = u.wo AND o.step = u.step",
+        )
+        .bind(ops.iter().map(|(w, _)| (*w).clone()).collect::<Vec<_>>())
+        .bind(ops.iter().map(|(_, o)| o.step).collect::<Vec<_>>())
+        .bind(ops.iter().map(|(_, o)| o.status.clone()).collect::<Vec<_>>())
+        .bind(ops.iter().map(|(_, o)| o.good).collect::<Vec<_>>())
+        .bind(ops.iter().map(|(_, o)| o.scrap).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
