@@ -30,6 +30,8 @@ run: ## build and run all four services on the demo plant (Ctrl-C stops everythi
 test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test suite
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# the end-to-end suite (tests/) starts the four service binaries: build them first
+	$(CARGO) build --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace"; \
 		$(CARGO) nextest run --workspace; \

@@ -3,13 +3,15 @@
 use mes_common::Shutdown;
 use mes_common::identity::Caller;
 use mes_proto::v1 as pb;
-use mes_proto::v1::{event_feed_server::EventFeed, master_data_server::MasterData, scan_ingest_server::ScanIngest};
+use mes_proto::v1::{
+    event_feed_server::EventFeed, master_data_server::MasterData, scan_ingest_server::ScanIngest,
+};
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
 use crate::domain;
 use crate::error::Error;
-use crate::store::{master, queries, scans};
+use crate::store::{corrections, master, queries, scans};
 
 #[derive(Clone)]
 pub struct Api {
@@ -30,22 +32,85 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
 #[tonic::async_trait]
 impl ScanIngest for Api {
     #[tracing::instrument(skip_all, fields(scans = req.get_ref().scans.len()))]
-    async fn submit_scans(&self, req: Request<pb::SubmitScansRequest>) -> Result<Response<pb::SubmitScansResponse>, Status> {
+    async fn submit_scans(
+        &self,
+        req: Request<pb::SubmitScansRequest>,
+    ) -> Result<Response<pb::SubmitScansResponse>, Status> {
         let caller = caller(&req)?;
-        let inputs = domain::validate_batch(&req.get_ref().scans, chrono::Utc::now()).map_err(Error::Invalid)?;
+        let inputs = domain::validate_batch(&req.get_ref().scans, chrono::Utc::now())
+            .map_err(Error::Invalid)?;
         metrics::histogram!("scan_batch_size").record(inputs.len() as f64);
         let start = std::time::Instant::now();
         let results = scans::submit(&self.state.pool, &inputs, &caller).await?;
         metrics::histogram!("scan_commit_duration_seconds").record(start.elapsed().as_secs_f64());
-        if results.iter().any(|r| r.status == pb::ScanStatus::Accepted as i32) {
+        if results
+            .iter()
+            .any(|r| r.status == pb::ScanStatus::Accepted as i32)
+        {
             self.state.feed.committed();
         }
         Ok(Response::new(pb::SubmitScansResponse { results }))
     }
 
     #[tracing::instrument(skip_all, fields(scan_id = %req.get_ref().scan_id))]
-    async fn get_scan(&self, req: Request<pb::GetScanRequest>) -> Result<Response<pb::StoredScan>, Status> {
-        Ok(Response::new(queries::get_scan(&self.state.pool, &req.get_ref().scan_id).await?))
+    async fn get_scan(
+        &self,
+        req: Request<pb::GetScanRequest>,
+    ) -> Result<Response<pb::StoredScan>, Status> {
+        Ok(Response::new(
+            queries::get_scan(&self.state.pool, &req.get_ref().scan_id).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(scan_id = %req.get_ref().scan_id, confirm = req.get_ref().confirm))]
+    async fn void_scan(
+        &self,
+        req: Request<pb::VoidScanRequest>,
+    ) -> Result<Response<pb::VoidScanResponse>, Status> {
+        let caller = caller(&req)?;
+        let r = req.get_ref();
+        let out =
+            corrections::void(&self.state.pool, &r.scan_id, &r.reason, r.confirm, &caller).await?;
+        if !out.void_scan_id.is_empty() {
+            self.state.feed.committed();
+        }
+        Ok(Response::new(out))
+    }
+
+    #[tracing::instrument(skip_all, fields(lot = %req.get_ref().lot))]
+    async fn hold_lot(
+        &self,
+        req: Request<pb::LotStatusRequest>,
+    ) -> Result<Response<pb::Lot>, Status> {
+        let caller = caller(&req)?;
+        let lot = corrections::set_hold(
+            &self.state.pool,
+            &req.get_ref().lot,
+            &req.get_ref().reason,
+            true,
+            &caller,
+        )
+        .await?;
+        self.state.feed.committed();
+        Ok(Response::new(lot))
+    }
+
+    #[tracing::instrument(skip_all, fields(lot = %req.get_ref().lot))]
+    async fn release_lot(
+        &self,
+        req: Request<pb::LotStatusRequest>,
+    ) -> Result<Response<pb::Lot>, Status> {
+        let caller = caller(&req)?;
+        let lot = corrections::set_hold(
+            &self.state.pool,
+            &req.get_ref().lot,
+            &req.get_ref().reason,
+            false,
+            &caller,
+        )
+        .await?;
+        self.state.feed.committed();
+        Ok(Response::new(lot))
     }
 
     #[tracing::instrument(skip_all)]
@@ -53,31 +118,46 @@ impl ScanIngest for Api {
         &self,
         req: Request<pb::ListWorkOrdersRequest>,
     ) -> Result<Response<pb::ListWorkOrdersResponse>, Status> {
-        Ok(Response::new(queries::list_work_orders(&self.state.pool, req.get_ref()).await?))
+        Ok(Response::new(
+            queries::list_work_orders(&self.state.pool, req.get_ref()).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(work_order = %req.get_ref().number))]
-    async fn get_work_order(&self, req: Request<pb::GetWorkOrderRequest>) -> Result<Response<pb::WorkOrder>, Status> {
-        Ok(Response::new(queries::get_work_order(&self.state.pool, &req.get_ref().number).await?))
+    async fn get_work_order(
+        &self,
+        req: Request<pb::GetWorkOrderRequest>,
+    ) -> Result<Response<pb::WorkOrder>, Status> {
+        Ok(Response::new(
+            queries::get_work_order(&self.state.pool, &req.get_ref().number).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(lot = %req.get_ref().lot))]
     async fn get_lot(&self, req: Request<pb::GetLotRequest>) -> Result<Response<pb::Lot>, Status> {
-        Ok(Response::new(queries::get_lot(&self.state.pool, &req.get_ref().lot).await?))
+        Ok(Response::new(
+            queries::get_lot(&self.state.pool, &req.get_ref().lot).await?,
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl MasterData for Api {
     #[tracing::instrument(skip_all, fields(items = req.get_ref().items.len()))]
-    async fn upsert_materials(&self, req: Request<pb::UpsertMaterialsRequest>) -> Result<Response<pb::UpsertResponse>, Status> {
+    async fn upsert_materials(
+        &self,
+        req: Request<pb::UpsertMaterialsRequest>,
+    ) -> Result<Response<pb::UpsertResponse>, Status> {
         let counts = master::upsert_materials(&self.state.pool, &req.get_ref().items).await?;
         self.state.feed.committed();
         Ok(Response::new(counts.into()))
     }
 
     #[tracing::instrument(skip_all, fields(items = req.get_ref().items.len()))]
-    async fn upsert_stations(&self, req: Request<pb::UpsertStationsRequest>) -> Result<Response<pb::UpsertResponse>, Status> {
+    async fn upsert_stations(
+        &self,
+        req: Request<pb::UpsertStationsRequest>,
+    ) -> Result<Response<pb::UpsertResponse>, Status> {
         let counts = master::upsert_stations(&self.state.pool, &req.get_ref().items).await?;
         self.state.feed.committed();
         Ok(Response::new(counts.into()))
@@ -107,12 +187,26 @@ impl MasterData for Api {
 #[tonic::async_trait]
 impl EventFeed for Api {
     #[tracing::instrument(skip_all, fields(after = req.get_ref().after_position, consumer = %req.get_ref().consumer))]
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<tonic::codegen::BoxStream<pb::Event>>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::Event>>, Status> {
         let after = i64::try_from(req.get_ref().after_position)
             .map_err(|_| Status::from(Error::invalid("after_position", "is out of range")))?;
-        let consumer = if req.get_ref().consumer.is_empty() { "anonymous".to_owned() } else { req.get_ref().consumer.clone() };
+        let consumer = if req.get_ref().consumer.is_empty() {
+            "anonymous".to_owned()
+        } else {
+            req.get_ref().consumer.clone()
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(self.state.feed.clone().stream(after, consumer, tx, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        tokio::spawn(
+            self.state
+                .feed
+                .clone()
+                .stream(after, consumer, tx, self.shutdown.clone()),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

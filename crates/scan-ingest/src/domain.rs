@@ -87,11 +87,17 @@ impl Kind {
 
     /// Kinds that name a lot.
     fn needs_lot(self) -> bool {
-        matches!(self, Kind::Consume | Kind::Produce | Kind::Scrap | Kind::Move | Kind::Inspect)
+        matches!(
+            self,
+            Kind::Consume | Kind::Produce | Kind::Scrap | Kind::Move | Kind::Inspect
+        )
     }
 
     fn needs_quantity(self) -> bool {
-        matches!(self, Kind::Consume | Kind::Produce | Kind::Scrap | Kind::Move)
+        matches!(
+            self,
+            Kind::Consume | Kind::Produce | Kind::Scrap | Kind::Move
+        )
     }
 
     fn needs_operation(self) -> bool {
@@ -123,7 +129,10 @@ pub struct ScanInput {
 impl ScanInput {
     /// A stable hash of the client-supplied content (idempotency: same id and hash = duplicate).
     pub fn content_hash(&self) -> String {
-        let q = self.quantity.map(|q| q.normalize().to_string()).unwrap_or_default();
+        let q = self
+            .quantity
+            .map(|q| q.normalize().to_string())
+            .unwrap_or_default();
         let canonical = [
             self.scan_id.to_string(),
             self.kind.as_str().to_owned(),
@@ -155,10 +164,13 @@ pub fn parse_quantity(s: &str) -> Result<Decimal, &'static str> {
     if t.is_empty() || t != s {
         return Err("must be a decimal string such as \"12.5\"");
     }
-    if !t.chars().all(|c| c.is_ascii_digit() || c == '.') || t.starts_with('.') || t.ends_with('.') {
+    if !t.chars().all(|c| c.is_ascii_digit() || c == '.') || t.starts_with('.') || t.ends_with('.')
+    {
         return Err("must be a decimal string such as \"12.5\"");
     }
-    let d: Decimal = t.parse().map_err(|_| "must be a decimal string such as \"12.5\"")?;
+    let d: Decimal = t
+        .parse()
+        .map_err(|_| "must be a decimal string such as \"12.5\"")?;
     if d <= Decimal::ZERO {
         return Err("must be greater than zero");
     }
@@ -177,20 +189,35 @@ fn check_id(violations: &mut Vec<FieldViolation>, field: String, value: &str, re
             violations.push(FieldViolation::new(field, "is required"));
         }
     } else if value.len() > MAX_ID_LEN {
-        violations.push(FieldViolation::new(field, format!("must be at most {MAX_ID_LEN} characters")));
+        violations.push(FieldViolation::new(
+            field,
+            format!("must be at most {MAX_ID_LEN} characters"),
+        ));
     } else if value.chars().any(|c| c.is_control()) || value.trim() != value {
-        violations.push(FieldViolation::new(field, "must not contain control characters or surrounding spaces"));
+        violations.push(FieldViolation::new(
+            field,
+            "must not contain control characters or surrounding spaces",
+        ));
     }
 }
 
 /// Validates the shape of every scan of a batch; field names are `scans[i].<field>`.
-pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<ScanInput>, Vec<FieldViolation>> {
+pub fn validate_batch(
+    scans: &[pb::Scan],
+    now: DateTime<Utc>,
+) -> Result<Vec<ScanInput>, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     if scans.is_empty() {
-        violations.push(FieldViolation::new("scans", "must contain at least one scan"));
+        violations.push(FieldViolation::new(
+            "scans",
+            "must contain at least one scan",
+        ));
     }
     if scans.len() > MAX_BATCH {
-        violations.push(FieldViolation::new("scans", format!("must contain at most {MAX_BATCH} scans")));
+        violations.push(FieldViolation::new(
+            "scans",
+            format!("must contain at most {MAX_BATCH} scans"),
+        ));
         return Err(violations);
     }
     let mut seen = HashSet::new();
@@ -201,7 +228,10 @@ pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<Scan
         let scan_id = match Uuid::parse_str(&s.scan_id) {
             Ok(id) if !id.is_nil() => {
                 if !seen.insert(id) {
-                    violations.push(FieldViolation::new(f("scan_id"), "appears twice in the batch"));
+                    violations.push(FieldViolation::new(
+                        f("scan_id"),
+                        "appears twice in the batch",
+                    ));
                 }
                 id
             }
@@ -212,7 +242,10 @@ pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<Scan
         };
         let kind = match Kind::from_proto(s.kind) {
             Some(Kind::Void) => {
-                violations.push(FieldViolation::new(f("kind"), "void scans are created by the void operation"));
+                violations.push(FieldViolation::new(
+                    f("kind"),
+                    "void scans are created by the void operation",
+                ));
                 Kind::Void
             }
             Some(k) => k,
@@ -224,12 +257,22 @@ pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<Scan
                 Kind::Void
             }
         };
-        check_id(&mut violations, f("work_order"), &s.work_order, kind != Kind::Move);
+        check_id(
+            &mut violations,
+            f("work_order"),
+            &s.work_order,
+            kind != Kind::Move,
+        );
         check_id(&mut violations, f("station"), &s.station, true);
         check_id(&mut violations, f("lot"), &s.lot, kind.needs_lot());
         check_id(&mut violations, f("material"), &s.material, false);
         check_id(&mut violations, f("into_lot"), &s.into_lot, false);
-        check_id(&mut violations, f("location"), &s.location, kind == Kind::Move);
+        check_id(
+            &mut violations,
+            f("location"),
+            &s.location,
+            kind == Kind::Move,
+        );
         check_id(&mut violations, f("defect_code"), &s.defect_code, false);
         if kind.needs_operation() && s.operation == 0 {
             violations.push(FieldViolation::new(f("operation"), "is required"));
@@ -252,27 +295,49 @@ pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<Scan
             }
         };
         if !s.into_lot.is_empty() && kind != Kind::Consume {
-            violations.push(FieldViolation::new(f("into_lot"), "is only allowed on consume"));
+            violations.push(FieldViolation::new(
+                f("into_lot"),
+                "is only allowed on consume",
+            ));
         }
-        let result = match pb::InspectResult::try_from(s.result).unwrap_or(pb::InspectResult::Unspecified) {
-            pb::InspectResult::Pass => "pass",
-            pb::InspectResult::Fail => "fail",
-            pb::InspectResult::Unspecified => "",
-        };
+        let result =
+            match pb::InspectResult::try_from(s.result).unwrap_or(pb::InspectResult::Unspecified) {
+                pb::InspectResult::Pass => "pass",
+                pb::InspectResult::Fail => "fail",
+                pb::InspectResult::Unspecified => "",
+            };
         if kind == Kind::Inspect && result.is_empty() {
             violations.push(FieldViolation::new(f("result"), "must be pass or fail"));
         }
         if kind != Kind::Inspect && !result.is_empty() {
-            violations.push(FieldViolation::new(f("result"), "is only allowed on inspect"));
+            violations.push(FieldViolation::new(
+                f("result"),
+                "is only allowed on inspect",
+            ));
         }
-        if s.defect_code.is_empty() && (kind == Kind::Scrap || (kind == Kind::Inspect && result == "fail")) {
-            violations.push(FieldViolation::new(f("defect_code"), "is required for scrap and failed inspections"));
+        if s.defect_code.is_empty()
+            && (kind == Kind::Scrap || (kind == Kind::Inspect && result == "fail"))
+        {
+            violations.push(FieldViolation::new(
+                f("defect_code"),
+                "is required for scrap and failed inspections",
+            ));
         }
         let scanned_at = match &s.scanned_at {
-            Some(ts) => match DateTime::<Utc>::from_timestamp(ts.seconds, ts.nanos.clamp(0, 999_999_999) as u32) {
-                Some(t) if t <= now + chrono::Duration::hours(24) && t.timestamp() > 946_684_800 => t,
+            Some(ts) => match DateTime::<Utc>::from_timestamp(
+                ts.seconds,
+                ts.nanos.clamp(0, 999_999_999) as u32,
+            ) {
+                Some(t)
+                    if t <= now + chrono::Duration::hours(24) && t.timestamp() > 946_684_800 =>
+                {
+                    t
+                }
                 _ => {
-                    violations.push(FieldViolation::new(f("scanned_at"), "must be a time between 2000 and one day from now"));
+                    violations.push(FieldViolation::new(
+                        f("scanned_at"),
+                        "must be a time between 2000 and one day from now",
+                    ));
                     now
                 }
             },
@@ -282,11 +347,18 @@ pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<Scan
             }
         };
         if s.attributes_json.len() > MAX_ATTRIBUTES {
-            violations.push(FieldViolation::new(f("attributes"), "must be at most 4 KiB serialised"));
+            violations.push(FieldViolation::new(
+                f("attributes"),
+                "must be at most 4 KiB serialised",
+            ));
         } else if !s.attributes_json.is_empty()
-            && !serde_json::from_str::<serde_json::Value>(&s.attributes_json).is_ok_and(|v| v.is_object())
+            && !serde_json::from_str::<serde_json::Value>(&s.attributes_json)
+                .is_ok_and(|v| v.is_object())
         {
-            violations.push(FieldViolation::new(f("attributes"), "must be a JSON object"));
+            violations.push(FieldViolation::new(
+                f("attributes"),
+                "must be a JSON object",
+            ));
         }
         if violations.len() == before {
             out.push(ScanInput {
@@ -307,7 +379,11 @@ pub fn validate_batch(scans: &[pb::Scan], now: DateTime<Utc>) -> Result<Vec<Scan
             });
         }
     }
-    if violations.is_empty() { Ok(out) } else { Err(violations) }
+    if violations.is_empty() {
+        Ok(out)
+    } else {
+        Err(violations)
+    }
 }
 
 /// A business rejection: the scan is valid but cannot be applied.
@@ -318,7 +394,10 @@ pub struct Rejection {
 }
 
 fn reject<T>(code: &'static str, message: impl Into<String>) -> Result<T, Rejection> {
-    Err(Rejection { code, message: message.into() })
+    Err(Rejection {
+        code,
+        message: message.into(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -375,27 +454,46 @@ pub struct Applied {
 
 impl World {
     /// Applies `scan` made by a caller bound to `caller_station` (if any): all effects, or none.
-    pub fn apply(&mut self, scan: &ScanInput, caller_station: Option<&str>) -> Result<Applied, Rejection> {
+    pub fn apply(
+        &mut self,
+        scan: &ScanInput,
+        caller_station: Option<&str>,
+    ) -> Result<Applied, Rejection> {
         if let Some(bound) = caller_station {
             if bound != scan.station {
-                return reject("wrong_station", format!("this device is bound to station {bound}"));
+                return reject(
+                    "wrong_station",
+                    format!("this device is bound to station {bound}"),
+                );
             }
         }
         if !self.stations.contains(&scan.station) {
-            return reject("unknown_station", format!("station {} does not exist", scan.station));
+            return reject(
+                "unknown_station",
+                format!("station {} does not exist", scan.station),
+            );
         }
         // Work order and operation checks (no mutation yet).
         let step = if scan.work_order.is_empty() {
             None
         } else {
             let Some(wo) = self.work_orders.get(&scan.work_order) else {
-                return reject("unknown_work_order", format!("work order {} does not exist", scan.work_order));
+                return reject(
+                    "unknown_work_order",
+                    format!("work order {} does not exist", scan.work_order),
+                );
             };
             if matches!(wo.status.as_str(), "closed" | "cancelled") {
-                return reject("work_order_closed", format!("work order {} is {}", wo.number, wo.status));
+                return reject(
+                    "work_order_closed",
+                    format!("work order {} is {}", wo.number, wo.status),
+                );
             }
             if wo.status == "completed" && !matches!(scan.kind, Kind::Inspect | Kind::Move) {
-                return reject("work_order_closed", format!("work order {} is completed", wo.number));
+                return reject(
+                    "work_order_closed",
+                    format!("work order {} is completed", wo.number),
+                );
             }
             Some(resolve_operation(wo, scan)?)
         };
@@ -404,17 +502,25 @@ impl World {
             Kind::StartOperation => {
                 let op = &self.work_orders[&scan.work_order].operations[&step.unwrap_or_default()];
                 if op.status == "completed" {
-                    return reject("invalid_operation", format!("operation {} is already completed", op.step));
+                    return reject(
+                        "invalid_operation",
+                        format!("operation {} is already completed", op.step),
+                    );
                 }
                 let wo = self.with_op(scan, step, |op| op.status = "in_progress".into());
                 wo.dirty = true;
                 mark_started(wo);
-                Ok(Applied { material: wo.material.clone() })
+                Ok(Applied {
+                    material: wo.material.clone(),
+                })
             }
             Kind::CompleteOperation => {
                 let op = &self.work_orders[&scan.work_order].operations[&step.unwrap_or_default()];
                 if op.status == "completed" {
-                    return reject("invalid_operation", format!("operation {} is already completed", op.step));
+                    return reject(
+                        "invalid_operation",
+                        format!("operation {} is already completed", op.step),
+                    );
                 }
                 let wo = self.with_op(scan, step, |op| op.status = "completed".into());
                 wo.dirty = true;
@@ -422,25 +528,48 @@ impl World {
                 if wo.operations.values().all(|o| o.status == "completed") {
                     wo.status = "completed".into();
                 }
-                Ok(Applied { material: wo.material.clone() })
+                Ok(Applied {
+                    material: wo.material.clone(),
+                })
             }
             Kind::Consume => {
                 let q = scan.quantity.unwrap_or_default();
                 let lot = self.usable_lot(&scan.lot)?;
                 if !scan.material.is_empty() && scan.material != lot.material {
-                    return reject("wrong_material", format!("lot {} is {}, not {}", lot.lot, lot.material, scan.material));
+                    return reject(
+                        "wrong_material",
+                        format!("lot {} is {}, not {}", lot.lot, lot.material, scan.material),
+                    );
                 }
                 let wo = &self.work_orders[&scan.work_order];
                 if !wo.components.contains_key(&lot.material) {
-                    return reject("not_in_bom", format!("{} is not a component of work order {}", lot.material, wo.number));
+                    return reject(
+                        "not_in_bom",
+                        format!(
+                            "{} is not a component of work order {}",
+                            lot.material, wo.number
+                        ),
+                    );
                 }
                 if lot.on_hand < q {
-                    return reject("insufficient_quantity", format!("lot {} has {} on hand, {} requested", lot.lot, lot.on_hand, q));
+                    return reject(
+                        "insufficient_quantity",
+                        format!(
+                            "lot {} has {} on hand, {} requested",
+                            lot.lot, lot.on_hand, q
+                        ),
+                    );
                 }
                 if !scan.into_lot.is_empty() {
                     if let Some(target) = self.lots.get(&scan.into_lot) {
                         if target.material != wo.material {
-                            return reject("wrong_material", format!("into_lot {} is not an output of work order {}", scan.into_lot, wo.number));
+                            return reject(
+                                "wrong_material",
+                                format!(
+                                    "into_lot {} is not an output of work order {}",
+                                    scan.into_lot, wo.number
+                                ),
+                            );
                         }
                     }
                 }
@@ -460,7 +589,13 @@ impl World {
                 let wo = &self.work_orders[&scan.work_order];
                 let output = wo.material.clone();
                 if !scan.material.is_empty() && scan.material != output {
-                    return reject("wrong_material", format!("work order {} produces {}, not {}", wo.number, output, scan.material));
+                    return reject(
+                        "wrong_material",
+                        format!(
+                            "work order {} produces {}, not {}",
+                            wo.number, output, scan.material
+                        ),
+                    );
                 }
                 let serial = self.materials.get(&output).is_some_and(|t| t == "serial");
                 if serial && q != Decimal::ONE {
@@ -469,13 +604,27 @@ impl World {
                 match self.lots.get(&scan.lot) {
                     Some(existing) if !existing.is_new || existing.dirty => {
                         if serial {
-                            return reject("duplicate_serial", format!("serial {} already exists", scan.lot));
+                            return reject(
+                                "duplicate_serial",
+                                format!("serial {} already exists", scan.lot),
+                            );
                         }
                         if existing.material != output {
-                            return reject("wrong_material", format!("lot {} is {}, not {}", scan.lot, existing.material, output));
+                            return reject(
+                                "wrong_material",
+                                format!(
+                                    "lot {} is {}, not {}",
+                                    scan.lot, existing.material, output
+                                ),
+                            );
                         }
-                        if existing.origin_kind != "produced" || existing.work_order != scan.work_order {
-                            return reject("lot_exists", format!("lot {} belongs to another origin", scan.lot));
+                        if existing.origin_kind != "produced"
+                            || existing.work_order != scan.work_order
+                        {
+                            return reject(
+                                "lot_exists",
+                                format!("lot {} belongs to another origin", scan.lot),
+                            );
                         }
                         if existing.status == "on_hold" {
                             return reject("lot_on_hold", format!("lot {} is on hold", scan.lot));
@@ -483,17 +632,20 @@ impl World {
                     }
                     _ => {}
                 }
-                let lot = self.lots.entry(scan.lot.clone()).or_insert_with(|| LotState {
-                    lot: scan.lot.clone(),
-                    material: output.clone(),
-                    on_hand: Decimal::ZERO,
-                    status: "active".into(),
-                    location: scan.station.clone(),
-                    origin_kind: "produced".into(),
-                    work_order: scan.work_order.clone(),
-                    is_new: true,
-                    dirty: false,
-                });
+                let lot = self
+                    .lots
+                    .entry(scan.lot.clone())
+                    .or_insert_with(|| LotState {
+                        lot: scan.lot.clone(),
+                        material: output.clone(),
+                        on_hand: Decimal::ZERO,
+                        status: "active".into(),
+                        location: scan.station.clone(),
+                        origin_kind: "produced".into(),
+                        work_order: scan.work_order.clone(),
+                        is_new: true,
+                        dirty: false,
+                    });
                 lot.material = output.clone();
                 lot.origin_kind = "produced".into();
                 lot.work_order = scan.work_order.clone();
@@ -513,7 +665,13 @@ impl World {
                 let q = scan.quantity.unwrap_or_default();
                 let lot = self.usable_lot(&scan.lot)?;
                 if lot.on_hand < q {
-                    return reject("insufficient_quantity", format!("lot {} has {} on hand, {} to scrap", lot.lot, lot.on_hand, q));
+                    return reject(
+                        "insufficient_quantity",
+                        format!(
+                            "lot {} has {} on hand, {} to scrap",
+                            lot.lot, lot.on_hand, q
+                        ),
+                    );
                 }
                 let material = lot.material.clone();
                 let lot = self.lots.get_mut(&scan.lot).expect("checked above");
@@ -532,7 +690,10 @@ impl World {
                 let q = scan.quantity.unwrap_or_default();
                 let lot = self.usable_lot(&scan.lot)?;
                 if lot.on_hand < q {
-                    return reject("insufficient_quantity", format!("lot {} has {} on hand, {} to move", lot.lot, lot.on_hand, q));
+                    return reject(
+                        "insufficient_quantity",
+                        format!("lot {} has {} on hand, {} to move", lot.lot, lot.on_hand, q),
+                    );
                 }
                 let material = lot.material.clone();
                 let lot = self.lots.get_mut(&scan.lot).expect("checked above");
@@ -553,7 +714,10 @@ impl World {
                 }
                 Ok(Applied { material })
             }
-            Kind::Void => reject("invalid_kind", "void scans are created by the void operation"),
+            Kind::Void => reject(
+                "invalid_kind",
+                "void scans are created by the void operation",
+            ),
         }
     }
 
@@ -568,8 +732,16 @@ impl World {
     }
 
     /// The scan's work order, after `f` changed the scan's operation.
-    fn with_op(&mut self, scan: &ScanInput, step: Option<i32>, f: impl FnOnce(&mut OperationState)) -> &mut WorkOrderState {
-        let wo = self.work_orders.get_mut(&scan.work_order).expect("work order checked before");
+    fn with_op(
+        &mut self,
+        scan: &ScanInput,
+        step: Option<i32>,
+        f: impl FnOnce(&mut OperationState),
+    ) -> &mut WorkOrderState {
+        let wo = self
+            .work_orders
+            .get_mut(&scan.work_order)
+            .expect("work order checked before");
         if let Some(op) = step.and_then(|s| wo.operations.get_mut(&s)) {
             f(op);
         }
@@ -589,17 +761,43 @@ fn mark_started(wo: &mut WorkOrderState) {
 fn resolve_operation(wo: &WorkOrderState, scan: &ScanInput) -> Result<i32, Rejection> {
     if scan.operation != 0 {
         let Some(op) = wo.operations.get(&scan.operation) else {
-            return reject("invalid_operation", format!("work order {} has no operation {}", wo.number, scan.operation));
+            return reject(
+                "invalid_operation",
+                format!(
+                    "work order {} has no operation {}",
+                    wo.number, scan.operation
+                ),
+            );
         };
         if op.station != scan.station {
-            return reject("wrong_station", format!("operation {} runs at {}, not {}", op.step, op.station, scan.station));
+            return reject(
+                "wrong_station",
+                format!(
+                    "operation {} runs at {}, not {}",
+                    op.step, op.station, scan.station
+                ),
+            );
         }
         return Ok(op.step);
     }
     // Prefer an unfinished operation at this station, else the last one there.
-    let at_station: Vec<&OperationState> = wo.operations.values().filter(|o| o.station == scan.station).collect();
-    match at_station.iter().find(|o| o.status != "completed").or(at_station.last()) {
+    let at_station: Vec<&OperationState> = wo
+        .operations
+        .values()
+        .filter(|o| o.station == scan.station)
+        .collect();
+    match at_station
+        .iter()
+        .find(|o| o.status != "completed")
+        .or(at_station.last())
+    {
         Some(op) => Ok(op.step),
-        None => reject("wrong_station", format!("work order {} has no operation at {}", wo.number, scan.station)),
+        None => reject(
+            "wrong_station",
+            format!(
+                "work order {} has no operation at {}",
+                wo.number, scan.station
+            ),
+        ),
     }
 }

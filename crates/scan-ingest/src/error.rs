@@ -12,7 +12,10 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -45,7 +48,9 @@ impl Error {
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => Self::Unavailable(e),
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::Unavailable(e)
+            }
             _ => Self::Internal(e.into()),
         }
     }
@@ -77,7 +82,10 @@ impl From<Error> for Status {
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Unauthenticated => Status::unauthenticated("the caller is not identified"),
             Error::Unavailable(source) => {
-                tracing::error!(error = &source as &dyn std::error::Error, "database unavailable");
+                tracing::error!(
+                    error = &source as &dyn std::error::Error,
+                    "database unavailable"
+                );
                 Status::unavailable("database unavailable, retry")
             }
             Error::Internal(source) => {

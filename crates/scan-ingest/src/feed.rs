@@ -34,7 +34,12 @@ pub struct FeedHub {
 impl FeedHub {
     pub fn new(pool: PgPool) -> Self {
         let (tx, rx) = watch::channel(0);
-        Self { pool, wake: Arc::new(Notify::new()), head_tx: Arc::new(tx), head_rx: rx }
+        Self {
+            pool,
+            wake: Arc::new(Notify::new()),
+            head_tx: Arc::new(tx),
+            head_rx: rx,
+        }
     }
 
     /// Called after a transaction that appended events committed.
@@ -45,9 +50,10 @@ impl FeedHub {
     /// Sequences the committed events; returns the new head position.
     pub async fn sequence_once(&self) -> Result<i64, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let last: i64 = sqlx::query_scalar("SELECT last_position FROM feed_sequencer WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await?;
+        let last: i64 =
+            sqlx::query_scalar("SELECT last_position FROM feed_sequencer WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?;
         // The lock is held: this statement's snapshot sees every event committed before it.
         let assigned: i64 = sqlx::query_scalar(
             "WITH todo AS (
@@ -63,8 +69,15 @@ impl FeedHub {
         .await?;
         let head = last + assigned;
         if assigned > 0 {
-            sqlx::query("UPDATE feed_sequencer SET last_position = $1 WHERE id = 1").bind(head).execute(&mut *tx).await?;
-            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(head.to_string()).execute(&mut *tx).await?;
+            sqlx::query("UPDATE feed_sequencer SET last_position = $1 WHERE id = 1")
+                .bind(head)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(head.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         if assigned > 0 {
@@ -89,10 +102,12 @@ impl FeedHub {
             let mut more = false;
             match self.sequence_once().await {
                 Ok(_) => {
-                    more = sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM event_log WHERE position IS NULL)")
-                        .fetch_one(&self.pool)
-                        .await
-                        .unwrap_or(false);
+                    more = sqlx::query_scalar::<_, bool>(
+                        "SELECT EXISTS (SELECT 1 FROM event_log WHERE position IS NULL)",
+                    )
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap_or(false);
                 }
                 Err(e) => tracing::warn!(error = %e, "feed sequencer failed"),
             }
@@ -200,7 +215,8 @@ impl FeedHub {
                             return;
                         }
                     }
-                    metrics::gauge!("feed_subscriber_position", "consumer" => consumer.clone()).set(after as f64);
+                    metrics::gauge!("feed_subscriber_position", "consumer" => consumer.clone())
+                        .set(after as f64);
                     if n as i64 == READ_BATCH {
                         continue;
                     }
@@ -208,7 +224,11 @@ impl FeedHub {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(consumer = %consumer, error = %e, "feed read failed");
-                    let _ = tx.send(Err(tonic::Status::unavailable("event feed temporarily unavailable"))).await;
+                    let _ = tx
+                        .send(Err(tonic::Status::unavailable(
+                            "event feed temporarily unavailable",
+                        )))
+                        .await;
                     return;
                 }
             }

@@ -52,12 +52,31 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         mes_common::metrics::install();
         let s = &settings.service;
-        let pool = db::prepare(&s.database_url, s.database_max_connections, &MIGRATOR, Duration::from_secs(60)).await?;
+        let pool = db::prepare(
+            &s.database_url,
+            s.database_max_connections,
+            &MIGRATOR,
+            Duration::from_secs(60),
+        )
+        .await?;
         let redis = Redis::connect(&s.redis_url, &s.redis_prefix, Duration::from_secs(2)).await?;
         let listener = grpc::bind(&s.listen_addr).await?;
-        let metrics_listener = if s.metrics_addr.is_empty() { None } else { Some(grpc::bind(&s.metrics_addr).await?) };
+        let metrics_listener = if s.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(grpc::bind(&s.metrics_addr).await?)
+        };
         let feed = feed::FeedHub::new(pool.clone());
-        Ok(Self { listener, metrics_listener, state: AppState { pool, redis, feed, settings: Arc::new(settings) } })
+        Ok(Self {
+            listener,
+            metrics_listener,
+            state: AppState {
+                pool,
+                redis,
+                feed,
+                settings: Arc::new(settings),
+            },
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -65,7 +84,10 @@ impl Application {
     }
 
     pub fn metrics_port(&self) -> Option<u16> {
-        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port())
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
     }
 
     pub fn state(&self) -> &AppState {
@@ -74,7 +96,11 @@ impl Application {
 
     /// Serves until `shutdown` fires, then drains in-flight requests and streams.
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
-        let Self { listener, metrics_listener, state } = self;
+        let Self {
+            listener,
+            metrics_listener,
+            state,
+        } = self;
         let settings = state.settings.clone();
         tracing::info!(addr = %listener.local_addr()?, "scan-ingest listening");
 
@@ -99,7 +125,10 @@ impl Application {
             Duration::from_secs(2),
             shutdown.clone(),
         ));
-        tasks.spawn(state.feed.clone().run_sequencer(Duration::from_millis(settings.sequencer_interval_ms), shutdown.clone()));
+        tasks.spawn(state.feed.clone().run_sequencer(
+            Duration::from_millis(settings.sequencer_interval_ms),
+            shutdown.clone(),
+        ));
         tasks.spawn(state.feed.clone().run_listener(shutdown.clone()));
         if settings.ledger_check_interval_seconds > 0 {
             tasks.spawn(store::ledger::run_periodically(
@@ -139,7 +168,8 @@ impl Application {
             .await;
         shutdown.trigger();
         let drain = Duration::from_secs(settings.service.shutdown_grace_seconds);
-        let _ = tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+        let _ =
+            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
         state.redis.quit().await;
         state.pool.close().await;
         tracing::info!("scan-ingest stopped");

@@ -5,7 +5,10 @@ use prost::Message;
 use sqlx::{Postgres, Transaction};
 
 /// Appends `events` (their `position` is assigned later by the sequencer).
-pub async fn append(tx: &mut Transaction<'_, Postgres>, events: &[pb::Event]) -> Result<(), sqlx::Error> {
+pub async fn append(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[pb::Event],
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }

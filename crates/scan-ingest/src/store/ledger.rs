@@ -49,17 +49,32 @@ pub async fn check(pool: &PgPool) -> Result<Vec<Mismatch>, sqlx::Error> {
     .await?;
     let mut out: Vec<Mismatch> = lots
         .iter()
-        .map(|r| Mismatch { kind: "lot", key: r.get("lot"), recorded: r.get("recorded"), expected: r.get("expected") })
+        .map(|r| Mismatch {
+            kind: "lot",
+            key: r.get("lot"),
+            recorded: r.get("recorded"),
+            expected: r.get("expected"),
+        })
         .collect();
     for r in &wos {
         let key: String = r.get("number");
         let (p, ps): (Decimal, Decimal) = (r.get("produced_quantity"), r.get("produced"));
         if p != ps {
-            out.push(Mismatch { kind: "work_order_produced", key: key.clone(), recorded: p, expected: ps });
+            out.push(Mismatch {
+                kind: "work_order_produced",
+                key: key.clone(),
+                recorded: p,
+                expected: ps,
+            });
         }
         let (s, ss): (Decimal, Decimal) = (r.get("scrap_quantity"), r.get("scrapped"));
         if s != ss {
-            out.push(Mismatch { kind: "work_order_scrap", key, recorded: s, expected: ss });
+            out.push(Mismatch {
+                kind: "work_order_scrap",
+                key,
+                recorded: s,
+                expected: ss,
+            });
         }
     }
     Ok(out)

@@ -28,7 +28,11 @@ impl Counts {
 
 impl From<Counts> for pb::UpsertResponse {
     fn from(c: Counts) -> Self {
-        Self { created: c.created, updated: c.updated, unchanged: c.unchanged }
+        Self {
+            created: c.created,
+            updated: c.updated,
+            unchanged: c.unchanged,
+        }
     }
 }
 
@@ -36,12 +40,19 @@ fn required(v: &mut Vec<FieldViolation>, field: String, value: &str) {
     if value.trim().is_empty() {
         v.push(FieldViolation::new(field, "is required"));
     } else if value.len() > 128 || value.trim() != value {
-        v.push(FieldViolation::new(field, "must be at most 128 characters without surrounding spaces"));
+        v.push(FieldViolation::new(
+            field,
+            "must be at most 128 characters without surrounding spaces",
+        ));
     }
 }
 
 fn ok_or_invalid(v: Vec<FieldViolation>) -> Result<(), Error> {
-    if v.is_empty() { Ok(()) } else { Err(Error::Invalid(v)) }
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(v))
+    }
 }
 
 pub async fn upsert_materials(pool: &PgPool, items: &[pb::Material]) -> Result<Counts, Error> {
@@ -49,7 +60,10 @@ pub async fn upsert_materials(pool: &PgPool, items: &[pb::Material]) -> Result<C
     for (i, m) in items.iter().enumerate() {
         required(&mut v, format!("items[{i}].number"), &m.number);
         if m.tracking != "lot" && m.tracking != "serial" {
-            v.push(FieldViolation::new(format!("items[{i}].tracking"), "must be lot or serial"));
+            v.push(FieldViolation::new(
+                format!("items[{i}].tracking"),
+                "must be lot or serial",
+            ));
         }
     }
     ok_or_invalid(v)?;
@@ -57,7 +71,11 @@ pub async fn upsert_materials(pool: &PgPool, items: &[pb::Material]) -> Result<C
     let mut counts = Counts::default();
     let mut evs = Vec::new();
     for m in items {
-        let unit = if m.unit.is_empty() { "pcs" } else { m.unit.as_str() };
+        let unit = if m.unit.is_empty() {
+            "pcs"
+        } else {
+            m.unit.as_str()
+        };
         let row = sqlx::query(
             "INSERT INTO materials (number, description, tracking, unit) VALUES ($1, $2, $3, $4)
              ON CONFLICT (number) DO UPDATE SET description = EXCLUDED.description, tracking = EXCLUDED.tracking,
@@ -74,7 +92,10 @@ pub async fn upsert_materials(pool: &PgPool, items: &[pb::Material]) -> Result<C
         .await?;
         let outcome = row.map(|r| r.get::<bool, _>("created"));
         if outcome.is_some() {
-            evs.push(events::event("material.upserted", pb::event::Payload::Material(m.clone())));
+            evs.push(events::event(
+                "material.upserted",
+                pb::event::Payload::Material(m.clone()),
+            ));
         }
         counts.add(outcome);
     }
@@ -105,7 +126,10 @@ pub async fn upsert_stations(pool: &PgPool, items: &[pb::Station]) -> Result<Cou
         .await?;
         let outcome = row.map(|r| r.get::<bool, _>("created"));
         if outcome.is_some() {
-            evs.push(events::event("station.upserted", pb::event::Payload::Station(s.clone())));
+            evs.push(events::event(
+                "station.upserted",
+                pb::event::Payload::Station(s.clone()),
+            ));
         }
         counts.add(outcome);
     }
@@ -116,7 +140,10 @@ pub async fn upsert_stations(pool: &PgPool, items: &[pb::Station]) -> Result<Cou
 
 /// Received lots: the ERP's quantity is the received quantity; a change adjusts on-hand by the
 /// difference (refused if it would make on-hand negative).
-pub async fn upsert_received_lots(pool: &PgPool, items: &[pb::ReceivedLot]) -> Result<Counts, Error> {
+pub async fn upsert_received_lots(
+    pool: &PgPool,
+    items: &[pb::ReceivedLot],
+) -> Result<Counts, Error> {
     let mut v = Vec::new();
     let mut quantities = Vec::new();
     for (i, l) in items.iter().enumerate() {
@@ -135,12 +162,16 @@ pub async fn upsert_received_lots(pool: &PgPool, items: &[pb::ReceivedLot]) -> R
     let mut counts = Counts::default();
     let mut evs = Vec::new();
     for (i, (l, q)) in items.iter().zip(quantities).enumerate() {
-        let material_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM materials WHERE number = $1)")
-            .bind(&l.material)
-            .fetch_one(&mut *tx)
-            .await?;
+        let material_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM materials WHERE number = $1)")
+                .bind(&l.material)
+                .fetch_one(&mut *tx)
+                .await?;
         if !material_exists {
-            return Err(Error::invalid(format!("items[{i}].material"), format!("material {} does not exist", l.material)));
+            return Err(Error::invalid(
+                format!("items[{i}].material"),
+                format!("material {} does not exist", l.material),
+            ));
         }
         let current = sqlx::query(
             "SELECT material, initial_quantity, quantity_on_hand, origin_kind, supplier, supplier_lot
@@ -205,7 +236,10 @@ pub async fn upsert_received_lots(pool: &PgPool, items: &[pb::ReceivedLot]) -> R
             }
         };
         if outcome.is_some() {
-            evs.push(events::event("lot.received", pb::event::Payload::LotReceived(l.clone())));
+            evs.push(events::event(
+                "lot.received",
+                pb::event::Payload::LotReceived(l.clone()),
+            ));
         }
         counts.add(outcome);
     }
@@ -216,7 +250,10 @@ pub async fn upsert_received_lots(pool: &PgPool, items: &[pb::ReceivedLot]) -> R
 
 /// Work orders with routing and BOM. The ERP owns released/closed/cancelled; progress states
 /// (in_progress, completed) and counters belong to the MES and are kept.
-pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> Result<Counts, Error> {
+pub async fn upsert_work_orders(
+    pool: &PgPool,
+    items: &[pb::WorkOrderSpec],
+) -> Result<Counts, Error> {
     let mut v = Vec::new();
     let mut planned = Vec::new();
     for (i, w) in items.iter().enumerate() {
@@ -225,26 +262,49 @@ pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> R
         match parse_quantity(&w.planned_quantity) {
             Ok(q) => planned.push(q),
             Err(m) => {
-                v.push(FieldViolation::new(format!("items[{i}].planned_quantity"), m));
+                v.push(FieldViolation::new(
+                    format!("items[{i}].planned_quantity"),
+                    m,
+                ));
                 planned.push(Decimal::ZERO);
             }
         }
         if !matches!(w.status.as_str(), "released" | "closed" | "cancelled") {
-            v.push(FieldViolation::new(format!("items[{i}].status"), "must be released, closed or cancelled"));
+            v.push(FieldViolation::new(
+                format!("items[{i}].status"),
+                "must be released, closed or cancelled",
+            ));
         }
         if w.operations.is_empty() {
-            v.push(FieldViolation::new(format!("items[{i}].operations"), "must have at least one operation"));
+            v.push(FieldViolation::new(
+                format!("items[{i}].operations"),
+                "must have at least one operation",
+            ));
         }
         for (j, op) in w.operations.iter().enumerate() {
             if op.step == 0 || op.step > 1_000_000 {
-                v.push(FieldViolation::new(format!("items[{i}].operations[{j}].step"), "must be a positive step number"));
+                v.push(FieldViolation::new(
+                    format!("items[{i}].operations[{j}].step"),
+                    "must be a positive step number",
+                ));
             }
-            required(&mut v, format!("items[{i}].operations[{j}].station"), &op.station);
+            required(
+                &mut v,
+                format!("items[{i}].operations[{j}].station"),
+                &op.station,
+            );
         }
         for (j, c) in w.components.iter().enumerate() {
-            required(&mut v, format!("items[{i}].components[{j}].material"), &c.material);
+            required(
+                &mut v,
+                format!("items[{i}].components[{j}].material"),
+                &c.material,
+            );
             if let Err(m) = parse_quantity(&c.quantity_per_unit) {
-                v.push(FieldViolation::new(format!("items[{i}].components[{j}].quantity_per_unit"), m));
+                v.push(FieldViolation::new(
+                    format!("items[{i}].components[{j}].quantity_per_unit"),
+                    m,
+                ));
             }
         }
     }
@@ -255,18 +315,27 @@ pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> R
     for (i, (w, q)) in items.iter().zip(planned).enumerate() {
         let mut refs: Vec<String> = w.components.iter().map(|c| c.material.clone()).collect();
         refs.push(w.material.clone());
-        let known: Vec<String> = sqlx::query_scalar("SELECT number FROM materials WHERE number = ANY($1)")
-            .bind(&refs)
-            .fetch_all(&mut *tx)
-            .await?;
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT number FROM materials WHERE number = ANY($1)")
+                .bind(&refs)
+                .fetch_all(&mut *tx)
+                .await?;
         if let Some(missing) = refs.iter().find(|m| !known.contains(m)) {
-            return Err(Error::invalid(format!("items[{i}]"), format!("material {missing} does not exist")));
+            return Err(Error::invalid(
+                format!("items[{i}]"),
+                format!("material {missing} does not exist"),
+            ));
         }
         let stations: Vec<String> = w.operations.iter().map(|o| o.station.clone()).collect();
-        let known: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM stations WHERE id = ANY($1)").bind(&stations).fetch_all(&mut *tx).await?;
+        let known: Vec<String> = sqlx::query_scalar("SELECT id FROM stations WHERE id = ANY($1)")
+            .bind(&stations)
+            .fetch_all(&mut *tx)
+            .await?;
         if let Some(missing) = stations.iter().find(|s| !known.contains(s)) {
-            return Err(Error::invalid(format!("items[{i}]"), format!("station {missing} does not exist")));
+            return Err(Error::invalid(
+                format!("items[{i}]"),
+                format!("station {missing} does not exist"),
+            ));
         }
 
         let current = sqlx::query("SELECT material, planned_quantity, status FROM work_orders WHERE number = $1 FOR UPDATE")
@@ -288,16 +357,24 @@ pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> R
             Some(r) => {
                 let status: String = r.get("status");
                 // The MES's progress states win over the ERP's "released".
-                let new_status =
-                    if w.status == "released" && matches!(status.as_str(), "in_progress" | "completed") { status.clone() } else { w.status.clone() };
+                let new_status = if w.status == "released"
+                    && matches!(status.as_str(), "in_progress" | "completed")
+                {
+                    status.clone()
+                } else {
+                    w.status.clone()
+                };
                 let ops_now: Vec<(i32, String, String)> = sqlx::query_as(
                     "SELECT step, station, description FROM work_order_operations WHERE work_order = $1 ORDER BY step",
                 )
                 .bind(&w.number)
                 .fetch_all(&mut *tx)
                 .await?;
-                let mut ops_new: Vec<(i32, String, String)> =
-                    w.operations.iter().map(|o| (o.step as i32, o.station.clone(), o.description.clone())).collect();
+                let mut ops_new: Vec<(i32, String, String)> = w
+                    .operations
+                    .iter()
+                    .map(|o| (o.step as i32, o.station.clone(), o.description.clone()))
+                    .collect();
                 ops_new.sort();
                 let comps_now: Vec<(String, Decimal)> = sqlx::query_as(
                     "SELECT material, quantity_per_unit FROM work_order_components WHERE work_order = $1 ORDER BY material",
@@ -308,15 +385,26 @@ pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> R
                 let mut comps_new: Vec<(String, Decimal)> = w
                     .components
                     .iter()
-                    .map(|c| (c.material.clone(), parse_quantity(&c.quantity_per_unit).unwrap_or_default()))
+                    .map(|c| {
+                        (
+                            c.material.clone(),
+                            parse_quantity(&c.quantity_per_unit).unwrap_or_default(),
+                        )
+                    })
                     .collect();
                 comps_new.sort();
                 let same = r.get::<String, _>("material") == w.material
                     && r.get::<Decimal, _>("planned_quantity") == q
                     && new_status == status
                     && ops_now == ops_new
-                    && comps_now.iter().map(|(m, d)| (m.clone(), d.normalize())).collect::<Vec<_>>()
-                        == comps_new.iter().map(|(m, d)| (m.clone(), d.normalize())).collect::<Vec<_>>();
+                    && comps_now
+                        .iter()
+                        .map(|(m, d)| (m.clone(), d.normalize()))
+                        .collect::<Vec<_>>()
+                        == comps_new
+                            .iter()
+                            .map(|(m, d)| (m.clone(), d.normalize()))
+                            .collect::<Vec<_>>();
                 if same {
                     None
                 } else {
@@ -335,7 +423,10 @@ pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> R
             }
         };
         if outcome.is_some() {
-            evs.push(events::event("work_order.upserted", pb::event::Payload::WorkOrder(w.clone())));
+            evs.push(events::event(
+                "work_order.upserted",
+                pb::event::Payload::WorkOrder(w.clone()),
+            ));
         }
         counts.add(outcome);
     }
@@ -345,7 +436,10 @@ pub async fn upsert_work_orders(pool: &PgPool, items: &[pb::WorkOrderSpec]) -> R
 }
 
 /// Replaces routing and BOM, keeping the progress of operations that still exist.
-async fn write_routing(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, w: &pb::WorkOrderSpec) -> Result<(), sqlx::Error> {
+async fn write_routing(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    w: &pb::WorkOrderSpec,
+) -> Result<(), sqlx::Error> {
     let steps: Vec<i32> = w.operations.iter().map(|o| o.step as i32).collect();
     sqlx::query("DELETE FROM work_order_operations WHERE work_order = $1 AND NOT (step = ANY($2))")
         .bind(&w.number)
@@ -363,14 +457,27 @@ async fn write_routing(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, w: &pb::W
     .bind(w.operations.iter().map(|o| o.description.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
-    sqlx::query("DELETE FROM work_order_components WHERE work_order = $1").bind(&w.number).execute(&mut **tx).await?;
+    sqlx::query("DELETE FROM work_order_components WHERE work_order = $1")
+        .bind(&w.number)
+        .execute(&mut **tx)
+        .await?;
     sqlx::query(
         "INSERT INTO work_order_components (work_order, material, quantity_per_unit)
          SELECT $1, * FROM UNNEST($2::text[], $3::numeric[])",
     )
     .bind(&w.number)
-    .bind(w.components.iter().map(|c| c.material.clone()).collect::<Vec<_>>())
-    .bind(w.components.iter().map(|c| parse_quantity(&c.quantity_per_unit).unwrap_or_default()).collect::<Vec<_>>())
+    .bind(
+        w.components
+            .iter()
+            .map(|c| c.material.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        w.components
+            .iter()
+            .map(|c| parse_quantity(&c.quantity_per_unit).unwrap_or_default())
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())

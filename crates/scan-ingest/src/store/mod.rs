@@ -1,5 +1,6 @@
 //! SQL of scan-ingest's own database.
 
+pub mod corrections;
 pub mod events;
 pub mod ledger;
 pub mod master;
@@ -9,10 +10,15 @@ pub mod scans;
 use chrono::{DateTime, Utc};
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// True for errors worth retrying the whole transaction (deadlock, serialization failure).
 pub fn is_retryable(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40P01" || c == "40001")
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
 }

@@ -27,7 +27,9 @@ pub async fn get_scan(pool: &PgPool, scan_id: &str) -> Result<pb::StoredScan, Er
 }
 
 pub fn stored_from_row(r: &PgRow) -> pb::StoredScan {
-    let kind = Kind::parse(r.get::<&str, _>("kind")).map(|k| k.to_proto() as i32).unwrap_or(0);
+    let kind = Kind::parse(r.get::<&str, _>("kind"))
+        .map(|k| k.to_proto() as i32)
+        .unwrap_or(0);
     let quantity: Option<Decimal> = r.get("quantity");
     let voided_by: Option<Uuid> = r.try_get("voided_by").ok().flatten();
     let voids: Option<Uuid> = r.get("voids");
@@ -56,7 +58,11 @@ pub fn stored_from_row(r: &PgRow) -> pb::StoredScan {
         operator: r.get("operator"),
         device: r.get("device"),
         received_at: Some(timestamp(r.get("received_at"))),
-        status: if voided_by.is_some() { "voided".into() } else { "active".into() },
+        status: if voided_by.is_some() {
+            "voided".into()
+        } else {
+            "active".into()
+        },
         voided_by: voided_by.map(|v| v.to_string()).unwrap_or_default(),
         voids: voids.map(|v| v.to_string()).unwrap_or_default(),
         reason: r.get("reason"),
@@ -101,7 +107,10 @@ async fn work_order_details(pool: &PgPool, rows: Vec<PgRow>) -> Result<Vec<pb::W
                 components: comps
                     .iter()
                     .filter(|c| c.get::<&str, _>("work_order") == number)
-                    .map(|c| pb::Component { material: c.get("material"), quantity_per_unit: dec(c.get("quantity_per_unit")) })
+                    .map(|c| pb::Component {
+                        material: c.get("material"),
+                        quantity_per_unit: dec(c.get("quantity_per_unit")),
+                    })
                     .collect(),
                 material: r.get("material"),
                 planned_quantity: dec(r.get("planned_quantity")),
@@ -116,21 +125,36 @@ async fn work_order_details(pool: &PgPool, rows: Vec<PgRow>) -> Result<Vec<pb::W
 }
 
 pub async fn get_work_order(pool: &PgPool, number: &str) -> Result<pb::WorkOrder, Error> {
-    let rows = sqlx::query("SELECT * FROM work_orders WHERE number = $1").bind(number).fetch_all(pool).await?;
-    work_order_details(pool, rows).await?.pop().ok_or_else(|| Error::NotFound(format!("work order {number}")))
+    let rows = sqlx::query("SELECT * FROM work_orders WHERE number = $1")
+        .bind(number)
+        .fetch_all(pool)
+        .await?;
+    work_order_details(pool, rows)
+        .await?
+        .pop()
+        .ok_or_else(|| Error::NotFound(format!("work order {number}")))
 }
 
 /// Keyset pagination by number; the cursor is the last number of the previous page.
-pub async fn list_work_orders(pool: &PgPool, req: &pb::ListWorkOrdersRequest) -> Result<pb::ListWorkOrdersResponse, Error> {
+pub async fn list_work_orders(
+    pool: &PgPool,
+    req: &pb::ListWorkOrdersRequest,
+) -> Result<pb::ListWorkOrdersResponse, Error> {
     let limit = match req.limit {
         0 => 50,
         n if n > 500 => return Err(Error::invalid("limit", "must be at most 500")),
         n => n as i64,
     };
     if !req.status.is_empty()
-        && !matches!(req.status.as_str(), "released" | "in_progress" | "completed" | "closed" | "cancelled")
+        && !matches!(
+            req.status.as_str(),
+            "released" | "in_progress" | "completed" | "closed" | "cancelled"
+        )
     {
-        return Err(Error::invalid("status", "must be released, in_progress, completed, closed or cancelled"));
+        return Err(Error::invalid(
+            "status",
+            "must be released, in_progress, completed, closed or cancelled",
+        ));
     }
     let rows = sqlx::query(
         "SELECT w.* FROM work_orders w
@@ -148,7 +172,11 @@ pub async fn list_work_orders(pool: &PgPool, req: &pb::ListWorkOrdersRequest) ->
     let more = rows.len() as i64 > limit;
     let rows: Vec<PgRow> = rows.into_iter().take(limit as usize).collect();
     let items = work_order_details(pool, rows).await?;
-    let next_cursor = if more { items.last().map(|w| w.number.clone()).unwrap_or_default() } else { String::new() };
+    let next_cursor = if more {
+        items.last().map(|w| w.number.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
     Ok(pb::ListWorkOrdersResponse { items, next_cursor })
 }
 

@@ -11,14 +11,18 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::domain::{LotState, OperationState, ScanInput, World, WorkOrderState};
+use crate::domain::{LotState, OperationState, ScanInput, WorkOrderState, World};
 use crate::error::Error;
 use crate::store::{events, timestamp};
 
 const MAX_ATTEMPTS: usize = 8;
 
 /// Commits a validated batch; returns one result per input, in order. Acknowledged = committed.
-pub async fn submit(pool: &PgPool, inputs: &[ScanInput], caller: &Caller) -> Result<Vec<pb::ScanResult>, Error> {
+pub async fn submit(
+    pool: &PgPool,
+    inputs: &[ScanInput],
+    caller: &Caller,
+) -> Result<Vec<pb::ScanResult>, Error> {
     let traceparent = mes_common::propagation::current_traceparent();
     let mut attempt = 0;
     loop {
@@ -37,7 +41,10 @@ pub async fn submit(pool: &PgPool, inputs: &[ScanInput], caller: &Caller) -> Res
 /// Deadlocks, serialization failures, and unique violations from a concurrent insert of the
 /// same scan id or new lot (the retry then sees the committed row: duplicate, or an existing lot).
 fn is_retryable(e: &sqlx::Error) -> bool {
-    super::is_retryable(e) || e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23505")
+    super::is_retryable(e)
+        || e.as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == "23505")
 }
 
 async fn try_submit(
@@ -48,15 +55,19 @@ async fn try_submit(
 ) -> Result<Vec<pb::ScanResult>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = inputs.iter().map(|s| s.scan_id).collect();
-    let existing: HashMap<Uuid, String> = sqlx::query("SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.get("scan_id"), r.get("content_hash")))
-        .collect();
+    let existing: HashMap<Uuid, String> =
+        sqlx::query("SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|r| (r.get("scan_id"), r.get("content_hash")))
+            .collect();
 
-    let fresh: Vec<&ScanInput> = inputs.iter().filter(|s| !existing.contains_key(&s.scan_id)).collect();
+    let fresh: Vec<&ScanInput> = inputs
+        .iter()
+        .filter(|s| !existing.contains_key(&s.scan_id))
+        .collect();
     let mut world = load_world(&mut tx, &fresh).await?;
 
     let received_at = Utc::now();
@@ -71,7 +82,10 @@ async fn try_submit(
                 results.push(result(
                     id,
                     pb::ScanStatus::Rejected,
-                    Some(("conflict", "this scan_id was already used with different content".into())),
+                    Some((
+                        "conflict",
+                        "this scan_id was already used with different content".into(),
+                    )),
                 ));
             }
             continue;
@@ -83,7 +97,11 @@ async fn try_submit(
             }
             Err(r) => {
                 metrics::counter!("scans_total", "kind" => s.kind.as_str(), "status" => "rejected", "code" => r.code).increment(1);
-                results.push(result(id, pb::ScanStatus::Rejected, Some((r.code, r.message))));
+                results.push(result(
+                    id,
+                    pb::ScanStatus::Rejected,
+                    Some((r.code, r.message)),
+                ));
             }
         }
     }
@@ -95,7 +113,10 @@ async fn try_submit(
             .iter()
             .map(|(s, material)| {
                 let stored = stored_scan(s, material, caller, received_at, traceparent);
-                events::event("scan.accepted", pb::event::Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) }))
+                events::event(
+                    "scan.accepted",
+                    pb::event::Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) }),
+                )
             })
             .collect();
         events::append(&mut tx, &evs).await?;
@@ -107,16 +128,29 @@ async fn try_submit(
     Ok(results)
 }
 
-fn result(scan_id: String, status: pb::ScanStatus, error: Option<(&str, String)>) -> pb::ScanResult {
+fn result(
+    scan_id: String,
+    status: pb::ScanStatus,
+    error: Option<(&str, String)>,
+) -> pb::ScanResult {
     pb::ScanResult {
         scan_id,
         status: status as i32,
-        error: error.map(|(code, message)| pb::ScanError { code: code.to_owned(), message }),
+        error: error.map(|(code, message)| pb::ScanError {
+            code: code.to_owned(),
+            message,
+        }),
     }
 }
 
 /// The stored form of an accepted scan (also the event payload).
-pub fn stored_scan(s: &ScanInput, material: &str, caller: &Caller, received_at: DateTime<Utc>, traceparent: &str) -> pb::StoredScan {
+pub fn stored_scan(
+    s: &ScanInput,
+    material: &str,
+    caller: &Caller,
+    received_at: DateTime<Utc>,
+    traceparent: &str,
+) -> pb::StoredScan {
     pb::StoredScan {
         scan: Some(pb::Scan {
             scan_id: s.scan_id.to_string(),
@@ -126,7 +160,10 @@ pub fn stored_scan(s: &ScanInput, material: &str, caller: &Caller, received_at: 
             station: s.station.clone(),
             lot: s.lot.clone(),
             material: s.material.clone(),
-            quantity: s.quantity.map(|q| q.normalize().to_string()).unwrap_or_default(),
+            quantity: s
+                .quantity
+                .map(|q| q.normalize().to_string())
+                .unwrap_or_default(),
             into_lot: s.into_lot.clone(),
             location: s.location.clone(),
             result: match s.result.as_str() {
@@ -151,10 +188,18 @@ pub fn stored_scan(s: &ScanInput, material: &str, caller: &Caller, received_at: 
 }
 
 /// Loads and locks what `scans` touch: work orders (with routing and BOM), lots, materials, stations.
-pub async fn load_world(tx: &mut Transaction<'_, Postgres>, scans: &[&ScanInput]) -> Result<World, sqlx::Error> {
+pub async fn load_world(
+    tx: &mut Transaction<'_, Postgres>,
+    scans: &[&ScanInput],
+) -> Result<World, sqlx::Error> {
     let mut world = World::default();
-    let wo_numbers: Vec<String> =
-        scans.iter().filter(|s| !s.work_order.is_empty()).map(|s| s.work_order.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let wo_numbers: Vec<String> = scans
+        .iter()
+        .filter(|s| !s.work_order.is_empty())
+        .map(|s| s.work_order.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let lot_names: Vec<String> = scans
         .iter()
         .flat_map(|s| [s.lot.clone(), s.into_lot.clone()])
@@ -162,7 +207,12 @@ pub async fn load_world(tx: &mut Transaction<'_, Postgres>, scans: &[&ScanInput]
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let stations: Vec<String> = scans.iter().map(|s| s.station.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let stations: Vec<String> = scans
+        .iter()
+        .map(|s| s.station.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
 
     if !wo_numbers.is_empty() {
         for r in sqlx::query(
@@ -254,14 +304,27 @@ pub async fn load_world(tx: &mut Transaction<'_, Postgres>, scans: &[&ScanInput]
         .values()
         .map(|w| w.material.clone())
         .chain(world.lots.values().map(|l| l.material.clone()))
-        .chain(scans.iter().filter(|s| !s.material.is_empty()).map(|s| s.material.clone()))
+        .chain(
+            scans
+                .iter()
+                .filter(|s| !s.material.is_empty())
+                .map(|s| s.material.clone()),
+        )
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    for r in sqlx::query("SELECT number, tracking FROM materials WHERE number = ANY($1)").bind(&materials).fetch_all(&mut **tx).await? {
+    for r in sqlx::query("SELECT number, tracking FROM materials WHERE number = ANY($1)")
+        .bind(&materials)
+        .fetch_all(&mut **tx)
+        .await?
+    {
         world.materials.insert(r.get("number"), r.get("tracking"));
     }
-    for r in sqlx::query("SELECT id FROM stations WHERE id = ANY($1)").bind(&stations).fetch_all(&mut **tx).await? {
+    for r in sqlx::query("SELECT id FROM stations WHERE id = ANY($1)")
+        .bind(&stations)
+        .fetch_all(&mut **tx)
+        .await?
+    {
         world.stations.insert(r.get("id"));
     }
     Ok(world)
@@ -341,9 +404,13 @@ async fn insert_scans(
 }
 
 /// Writes back every changed work order, operation and lot of `world`.
-pub async fn write_world(tx: &mut Transaction<'_, Postgres>, world: &World) -> Result<(), sqlx::Error> {
+pub async fn write_world(
+    tx: &mut Transaction<'_, Postgres>,
+    world: &World,
+) -> Result<(), sqlx::Error> {
     let dirty_lots: Vec<&LotState> = world.lots.values().filter(|l| l.dirty).collect();
-    let (new_lots, old_lots): (Vec<&LotState>, Vec<&LotState>) = dirty_lots.into_iter().partition(|l| l.is_new);
+    let (new_lots, old_lots): (Vec<&LotState>, Vec<&LotState>) =
+        dirty_lots.into_iter().partition(|l| l.is_new);
     if !new_lots.is_empty() {
         sqlx::query(
             "INSERT INTO lots (lot, material, quantity_on_hand, status, location, origin_kind, work_order)
@@ -385,7 +452,10 @@ pub async fn write_world(tx: &mut Transaction<'_, Postgres>, world: &World) -> R
         .bind(wos.iter().map(|w| w.scrap).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
-        let ops: Vec<(&String, &OperationState)> = wos.iter().flat_map(|w| w.operations.values().map(move |o| (&w.number, o))).collect();
+        let ops: Vec<(&String, &OperationState)> = wos
+            .iter()
+            .flat_map(|w| w.operations.values().map(move |o| (&w.number, o)))
+            .collect();
         sqlx::query(
             "UPDATE work_order_operations o SET status = u.status, good_quantity = u.good, scrap_quantity = u.scrap
              FROM UNNEST($1::text[], $2::int[], $3::text[], $4::numeric[], $5::numeric[]) AS u(wo, step, status, good, scrap)
@@ -401,4 +471,3 @@ pub async fn write_world(tx: &mut Transaction<'_, Postgres>, world: &World) -> R
     }
     Ok(())
 }
-
