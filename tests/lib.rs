@@ -1,1 +1,303 @@
+//! The end-to-end harness: the four service binaries started as real processes against fresh
+//! PostgreSQL databases and a unique Redis prefix, plus an OTLP trace receiver (a real tonic
+//! server speaking the OTLP/gRPC protocol) that collects their spans.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+pub const SERVICES: [&str; 4] = ["scan-ingest", "trace-query", "erp-sync", "gateway"];
+
+/// A span as received, with the `service.name` of its resource.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub service: String,
+    pub span: Span,
+}
+
+impl ReceivedSpan {
+    pub fn trace_id(&self) -> String {
+        hex(&self.span.trace_id)
+    }
+    pub fn span_id(&self) -> String {
+        hex(&self.span.span_id)
+    }
+    pub fn parent_span_id(&self) -> String {
+        hex(&self.span.parent_span_id)
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[derive(Clone, Default)]
+pub struct OtlpReceiver {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for OtlpReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    spans.push(ReceivedSpan { service: service.clone(), span });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+impl OtlpReceiver {
+    /// Starts the receiver on 127.0.0.1:0; returns it and its port.
+    pub async fn start() -> anyhow::Result<(Self, u16)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let me = Self::default();
+        let svc = TraceServiceServer::new(me.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Ok((me, port))
+    }
+
+    pub fn spans_of_trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().iter().filter(|s| s.trace_id() == trace_id).cloned().collect()
+    }
+}
+
+/// The running system.
+pub struct System {
+    pub gateway: String,
+    pub grpc: HashMap<&'static str, u16>,
+    pub otlp: OtlpReceiver,
+    pub outbox: PathBuf,
+    pub run_dir: tempfile::TempDir,
+    db_urls: Vec<String>,
+    children: Vec<(&'static str, Child)>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The directory holding the workspace's binaries (next to this test's `deps/`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(|p| p.parent()).expect("target profile dir").to_path_buf()
+}
+
+/// Builds the service binaries once per test process (a no-op when they are fresh).
+fn ensure_binaries() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(root).args(["build", "--bins"]);
+        for s in SERVICES {
+            cmd.args(["-p", s]);
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the service binaries failed");
+    });
+}
+
+impl System {
+    /// Starts all four services in demo mode and waits until the gateway is ready and the
+    /// demo plant has arrived through erp-sync.
+    pub async fn start() -> anyhow::Result<Self> {
+        ensure_binaries();
+        let (otlp, otlp_port) = OtlpReceiver::start().await?;
+        let run_dir = tempfile::tempdir()?;
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        let outbox = run_dir.path().join("erp-confirmations.jsonl");
+        let mut grpc = HashMap::new();
+        for s in ["scan-ingest", "trace-query", "erp-sync"] {
+            grpc.insert(s, free_port());
+        }
+        let gateway_port = free_port();
+        let mut sys = Self {
+            gateway: format!("http://127.0.0.1:{gateway_port}"),
+            grpc,
+            otlp,
+            outbox: outbox.clone(),
+            run_dir,
+            db_urls: Vec::new(),
+            children: Vec::new(),
+        };
+        for service in SERVICES {
+            let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
+            let db_url = format!("postgres://postgres@127.0.0.1:5432/mes_e2e_{}_{}", service.replace('-', "_"), &tag[..12]);
+            sys.db_urls.push(db_url.clone());
+            let listen = match service {
+                "gateway" => format!("127.0.0.1:{gateway_port}"),
+                s => format!("127.0.0.1:{}", sys.grpc[s]),
+            };
+            let log = std::fs::File::create(sys.run_dir.path().join(format!("{service}.log")))?;
+            let mut cmd = Command::new(bin_dir().join(service));
+            cmd.current_dir(&root)
+                .env("MES_DEMO", "true")
+                .env("MES_LOG_FORMAT", "json")
+                .env("MES_LOG_LEVEL", "info,sqlx=warn")
+                .env("MES_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
+                .env("MES_REDIS_URL", "redis://127.0.0.1:6379")
+                .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+                .env(format!("{prefix}DATABASE_URL"), &db_url)
+                .env(format!("{prefix}DATABASE_MAX_CONNECTIONS"), "5")
+                .env(format!("{prefix}LISTEN_ADDR"), listen)
+                .env(format!("{prefix}METRICS_ADDR"), format!("127.0.0.1:{}", free_port()))
+                .env(format!("{prefix}REDIS_PREFIX"), format!("e2e:{tag}:{service}:"))
+                .env(format!("{prefix}SCAN_INGEST_URL"), format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]))
+                .env(format!("{prefix}TRACE_QUERY_URL"), format!("http://127.0.0.1:{}", sys.grpc["trace-query"]))
+                .env(format!("{prefix}ERP_SYNC_URL"), format!("http://127.0.0.1:{}", sys.grpc["erp-sync"]))
+                .env("MES_ERP_SYNC_ERP__PLANT_FILE", root.join("deploy/demo/plant.json"))
+                .env("MES_ERP_SYNC_ERP__OUTBOX_FILE", &outbox)
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log));
+            let child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {service}: {e}"))?;
+            sys.children.push((service, child));
+        }
+        sys.wait_ready().await?;
+        Ok(sys)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut exited = None;
+            for (name, child) in &mut self.children {
+                if let Some(status) = child.try_wait()? {
+                    exited = Some((*name, status));
+                }
+            }
+            if let Some((name, status)) = exited {
+                anyhow::bail!("{name} exited early ({status}):\n{}", self.log_tail(name));
+            }
+            let ready = http.get(format!("{}/readyz", self.gateway)).send().await.is_ok_and(|r| r.status().is_success());
+            if ready && self.plant_loaded(&http).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = SERVICES.iter().map(|s| format!("== {s}\n{}", self.log_tail(s))).collect();
+                anyhow::bail!("the system did not become ready:\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn plant_loaded(&self, http: &reqwest::Client) -> bool {
+        let Ok(token) = self.token_with(http, "admin", "demo-admin", None).await else { return false };
+        http.get(format!("{}/api/v1/work-orders/WO-1001", self.gateway))
+            .bearer_auth(token)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    async fn token_with(&self, http: &reqwest::Client, user: &str, password: &str, device: Option<&str>) -> anyhow::Result<String> {
+        let mut body = serde_json::json!({"username": user, "password": password});
+        if let Some(d) = device {
+            body["device_id"] = d.into();
+        }
+        let r = http.post(format!("{}/api/v1/auth/token", self.gateway)).json(&body).send().await?;
+        anyhow::ensure!(r.status().is_success(), "login {user}: {}", r.status());
+        let v: serde_json::Value = r.json().await?;
+        Ok(v["access_token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// A bearer token for a demo user (password `demo-<user>`), optionally on a device.
+    pub async fn token(&self, user: &str, device: Option<&str>) -> String {
+        self.token_with(&reqwest::Client::new(), user, &format!("demo-{user}"), device).await.expect("login")
+    }
+
+    /// The captured stdout/stderr of a service.
+    pub fn log(&self, service: &str) -> String {
+        std::fs::read_to_string(self.run_dir.path().join(format!("{service}.log"))).unwrap_or_default()
+    }
+
+    fn log_tail(&self, service: &str) -> String {
+        let log = self.log(service);
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Sends SIGTERM to one service and waits for it to exit.
+    pub fn stop_service(&mut self, service: &str) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.children.iter_mut().find(|(n, _)| *n == service)?;
+        terminate(child)
+    }
+}
+
+fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for (_, child) in self.children.iter_mut().rev() {
+            terminate(child);
+        }
+        let urls = std::mem::take(&mut self.db_urls);
+        // Drop the databases from a runtime of our own (Drop may run inside another runtime).
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                for url in urls {
+                    let _ = drop_database(&url).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn drop_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
+    use std::str::FromStr;
+    let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
+    let name = opts.get_database().unwrap_or_default().to_owned();
+    anyhow::ensure!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    let mut conn = opts.database("postgres").connect().await?;
+    sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
