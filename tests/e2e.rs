@@ -44,7 +44,12 @@ fn all_accepted(body: &Value) {
 }
 
 async fn get(sys: &System, token: &str, path: &str) -> Value {
-    let r = reqwest::Client::new().get(format!("{}{path}", sys.gateway)).bearer_auth(token).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", sys.gateway))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success(), "{path}: {}", r.status());
     r.json().await.unwrap()
 }
@@ -67,7 +72,12 @@ async fn one_trace_follows_a_scan_from_the_tablet_into_scan_ingest() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-trace-id"], trace_id);
-    assert!(r.headers()["traceparent"].to_str().unwrap().starts_with(&format!("00-{trace_id}-")));
+    assert!(
+        r.headers()["traceparent"]
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("00-{trace_id}-"))
+    );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["results"][0]["status"], "accepted", "{body}");
 
@@ -82,17 +92,41 @@ async fn one_trace_follows_a_scan_from_the_tablet_into_scan_ingest() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let gateway: Vec<_> = spans.iter().filter(|s| s.service == "gateway").collect();
-    let ingest: Vec<_> = spans.iter().filter(|s| s.service == "scan-ingest").collect();
-    assert!(!gateway.is_empty(), "no gateway span in trace {trace_id}: {spans:#?}");
-    assert!(!ingest.is_empty(), "no scan-ingest span in trace {trace_id}: {spans:#?}");
+    let ingest: Vec<_> = spans
+        .iter()
+        .filter(|s| s.service == "scan-ingest")
+        .collect();
+    assert!(
+        !gateway.is_empty(),
+        "no gateway span in trace {trace_id}: {spans:#?}"
+    );
+    assert!(
+        !ingest.is_empty(),
+        "no scan-ingest span in trace {trace_id}: {spans:#?}"
+    );
     // The gateway's request span continues the caller's span.
-    assert!(gateway.iter().any(|s| s.parent_span_id() == caller_span), "gateway root is not a child of the caller: {gateway:#?}");
+    assert!(
+        gateway.iter().any(|s| s.parent_span_id() == caller_span),
+        "gateway root is not a child of the caller: {gateway:#?}"
+    );
     // scan-ingest's server span is a child of a gateway span.
-    let server = ingest.iter().find(|s| s.span.name.contains("SubmitScans")).expect("scan-ingest SubmitScans span");
+    let server = ingest
+        .iter()
+        .find(|s| s.span.name.contains("SubmitScans"))
+        .expect("scan-ingest SubmitScans span");
     let gateway_ids: Vec<String> = gateway.iter().map(|s| s.span_id()).collect();
-    assert!(gateway_ids.contains(&server.parent_span_id()), "scan-ingest span's parent {} is not a gateway span {gateway_ids:?}", server.parent_span_id());
+    assert!(
+        gateway_ids.contains(&server.parent_span_id()),
+        "scan-ingest span's parent {} is not a gateway span {gateway_ids:?}",
+        server.parent_span_id()
+    );
     // Spans below the server span (e.g. the handler) stay in the trace.
-    assert!(ingest.iter().any(|s| s.parent_span_id() == server.span_id()), "no child span under the server span: {ingest:#?}");
+    assert!(
+        ingest
+            .iter()
+            .any(|s| s.parent_span_id() == server.span_id()),
+        "no child span under the server span: {ingest:#?}"
+    );
 
     // Log lines carry the trace id.
     for service in ["gateway", "scan-ingest"] {
@@ -102,7 +136,10 @@ async fn one_trace_follows_a_scan_from_the_tablet_into_scan_ingest() {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["trace_id"] == trace_id)
             .count();
-        assert!(carrying > 0, "{service} logged no line with trace_id {trace_id}:\n{log}");
+        assert!(
+            carrying > 0,
+            "{service} logged no line with trace_id {trace_id}:\n{log}"
+        );
     }
 }
 
@@ -113,8 +150,14 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
     let t10 = sys.token("op1", Some("TAB-10")).await;
     let step1 = vec![
         scan("start_operation", "WO-1000", 10, "ST-10"),
-        with(scan("consume", "WO-1000", 10, "ST-10"), json!({"lot": "STEEL-L1", "quantity": "25"})),
-        with(scan("produce", "WO-1000", 10, "ST-10"), json!({"lot": "FRAME-L1", "quantity": "10", "material": "FRAME-200"})),
+        with(
+            scan("consume", "WO-1000", 10, "ST-10"),
+            json!({"lot": "STEEL-L1", "quantity": "25"}),
+        ),
+        with(
+            scan("produce", "WO-1000", 10, "ST-10"),
+            json!({"lot": "FRAME-L1", "quantity": "10", "material": "FRAME-200"}),
+        ),
         scan("complete_operation", "WO-1000", 10, "ST-10"),
     ];
     let first_id = step1[1]["scan_id"].as_str().unwrap().to_owned();
@@ -126,7 +169,12 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
     }
 
     let t20 = sys.token("op1", Some("TAB-20")).await;
-    let into = |lot: &str, q: &str| with(scan("consume", "WO-1001", 10, "ST-20"), json!({"lot": lot, "quantity": q, "into_lot": "BIKE-S0001"}));
+    let into = |lot: &str, q: &str| {
+        with(
+            scan("consume", "WO-1001", 10, "ST-20"),
+            json!({"lot": lot, "quantity": q, "into_lot": "BIKE-S0001"}),
+        )
+    };
     all_accepted(
         &post_scans(
             &sys,
@@ -136,7 +184,10 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
                 into("FRAME-L1", "1"),
                 into("WHEEL-L1", "2"),
                 into("BOLT-L1", "8"),
-                with(scan("produce", "WO-1001", 10, "ST-20"), json!({"lot": "BIKE-S0001", "quantity": "1"})),
+                with(
+                    scan("produce", "WO-1001", 10, "ST-20"),
+                    json!({"lot": "BIKE-S0001", "quantity": "1"}),
+                ),
                 scan("complete_operation", "WO-1001", 10, "ST-20"),
             ],
         )
@@ -149,7 +200,10 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
             &t30,
             vec![
                 scan("start_operation", "WO-1001", 20, "ST-30"),
-                with(scan("inspect", "WO-1001", 20, "ST-30"), json!({"lot": "BIKE-S0001", "result": "pass"})),
+                with(
+                    scan("inspect", "WO-1001", 20, "ST-30"),
+                    json!({"lot": "BIKE-S0001", "result": "pass"}),
+                ),
                 scan("complete_operation", "WO-1001", 20, "ST-30"),
             ],
         )
@@ -160,13 +214,21 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
     assert_eq!(wo["status"], "completed", "{wo}");
     assert_eq!(wo["produced_quantity"], "10");
     assert_eq!(wo["operations"][0]["good_quantity"], "10");
-    assert_eq!(get(&sys, &t10, "/api/v1/work-orders/WO-1001").await["status"], "completed");
+    assert_eq!(
+        get(&sys, &t10, "/api/v1/work-orders/WO-1001").await["status"],
+        "completed"
+    );
     let stored = get(&sys, &t10, &format!("/api/v1/scans/{first_id}")).await;
     assert_eq!(stored["status"], "active", "{stored}");
     assert_eq!(stored["quantity"], "25", "{stored}");
 
     // A cancelled order rejects scans; a station-bound token cannot scan elsewhere.
-    let closed = post_scans(&sys, &t10, vec![scan("start_operation", "WO-1002", 10, "ST-10")]).await;
+    let closed = post_scans(
+        &sys,
+        &t10,
+        vec![scan("start_operation", "WO-1002", 10, "ST-10")],
+    )
+    .await;
     assert_eq!(closed["results"][0]["status"], "rejected");
     assert_eq!(closed["results"][0]["error"]["code"], "work_order_closed");
     let r = reqwest::Client::new()
@@ -183,45 +245,79 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_answers_health_and_reflection() {
     let sys = System::start().await.expect("system");
-    for (service, name) in [("scan-ingest", "mes.v1.ScanIngest"), ("trace-query", "mes.v1.TraceQuery"), ("erp-sync", "mes.v1.ErpSync")] {
+    for (service, name) in [
+        ("scan-ingest", "mes.v1.ScanIngest"),
+        ("trace-query", "mes.v1.TraceQuery"),
+        ("erp-sync", "mes.v1.ErpSync"),
+    ] {
         let url = format!("http://127.0.0.1:{}", sys.grpc[service]);
-        let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let mut serving = false;
         for _ in 0..50 {
-            if let Ok(r) = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await {
-                if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                    serving = true;
-                    break;
-                }
+            if let Ok(r) = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                serving = true;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(serving, "{service} is not SERVING");
         let services = reflection_services(channel).await;
-        assert!(services.iter().any(|s| s == name), "{service} reflection lists {services:?}");
-        assert!(services.iter().any(|s| s == "grpc.health.v1.Health"), "{service}: {services:?}");
+        assert!(
+            services.iter().any(|s| s == name),
+            "{service} reflection lists {services:?}"
+        );
+        assert!(
+            services.iter().any(|s| s == "grpc.health.v1.Health"),
+            "{service}: {services:?}"
+        );
     }
-    let health = reqwest::get(format!("{}/api/v1/health", sys.gateway)).await.unwrap();
+    let health = reqwest::get(format!("{}/api/v1/health", sys.gateway))
+        .await
+        .unwrap();
     let body: Value = health.json().await.unwrap();
-    for c in ["scan-ingest", "trace-query", "erp-sync", "database", "redis"] {
+    for c in [
+        "scan-ingest",
+        "trace-query",
+        "erp-sync",
+        "database",
+        "redis",
+    ] {
         assert_eq!(body["components"][c]["status"], "ok", "{c}: {body}");
     }
 }
 
 async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
     use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse,
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let mut out = Vec::new();
-    if let Some(resp) = stream.message().await.unwrap() {
-        if let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response {
-            out = list.service.into_iter().map(|s| s.name).collect();
-        }
+    if let Some(resp) = stream.message().await.unwrap()
+        && let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response
+    {
+        out = list.service.into_iter().map(|s| s.name).collect();
     }
     out
 }

@@ -8,8 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 pub const SERVICES: [&str; 4] = ["scan-ingest", "trace-query", "erp-sync", "gateway"];
@@ -56,17 +60,24 @@ impl TraceService for OtlpReceiver {
                 .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
                 .and_then(|a| a.value.as_ref())
                 .and_then(|v| match &v.value {
-                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                    Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
+                    ) => Some(s.clone()),
                     _ => None,
                 })
                 .unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
-                    spans.push(ReceivedSpan { service: service.clone(), span });
+                    spans.push(ReceivedSpan {
+                        service: service.clone(),
+                        span,
+                    });
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -87,7 +98,13 @@ impl OtlpReceiver {
     }
 
     pub fn spans_of_trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
-        self.spans.lock().unwrap().iter().filter(|s| s.trace_id() == trace_id).cloned().collect()
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id() == trace_id)
+            .cloned()
+            .collect()
     }
 }
 
@@ -103,13 +120,19 @@ pub struct System {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// The directory holding the workspace's binaries (next to this test's `deps/`).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(|p| p.parent()).expect("target profile dir").to_path_buf()
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target profile dir")
+        .to_path_buf()
 }
 
 /// Builds the service binaries once per test process (a no-op when they are fresh).
@@ -153,7 +176,11 @@ impl System {
         };
         for service in SERVICES {
             let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
-            let db_url = format!("postgres://postgres@127.0.0.1:5432/mes_e2e_{}_{}", service.replace('-', "_"), &tag[..12]);
+            let db_url = format!(
+                "postgres://postgres@127.0.0.1:5432/mes_e2e_{}_{}",
+                service.replace('-', "_"),
+                &tag[..12]
+            );
             sys.db_urls.push(db_url.clone());
             let listen = match service {
                 "gateway" => format!("127.0.0.1:{gateway_port}"),
@@ -171,16 +198,36 @@ impl System {
                 .env(format!("{prefix}DATABASE_URL"), &db_url)
                 .env(format!("{prefix}DATABASE_MAX_CONNECTIONS"), "5")
                 .env(format!("{prefix}LISTEN_ADDR"), listen)
-                .env(format!("{prefix}METRICS_ADDR"), format!("127.0.0.1:{}", free_port()))
-                .env(format!("{prefix}REDIS_PREFIX"), format!("e2e:{tag}:{service}:"))
-                .env(format!("{prefix}SCAN_INGEST_URL"), format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]))
-                .env(format!("{prefix}TRACE_QUERY_URL"), format!("http://127.0.0.1:{}", sys.grpc["trace-query"]))
-                .env(format!("{prefix}ERP_SYNC_URL"), format!("http://127.0.0.1:{}", sys.grpc["erp-sync"]))
-                .env("MES_ERP_SYNC_ERP__PLANT_FILE", root.join("deploy/demo/plant.json"))
+                .env(
+                    format!("{prefix}METRICS_ADDR"),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+                .env(
+                    format!("{prefix}REDIS_PREFIX"),
+                    format!("e2e:{tag}:{service}:"),
+                )
+                .env(
+                    format!("{prefix}SCAN_INGEST_URL"),
+                    format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]),
+                )
+                .env(
+                    format!("{prefix}TRACE_QUERY_URL"),
+                    format!("http://127.0.0.1:{}", sys.grpc["trace-query"]),
+                )
+                .env(
+                    format!("{prefix}ERP_SYNC_URL"),
+                    format!("http://127.0.0.1:{}", sys.grpc["erp-sync"]),
+                )
+                .env(
+                    "MES_ERP_SYNC_ERP__PLANT_FILE",
+                    root.join("deploy/demo/plant.json"),
+                )
                 .env("MES_ERP_SYNC_ERP__OUTBOX_FILE", &outbox)
                 .stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log));
-            let child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {service}: {e}"))?;
+            let child = cmd
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start {service}: {e}"))?;
             sys.children.push((service, child));
         }
         sys.wait_ready().await?;
@@ -200,12 +247,19 @@ impl System {
             if let Some((name, status)) = exited {
                 anyhow::bail!("{name} exited early ({status}):\n{}", self.log_tail(name));
             }
-            let ready = http.get(format!("{}/readyz", self.gateway)).send().await.is_ok_and(|r| r.status().is_success());
+            let ready = http
+                .get(format!("{}/readyz", self.gateway))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
             if ready && self.plant_loaded(&http).await {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let logs: Vec<String> = SERVICES.iter().map(|s| format!("== {s}\n{}", self.log_tail(s))).collect();
+                let logs: Vec<String> = SERVICES
+                    .iter()
+                    .map(|s| format!("== {s}\n{}", self.log_tail(s)))
+                    .collect();
                 anyhow::bail!("the system did not become ready:\n{}", logs.join("\n"));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -213,7 +267,9 @@ impl System {
     }
 
     async fn plant_loaded(&self, http: &reqwest::Client) -> bool {
-        let Ok(token) = self.token_with(http, "admin", "demo-admin", None).await else { return false };
+        let Ok(token) = self.token_with(http, "admin", "demo-admin", None).await else {
+            return false;
+        };
         http.get(format!("{}/api/v1/work-orders/WO-1001", self.gateway))
             .bearer_auth(token)
             .send()
@@ -221,12 +277,22 @@ impl System {
             .is_ok_and(|r| r.status().is_success())
     }
 
-    async fn token_with(&self, http: &reqwest::Client, user: &str, password: &str, device: Option<&str>) -> anyhow::Result<String> {
+    async fn token_with(
+        &self,
+        http: &reqwest::Client,
+        user: &str,
+        password: &str,
+        device: Option<&str>,
+    ) -> anyhow::Result<String> {
         let mut body = serde_json::json!({"username": user, "password": password});
         if let Some(d) = device {
             body["device_id"] = d.into();
         }
-        let r = http.post(format!("{}/api/v1/auth/token", self.gateway)).json(&body).send().await?;
+        let r = http
+            .post(format!("{}/api/v1/auth/token", self.gateway))
+            .json(&body)
+            .send()
+            .await?;
         anyhow::ensure!(r.status().is_success(), "login {user}: {}", r.status());
         let v: serde_json::Value = r.json().await?;
         Ok(v["access_token"].as_str().unwrap_or_default().to_owned())
@@ -234,12 +300,20 @@ impl System {
 
     /// A bearer token for a demo user (password `demo-<user>`), optionally on a device.
     pub async fn token(&self, user: &str, device: Option<&str>) -> String {
-        self.token_with(&reqwest::Client::new(), user, &format!("demo-{user}"), device).await.expect("login")
+        self.token_with(
+            &reqwest::Client::new(),
+            user,
+            &format!("demo-{user}"),
+            device,
+        )
+        .await
+        .expect("login")
     }
 
     /// The captured stdout/stderr of a service.
     pub fn log(&self, service: &str) -> String {
-        std::fs::read_to_string(self.run_dir.path().join(format!("{service}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.run_dir.path().join(format!("{service}.log")))
+            .unwrap_or_default()
     }
 
     fn log_tail(&self, service: &str) -> String {
@@ -259,7 +333,9 @@ fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -279,7 +355,10 @@ impl Drop for System {
         let urls = std::mem::take(&mut self.db_urls);
         // Drop the databases from a runtime of our own (Drop may run inside another runtime).
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async {
                 for url in urls {
                     let _ = drop_database(&url).await;
@@ -297,7 +376,11 @@ async fn drop_database(url: &str) -> anyhow::Result<()> {
     let name = opts.get_database().unwrap_or_default().to_owned();
     anyhow::ensure!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
     let mut conn = opts.database("postgres").connect().await?;
-    sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&mut conn).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
     conn.close().await?;
     Ok(())
 }

@@ -102,6 +102,7 @@ pub fn load<T: Serialize + DeserializeOwned>(service: &str, defaults: &T) -> any
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

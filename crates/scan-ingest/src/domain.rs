@@ -459,13 +459,13 @@ impl World {
         scan: &ScanInput,
         caller_station: Option<&str>,
     ) -> Result<Applied, Rejection> {
-        if let Some(bound) = caller_station {
-            if bound != scan.station {
-                return reject(
-                    "wrong_station",
-                    format!("this device is bound to station {bound}"),
-                );
-            }
+        if let Some(bound) = caller_station
+            && bound != scan.station
+        {
+            return reject(
+                "wrong_station",
+                format!("this device is bound to station {bound}"),
+            );
         }
         if !self.stations.contains(&scan.station) {
             return reject(
@@ -560,18 +560,16 @@ impl World {
                         ),
                     );
                 }
-                if !scan.into_lot.is_empty() {
-                    if let Some(target) = self.lots.get(&scan.into_lot) {
-                        if target.material != wo.material {
-                            return reject(
-                                "wrong_material",
-                                format!(
-                                    "into_lot {} is not an output of work order {}",
-                                    scan.into_lot, wo.number
-                                ),
-                            );
-                        }
-                    }
+                if let Some(target) = self.lots.get(&scan.into_lot)
+                    && target.material != wo.material
+                {
+                    return reject(
+                        "wrong_material",
+                        format!(
+                            "into_lot {} is not an output of work order {}",
+                            scan.into_lot, wo.number
+                        ),
+                    );
                 }
                 let material = lot.material.clone();
                 let lot = self.lots.get_mut(&scan.lot).expect("checked above");
