@@ -41,7 +41,8 @@ impl ScanIngest for Api {
             .map_err(Error::Invalid)?;
         metrics::histogram!("scan_batch_size").record(inputs.len() as f64);
         let start = std::time::Instant::now();
-        let results = scans::submit(&self.state.pool, &inputs, &caller).await?;
+        let results =
+            scans::submit(&self.state.pool, &self.state.refcache, &inputs, &caller).await?;
         metrics::histogram!("scan_commit_duration_seconds").record(start.elapsed().as_secs_f64());
         if results
             .iter()
@@ -150,6 +151,14 @@ impl MasterData for Api {
     ) -> Result<Response<pb::UpsertResponse>, Status> {
         let counts = master::upsert_materials(&self.state.pool, &req.get_ref().items).await?;
         self.state.feed.committed();
+        self.state.refcache.invalidate(
+            req.get_ref()
+                .items
+                .iter()
+                .map(|m| m.number.clone())
+                .collect(),
+            Vec::new(),
+        );
         Ok(Response::new(counts.into()))
     }
 
@@ -160,6 +169,10 @@ impl MasterData for Api {
     ) -> Result<Response<pb::UpsertResponse>, Status> {
         let counts = master::upsert_stations(&self.state.pool, &req.get_ref().items).await?;
         self.state.feed.committed();
+        self.state.refcache.invalidate(
+            Vec::new(),
+            req.get_ref().items.iter().map(|s| s.id.clone()).collect(),
+        );
         Ok(Response::new(counts.into()))
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod feed;
+pub mod refcache;
 pub mod store;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub redis: Redis,
     pub feed: feed::FeedHub,
+    pub refcache: refcache::RefCache,
     pub settings: Arc<Settings>,
 }
 
@@ -67,6 +69,10 @@ impl Application {
             Some(grpc::bind(&s.metrics_addr).await?)
         };
         let feed = feed::FeedHub::new(pool.clone());
+        let refcache = refcache::RefCache::new(
+            redis.clone(),
+            Duration::from_secs(settings.reference_cache_ttl_seconds),
+        );
         Ok(Self {
             listener,
             metrics_listener,
@@ -74,6 +80,7 @@ impl Application {
                 pool,
                 redis,
                 feed,
+                refcache,
                 settings: Arc::new(settings),
             },
         })

@@ -848,3 +848,48 @@ async fn health_reports_serving_with_its_database() {
     assert!(serving);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_are_accepted_with_redis_down() {
+    // Nothing listens on port 1: every cache call fails fast.
+    let app = spawn_app_with(|s| s.service.redis_url = "redis://127.0.0.1:1".into()).await;
+    load_demo_plant(&app).await;
+    accepted(
+        &app.submit(vec![
+            scan(K::StartOperation, "WO-1000", 10, "ST-10"),
+            with_lot(scan(K::Consume, "WO-1000", 10, "ST-10"), "STEEL-L1", "2.5"),
+        ])
+        .await,
+    );
+    assert_eq!(app.lot("STEEL-L1").await.quantity_on_hand, "97.5");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_cache_is_invalidated_by_master_data_upserts() {
+    let app = spawn_app().await;
+    load_demo_plant(&app).await;
+    // ST-40 is unknown, and that answer gets cached.
+    let at40 = || with_lot(scan(K::Move, "", 0, "ST-40"), "BOLT-L1", "1");
+    let mut mv = at40();
+    mv.location = "LINE-4".into();
+    assert_eq!(
+        status(&app.submit(vec![mv]).await[0]),
+        (S::Rejected, "unknown_station".into())
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.master()
+        .upsert_stations(pb::UpsertStationsRequest {
+            items: vec![pb::Station {
+                id: "ST-40".into(),
+                name: "Line 4".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut mv = at40();
+    mv.location = "LINE-4".into();
+    accepted(&app.submit(vec![mv]).await);
+    app.stop().await;
+}

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::domain::{LotState, OperationState, ScanInput, WorkOrderState, World};
 use crate::error::Error;
+use crate::refcache::RefCache;
 use crate::store::{events, timestamp};
 
 const MAX_ATTEMPTS: usize = 8;
@@ -20,6 +21,7 @@ const MAX_ATTEMPTS: usize = 8;
 /// Commits a validated batch; returns one result per input, in order. Acknowledged = committed.
 pub async fn submit(
     pool: &PgPool,
+    cache: &RefCache,
     inputs: &[ScanInput],
     caller: &Caller,
 ) -> Result<Vec<pb::ScanResult>, Error> {
@@ -27,7 +29,7 @@ pub async fn submit(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_submit(pool, inputs, caller, &traceparent).await {
+        match try_submit(pool, cache, inputs, caller, &traceparent).await {
             Err(e) if attempt < MAX_ATTEMPTS && is_retryable(&e) => {
                 metrics::counter!("scan_batch_retries_total").increment(1);
                 tracing::debug!(attempt, error = %e, "retrying batch");
@@ -49,6 +51,7 @@ fn is_retryable(e: &sqlx::Error) -> bool {
 
 async fn try_submit(
     pool: &PgPool,
+    cache: &RefCache,
     inputs: &[ScanInput],
     caller: &Caller,
     traceparent: &str,
@@ -68,7 +71,7 @@ async fn try_submit(
         .iter()
         .filter(|s| !existing.contains_key(&s.scan_id))
         .collect();
-    let mut world = load_world(&mut tx, &fresh).await?;
+    let mut world = load_world(&mut tx, cache, &fresh).await?;
 
     let received_at = Utc::now();
     let mut results = Vec::with_capacity(inputs.len());
@@ -190,6 +193,7 @@ pub fn stored_scan(
 /// Loads and locks what `scans` touch: work orders (with routing and BOM), lots, materials, stations.
 pub async fn load_world(
     tx: &mut Transaction<'_, Postgres>,
+    cache: &RefCache,
     scans: &[&ScanInput],
 ) -> Result<World, sqlx::Error> {
     let mut world = World::default();
@@ -313,20 +317,7 @@ pub async fn load_world(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    for r in sqlx::query("SELECT number, tracking FROM materials WHERE number = ANY($1)")
-        .bind(&materials)
-        .fetch_all(&mut **tx)
-        .await?
-    {
-        world.materials.insert(r.get("number"), r.get("tracking"));
-    }
-    for r in sqlx::query("SELECT id FROM stations WHERE id = ANY($1)")
-        .bind(&stations)
-        .fetch_all(&mut **tx)
-        .await?
-    {
-        world.stations.insert(r.get("id"));
-    }
+    load_reference(tx, cache, &mut world, materials, stations).await?;
     Ok(world)
 }
 
@@ -469,5 +460,66 @@ pub async fn write_world(
         .execute(&mut **tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Material tracking modes and station existence: from the reference cache, the misses from
+/// the database (then cached, off the commit path).
+async fn load_reference(
+    tx: &mut Transaction<'_, Postgres>,
+    cache: &RefCache,
+    world: &mut World,
+    materials: Vec<String>,
+    stations: Vec<String>,
+) -> Result<(), sqlx::Error> {
+    let mut missing_materials = Vec::new();
+    for (m, v) in cache.materials(&materials).await {
+        match v {
+            Some(t) if !RefCache::is_missing(&t) => {
+                world.materials.insert(m, t);
+            }
+            Some(_) => {}
+            None => missing_materials.push(m),
+        }
+    }
+    let mut missing_stations = Vec::new();
+    for (s, v) in cache.stations(&stations).await {
+        match v {
+            Some(t) if !RefCache::is_missing(&t) => {
+                world.stations.insert(s);
+            }
+            Some(_) => {}
+            None => missing_stations.push(s),
+        }
+    }
+    if missing_materials.is_empty() && missing_stations.is_empty() {
+        return Ok(());
+    }
+    let found: HashMap<String, String> =
+        sqlx::query_as("SELECT number, tracking FROM materials WHERE number = ANY($1)")
+            .bind(&missing_materials)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    let known: Vec<String> = sqlx::query_scalar("SELECT id FROM stations WHERE id = ANY($1)")
+        .bind(&missing_stations)
+        .fetch_all(&mut **tx)
+        .await?;
+    let fill_m: Vec<(String, Option<String>)> = missing_materials
+        .iter()
+        .map(|m| (m.clone(), found.get(m).cloned()))
+        .collect();
+    let fill_s: Vec<(String, bool)> = missing_stations
+        .iter()
+        .map(|s| (s.clone(), known.contains(s)))
+        .collect();
+    world.materials.extend(found);
+    world.stations.extend(known);
+    let cache = cache.clone();
+    tokio::spawn(async move {
+        cache.fill_materials(&fill_m).await;
+        cache.fill_stations(&fill_s).await;
+    });
     Ok(())
 }

@@ -110,6 +110,10 @@ pub fn quality() -> Caller {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     let name = format!("mes_test_si_{}", uuid::Uuid::new_v4().simple());
     let db_url = format!("postgres://postgres@127.0.0.1:5432/{name}");
     let mut settings = Settings::default();
@@ -119,6 +123,7 @@ pub async fn spawn_app() -> TestApp {
     settings.service.redis_prefix = format!("test:{name}:");
     settings.sequencer_interval_ms = 50;
     settings.ledger_check_interval_seconds = 0;
+    customise(&mut settings);
     let app = Application::build(settings)
         .await
         .expect("build scan-ingest");
