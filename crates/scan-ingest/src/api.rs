@@ -40,10 +40,15 @@ impl ScanIngest for Api {
         let inputs = domain::validate_batch(&req.get_ref().scans, chrono::Utc::now())
             .map_err(Error::Invalid)?;
         metrics::histogram!("scan_batch_size").record(inputs.len() as f64);
-        let start = std::time::Instant::now();
-        let results =
-            scans::submit(&self.state.pool, &self.state.refcache, &inputs, &caller).await?;
-        metrics::histogram!("scan_commit_duration_seconds").record(start.elapsed().as_secs_f64());
+        let results = self
+            .state
+            .committer
+            .submit(scans::Request {
+                inputs,
+                caller,
+                traceparent: mes_common::propagation::current_traceparent(),
+            })
+            .await?;
         if results
             .iter()
             .any(|r| r.status == pb::ScanStatus::Accepted as i32)

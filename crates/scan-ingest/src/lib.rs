@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod feed;
+pub mod group;
 pub mod refcache;
 pub mod store;
 
@@ -39,6 +40,7 @@ pub struct AppState {
     pub redis: Redis,
     pub feed: feed::FeedHub,
     pub refcache: refcache::RefCache,
+    pub committer: group::GroupCommitter,
     pub settings: Arc<Settings>,
 }
 
@@ -73,6 +75,15 @@ impl Application {
             redis.clone(),
             Duration::from_secs(settings.reference_cache_ttl_seconds),
         );
+        let committer = group::GroupCommitter::start(
+            pool.clone(),
+            refcache.clone(),
+            group::GroupSettings {
+                workers: settings.group_commit_workers,
+                max_wait: Duration::from_micros(settings.group_commit_max_wait_us),
+                max_scans: settings.group_commit_max_scans,
+            },
+        );
         Ok(Self {
             listener,
             metrics_listener,
@@ -81,6 +92,7 @@ impl Application {
                 redis,
                 feed,
                 refcache,
+                committer,
                 settings: Arc::new(settings),
             },
         })

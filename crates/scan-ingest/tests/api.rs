@@ -893,3 +893,65 @@ async fn reference_cache_is_invalidated_by_master_data_upserts() {
     accepted(&app.submit(vec![mv]).await);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_coalesces_concurrent_requests_and_acknowledges_after_commit() {
+    let app = spawn_app_with(|s| {
+        s.group_commit_workers = 1;
+        s.group_commit_max_wait_us = 20_000;
+    })
+    .await;
+    load_demo_plant(&app).await;
+    let same = with_lot(scan(K::Consume, "WO-1000", 10, "ST-10"), "BOLT-L1", "1");
+    let same = pb::Scan {
+        work_order: "WO-1001".into(),
+        station: "ST-20".into(),
+        ..same
+    };
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let ch = app.channel.clone();
+        // Two requests carry the same scan: one is accepted, the other is its duplicate.
+        let s = if i < 2 {
+            same.clone()
+        } else {
+            pb::Scan {
+                scan_id: uuid::Uuid::new_v4().to_string(),
+                ..same.clone()
+            }
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut req = tonic::Request::new(pb::SubmitScansRequest { scans: vec![s] });
+            operator().write_to(req.metadata_mut());
+            pb::scan_ingest_client::ScanIngestClient::new(ch)
+                .submit_scans(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .results
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(status(&t.await.unwrap()[0]).0);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == S::Accepted).count(), 23);
+    assert_eq!(statuses.iter().filter(|s| **s == S::Duplicate).count(), 1);
+    // Acknowledged means committed: every accepted scan is there, each once.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scans")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 23);
+    assert_eq!(app.lot("BOLT-L1").await.quantity_on_hand, "977");
+    // Scans of one group transaction share its received_at: fewer transactions than requests.
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT received_at) FROM scans")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(
+        transactions < 23,
+        "no request was coalesced ({transactions} transactions)"
+    );
+    app.stop().await;
+}

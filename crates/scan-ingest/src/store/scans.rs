@@ -18,6 +18,20 @@ use crate::store::{events, timestamp};
 
 const MAX_ATTEMPTS: usize = 8;
 
+/// One request's share of a (possibly grouped) transaction.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub inputs: Vec<ScanInput>,
+    pub caller: Caller,
+    pub traceparent: String,
+}
+
+struct Accepted<'a> {
+    input: &'a ScanInput,
+    material: String,
+    request: &'a Request,
+}
+
 /// Commits a validated batch; returns one result per input, in order. Acknowledged = committed.
 pub async fn submit(
     pool: &PgPool,
@@ -25,11 +39,26 @@ pub async fn submit(
     inputs: &[ScanInput],
     caller: &Caller,
 ) -> Result<Vec<pb::ScanResult>, Error> {
-    let traceparent = mes_common::propagation::current_traceparent();
+    let request = Request {
+        inputs: inputs.to_vec(),
+        caller: caller.clone(),
+        traceparent: mes_common::propagation::current_traceparent(),
+    };
+    let mut out = submit_group(pool, cache, std::slice::from_ref(&request)).await?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// Commits the scans of several requests in one transaction (group commit); returns each
+/// request's results. Requests are applied in order, each scan in its request's order.
+pub async fn submit_group(
+    pool: &PgPool,
+    cache: &RefCache,
+    requests: &[Request],
+) -> Result<Vec<Vec<pb::ScanResult>>, Error> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_submit(pool, cache, inputs, caller, &traceparent).await {
+        match try_submit(pool, cache, requests).await {
             Err(e) if attempt < MAX_ATTEMPTS && is_retryable(&e) => {
                 metrics::counter!("scan_batch_retries_total").increment(1);
                 tracing::debug!(attempt, error = %e, "retrying batch");
@@ -49,15 +78,16 @@ fn is_retryable(e: &sqlx::Error) -> bool {
             .is_some_and(|c| c == "23505")
 }
 
+const CONFLICT: &str = "this scan_id was already used with different content";
+
 async fn try_submit(
     pool: &PgPool,
     cache: &RefCache,
-    inputs: &[ScanInput],
-    caller: &Caller,
-    traceparent: &str,
-) -> Result<Vec<pb::ScanResult>, sqlx::Error> {
+    requests: &[Request],
+) -> Result<Vec<Vec<pb::ScanResult>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let ids: Vec<Uuid> = inputs.iter().map(|s| s.scan_id).collect();
+    let all: Vec<&ScanInput> = requests.iter().flat_map(|r| r.inputs.iter()).collect();
+    let ids: Vec<Uuid> = all.iter().map(|s| s.scan_id).collect();
     let existing: HashMap<Uuid, String> =
         sqlx::query("SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY($1)")
             .bind(&ids)
@@ -66,69 +96,83 @@ async fn try_submit(
             .into_iter()
             .map(|r| (r.get("scan_id"), r.get("content_hash")))
             .collect();
-
-    let fresh: Vec<&ScanInput> = inputs
+    let fresh: Vec<&ScanInput> = all
         .iter()
+        .copied()
         .filter(|s| !existing.contains_key(&s.scan_id))
         .collect();
     let mut world = load_world(&mut tx, cache, &fresh).await?;
 
     let received_at = Utc::now();
-    let mut results = Vec::with_capacity(inputs.len());
-    let mut accepted: Vec<(ScanInput, String)> = Vec::new();
-    for s in inputs {
-        let id = s.scan_id.to_string();
-        if let Some(hash) = existing.get(&s.scan_id) {
-            if *hash == s.content_hash() {
-                results.push(result(id, pb::ScanStatus::Duplicate, None));
-            } else {
-                results.push(result(
-                    id,
-                    pb::ScanStatus::Rejected,
-                    Some((
-                        "conflict",
-                        "this scan_id was already used with different content".into(),
-                    )),
-                ));
+    // Scans accepted earlier in this same group (concurrent retries of one scan).
+    let mut in_group: HashMap<Uuid, String> = HashMap::new();
+    let mut accepted: Vec<Accepted> = Vec::new();
+    let mut all_results = Vec::with_capacity(requests.len());
+    for request in requests {
+        let mut results = Vec::with_capacity(request.inputs.len());
+        for s in &request.inputs {
+            let id = s.scan_id.to_string();
+            if let Some(hash) = existing
+                .get(&s.scan_id)
+                .or_else(|| in_group.get(&s.scan_id))
+            {
+                if *hash == s.content_hash() {
+                    results.push(result(id, pb::ScanStatus::Duplicate, None));
+                } else {
+                    results.push(result(
+                        id,
+                        pb::ScanStatus::Rejected,
+                        Some(("conflict", CONFLICT.into())),
+                    ));
+                }
+                continue;
             }
-            continue;
+            match world.apply(s, request.caller.station.as_deref()) {
+                Ok(applied) => {
+                    in_group.insert(s.scan_id, s.content_hash());
+                    accepted.push(Accepted {
+                        input: s,
+                        material: applied.material,
+                        request,
+                    });
+                    results.push(result(id, pb::ScanStatus::Accepted, None));
+                }
+                Err(r) => {
+                    metrics::counter!("scans_total", "kind" => s.kind.as_str(), "status" => "rejected", "code" => r.code).increment(1);
+                    results.push(result(
+                        id,
+                        pb::ScanStatus::Rejected,
+                        Some((r.code, r.message)),
+                    ));
+                }
+            }
         }
-        match world.apply(s, caller.station.as_deref()) {
-            Ok(applied) => {
-                accepted.push((s.clone(), applied.material));
-                results.push(result(id, pb::ScanStatus::Accepted, None));
-            }
-            Err(r) => {
-                metrics::counter!("scans_total", "kind" => s.kind.as_str(), "status" => "rejected", "code" => r.code).increment(1);
-                results.push(result(
-                    id,
-                    pb::ScanStatus::Rejected,
-                    Some((r.code, r.message)),
-                ));
-            }
-        }
+        all_results.push(results);
     }
 
     if !accepted.is_empty() {
-        insert_scans(&mut tx, &accepted, caller, received_at, traceparent).await?;
+        insert_scans(&mut tx, &accepted, received_at).await?;
         write_world(&mut tx, &world).await?;
         let evs: Vec<pb::Event> = accepted
             .iter()
-            .map(|(s, material)| {
-                let stored = stored_scan(s, material, caller, received_at, traceparent);
-                events::event(
+            .map(|a| {
+                let tp = &a.request.traceparent;
+                let stored = stored_scan(a.input, &a.material, &a.request.caller, received_at, tp);
+                let mut e = events::event(
                     "scan.accepted",
                     pb::event::Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) }),
-                )
+                );
+                e.traceparent = tp.clone();
+                e
             })
             .collect();
         events::append(&mut tx, &evs).await?;
     }
     tx.commit().await?;
-    for (s, _) in &accepted {
-        metrics::counter!("scans_total", "kind" => s.kind.as_str(), "status" => "accepted", "code" => "").increment(1);
+    for a in &accepted {
+        metrics::counter!("scans_total", "kind" => a.input.kind.as_str(), "status" => "accepted", "code" => "").increment(1);
     }
-    Ok(results)
+    Ok(all_results)
 }
 
 fn result(
@@ -323,10 +367,8 @@ pub async fn load_world(
 
 async fn insert_scans(
     tx: &mut Transaction<'_, Postgres>,
-    accepted: &[(ScanInput, String)],
-    caller: &Caller,
+    accepted: &[Accepted<'_>],
     received_at: DateTime<Utc>,
-    traceparent: &str,
 ) -> Result<(), sqlx::Error> {
     let n = accepted.len();
     let mut ids = Vec::with_capacity(n);
@@ -344,14 +386,18 @@ async fn insert_scans(
     let mut scanned = Vec::with_capacity(n);
     let mut attributes = Vec::with_capacity(n);
     let mut hashes = Vec::with_capacity(n);
-    for (s, material) in accepted {
+    let mut operators = Vec::with_capacity(n);
+    let mut devices = Vec::with_capacity(n);
+    let mut traceparents = Vec::with_capacity(n);
+    for a in accepted {
+        let s = a.input;
         ids.push(s.scan_id);
         kinds.push(s.kind.as_str().to_owned());
         wos.push(s.work_order.clone());
         ops.push(s.operation);
         stations.push(s.station.clone());
         lots.push(s.lot.clone());
-        materials.push(material.clone());
+        materials.push(a.material.clone());
         quantities.push(s.quantity);
         into_lots.push(s.into_lot.clone());
         locations.push(s.location.clone());
@@ -360,15 +406,18 @@ async fn insert_scans(
         scanned.push(s.scanned_at);
         attributes.push(s.attributes.clone());
         hashes.push(s.content_hash());
+        operators.push(a.request.caller.user.clone());
+        devices.push(a.request.caller.device.clone().unwrap_or_default());
+        traceparents.push(a.request.traceparent.clone());
     }
     sqlx::query(
         "INSERT INTO scans (scan_id, kind, work_order, operation, station, lot, material, quantity, into_lot,
                             location, result, defect_code, scanned_at, attributes, content_hash,
-                            operator, device, received_at, traceparent)
-         SELECT u.*, $16, $17, $18, $19
+                            operator, device, traceparent, received_at)
+         SELECT u.*, $19
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
                      $8::numeric[], $9::text[], $10::text[], $11::text[], $12::text[], $13::timestamptz[],
-                     $14::text[], $15::text[]) AS u",
+                     $14::text[], $15::text[], $16::text[], $17::text[], $18::text[]) AS u",
     )
     .bind(&ids)
     .bind(&kinds)
@@ -385,10 +434,10 @@ async fn insert_scans(
     .bind(&scanned)
     .bind(&attributes)
     .bind(&hashes)
-    .bind(&caller.user)
-    .bind(caller.device.clone().unwrap_or_default())
+    .bind(&operators)
+    .bind(&devices)
+    .bind(&traceparents)
     .bind(received_at)
-    .bind(traceparent)
     .execute(&mut **tx)
     .await?;
     Ok(())
