@@ -1,0 +1,288 @@
+//! Authentication: argon2id password hashes, HS256 access tokens (the algorithm is fixed:
+//! `alg: none` and every other algorithm are refused), the revocation list, and the
+//! [`Principal`] extractor that authenticates a request, applies the rate limits and records
+//! the user on the request span.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use mes_common::identity::Caller;
+
+use crate::AppState;
+use crate::limits::Subject;
+use crate::problem::Problem;
+
+pub const OPERATOR: &str = "operator";
+pub const SUPERVISOR: &str = "supervisor";
+pub const QUALITY: &str = "quality";
+pub const PLANNER: &str = "planner";
+pub const ADMIN: &str = "admin";
+pub const ROLES: [&str; 5] = [OPERATOR, SUPERVISOR, QUALITY, PLANNER, ADMIN];
+
+/// Hashes a password with argon2id (random salt), off the async threads.
+pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
+    })
+    .await?
+}
+
+/// Verifies a password against a PHC hash, off the async threads (false on any error).
+pub async fn verify_password(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// A hash of a random password nobody knows: verifying against it makes an unknown user cost
+/// as much time as a known one (no user enumeration by timing).
+pub async fn dummy_hash() -> anyhow::Result<String> {
+    hash_password(uuid::Uuid::new_v4().to_string()).await
+}
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub sub: String,
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub station: Option<String>,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub iss: String,
+    pub aud: String,
+}
+
+impl Claims {
+    pub fn caller(&self) -> Caller {
+        Caller {
+            user: self.sub.clone(),
+            roles: self.roles.clone(),
+            device: self.device.clone(),
+            station: self.station.clone(),
+        }
+    }
+
+    /// Time left before the token expires.
+    pub fn remaining(&self) -> Duration {
+        Duration::from_secs(self.exp.saturating_sub(now_secs()))
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Issues and verifies HS256 tokens.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    issuer: String,
+    ttl: u64,
+}
+
+impl Tokens {
+    pub fn new(secret: &[u8], issuer: &str, ttl_seconds: u64) -> Self {
+        // Exactly one algorithm: a token whose header names another (or `none`) is refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.leeway = 5;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "iat", "sub", "iss", "aud"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            issuer: issuer.to_owned(),
+            ttl: ttl_seconds,
+        }
+    }
+
+    pub fn ttl(&self) -> u64 {
+        self.ttl
+    }
+
+    pub fn issue(
+        &self,
+        user: &str,
+        roles: Vec<String>,
+        device: Option<String>,
+        station: Option<String>,
+    ) -> anyhow::Result<(String, Claims)> {
+        let now = now_secs();
+        let claims = Claims {
+            sub: user.to_owned(),
+            roles,
+            device,
+            station,
+            iat: now,
+            exp: now + self.ttl,
+            jti: uuid::Uuid::new_v4().to_string(),
+            iss: self.issuer.clone(),
+            aud: self.issuer.clone(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
+        Ok((token, claims))
+    }
+
+    /// Verifies signature, algorithm, issuer, audience and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims, Problem> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| {
+                tracing::info!(reason = %e, "token refused");
+                metrics::counter!("gateway_auth_failures_total", "reason" => "token").increment(1);
+                Problem::unauthenticated("the access token is invalid or expired")
+            })
+    }
+}
+
+/// The authenticated caller of a request (extracting it authenticates and rate-limits).
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub claims: Claims,
+    pub caller: Caller,
+}
+
+impl Principal {
+    /// `Err(403)` unless the caller has one of `roles` (admin has every role).
+    pub fn require(&self, roles: &[&str]) -> Result<(), Problem> {
+        if self.caller.has_any_role(roles) {
+            Ok(())
+        } else {
+            let mut needed: Vec<&str> = roles.to_vec();
+            needed.push(ADMIN);
+            Err(Problem::forbidden(format!(
+                "this operation needs one of the roles: {}",
+                needed.join(", ")
+            )))
+        }
+    }
+
+    pub fn has(&self, role: &str) -> bool {
+        self.caller.roles.iter().any(|r| r == role)
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, Problem> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| Problem::unauthenticated("missing Authorization: Bearer token"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Problem::unauthenticated("malformed Authorization header"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| Problem::unauthenticated("malformed Authorization header"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(Problem::unauthenticated(
+            "the Authorization scheme must be Bearer",
+        ));
+    }
+    Ok(token.trim())
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let token = bearer(parts)?;
+        let claims = state.tokens.verify(token)?;
+        if state.limits.is_revoked(&claims.jti).await {
+            metrics::counter!("gateway_auth_failures_total", "reason" => "revoked").increment(1);
+            return Err(Problem::unauthenticated("the access token was revoked"));
+        }
+        let span = tracing::Span::current();
+        span.record("user", claims.sub.as_str());
+        if let Some(d) = &claims.device {
+            span.record("device", d.as_str());
+        }
+        let mut subjects = vec![Subject::User(&claims.sub)];
+        if let Some(d) = &claims.device {
+            subjects.push(Subject::Device(d));
+        }
+        state.limits.hit(&subjects).await?;
+        let caller = claims.caller();
+        Ok(Self { claims, caller })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> Tokens {
+        Tokens::new(b"0123456789abcdef0123456789abcdef", "mes-gateway", 900)
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_carry_the_binding() {
+        let t = tokens();
+        let (tok, claims) = t
+            .issue(
+                "op1",
+                vec!["operator".into()],
+                Some("TAB-10".into()),
+                Some("ST-10".into()),
+            )
+            .unwrap();
+        let back = t.verify(&tok).unwrap();
+        assert_eq!(back, claims);
+        assert_eq!(back.caller().station.as_deref(), Some("ST-10"));
+    }
+
+    #[test]
+    fn other_algorithms_and_secrets_are_refused() {
+        let t = tokens();
+        let (_, claims) = t.issue("op1", vec!["operator".into()], None, None).unwrap();
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &key).unwrap();
+        assert!(t.verify(&hs512).is_err());
+        let other = EncodingKey::from_secret(b"another-secret-another-secret-xx");
+        let forged = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &other).unwrap();
+        assert!(t.verify(&forged).is_err());
+        assert!(t.verify("not.a.token").is_err());
+        assert!(t.verify("").is_err());
+    }
+
+    #[tokio::test]
+    async fn passwords_hash_and_verify() {
+        let h = hash_password("demo-op1".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("demo-op1".into(), h.clone()).await);
+        assert!(!verify_password("wrong".into(), h).await);
+        assert!(!verify_password("x".into(), dummy_hash().await.unwrap()).await);
+        assert!(!verify_password("x".into(), "garbage".into()).await);
+    }
+}

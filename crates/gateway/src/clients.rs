@@ -1,0 +1,147 @@
+//! gRPC clients of the three services: lazy channels with a short connect timeout (a service
+//! that is down answers at once), the trace context on every call, and the caller identity in
+//! the metadata.
+
+use std::time::{Duration, Instant};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tracing::Instrument;
+
+use mes_common::grpc::TracePropagation;
+use mes_common::identity::Caller;
+use mes_proto::v1::erp_sync_client::ErpSyncClient;
+use mes_proto::v1::scan_ingest_client::ScanIngestClient;
+use mes_proto::v1::trace_query_client::TraceQueryClient;
+
+use crate::problem::{self, Problem};
+
+pub type Traced = InterceptedService<Channel, TracePropagation>;
+
+pub const SCAN_INGEST: &str = "scan-ingest";
+pub const TRACE_QUERY: &str = "trace-query";
+pub const ERP_SYNC: &str = "erp-sync";
+
+#[derive(Clone)]
+pub struct Backends {
+    scan_ingest: Channel,
+    trace_query: Channel,
+    erp_sync: Channel,
+    retry_after: u64,
+}
+
+impl Backends {
+    pub fn new(settings: &crate::Settings) -> anyhow::Result<Self> {
+        let connect = Duration::from_millis(settings.grpc_connect_timeout_ms);
+        let request = Duration::from_millis(settings.grpc_request_timeout_ms);
+        let ch = |url: &str| mes_common::grpc::channel(url, connect, request);
+        Ok(Self {
+            scan_ingest: ch(&settings.scan_ingest_url)?,
+            trace_query: ch(&settings.trace_query_url)?,
+            erp_sync: ch(&settings.erp_sync_url)?,
+            retry_after: settings.retry_after_seconds,
+        })
+    }
+
+    pub fn scan_ingest(&self) -> ScanIngestClient<Traced> {
+        ScanIngestClient::new(InterceptedService::new(
+            self.scan_ingest.clone(),
+            TracePropagation,
+        ))
+    }
+
+    pub fn trace_query(&self) -> TraceQueryClient<Traced> {
+        TraceQueryClient::new(InterceptedService::new(
+            self.trace_query.clone(),
+            TracePropagation,
+        ))
+    }
+
+    pub fn erp_sync(&self) -> ErpSyncClient<Traced> {
+        ErpSyncClient::new(InterceptedService::new(
+            self.erp_sync.clone(),
+            TracePropagation,
+        ))
+    }
+
+    fn channel_of(&self, service: &str) -> Option<Channel> {
+        match service {
+            SCAN_INGEST => Some(self.scan_ingest.clone()),
+            TRACE_QUERY => Some(self.trace_query.clone()),
+            ERP_SYNC => Some(self.erp_sync.clone()),
+            _ => None,
+        }
+    }
+
+    /// Runs one call in a `grpc.client` span (so the trace context flows on), with the caller
+    /// identity in the metadata; a non-OK status becomes a problem.
+    pub async fn call<M, R, F, Fut>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        caller: &Caller,
+        message: M,
+        f: F,
+    ) -> Result<R, Problem>
+    where
+        F: FnOnce(tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %format!("{service}/{method}"),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        let start = Instant::now();
+        let mut request = tonic::Request::new(message);
+        caller.write_to(request.metadata_mut());
+        let result = f(request).instrument(span.clone()).await;
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        span.record("rpc.grpc.status_code", code as i32);
+        metrics::histogram!("grpc_client_request_duration_seconds",
+            "service" => service, "method" => method, "code" => format!("{code:?}"))
+        .record(start.elapsed().as_secs_f64());
+        let _g = span.enter();
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|status| problem::from_status(service, &status, self.retry_after))
+    }
+
+    /// grpc.health.v1 Check of a service: `Ok(latency)` when SERVING.
+    pub async fn health(&self, service: &str, timeout: Duration) -> Result<Duration, String> {
+        let channel = self
+            .channel_of(service)
+            .ok_or_else(|| "unknown service".to_owned())?;
+        let mut client = HealthClient::new(InterceptedService::new(channel, TracePropagation));
+        let start = Instant::now();
+        let check = client.check(HealthCheckRequest {
+            service: String::new(),
+        });
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(res)) => {
+                let status = res.into_inner().status();
+                if status == ServingStatus::Serving {
+                    Ok(start.elapsed())
+                } else {
+                    Err(status.as_str_name().to_lowercase())
+                }
+            }
+            Ok(Err(status)) => Err(match status.code() {
+                tonic::Code::Unavailable => "unreachable".to_owned(),
+                tonic::Code::DeadlineExceeded => "no answer in time".to_owned(),
+                c => format!("health check failed ({c:?})"),
+            }),
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The gateway's settings: defaults, then the optional TOML file, then `MES_` / `MES_GATEWAY_`
+//! environment variables (see [`mes_common::config`]). Lists in the environment use figment's
+//! array syntax: `MES_GATEWAY_CORS_ALLOWED_ORIGINS='[https://tablet.example, http://localhost:5173]'`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use mes_common::ServiceSettings;
+
+/// A secret string: serialised as is (figment needs it), never printed by `Debug`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("Secret(<empty>)")
+        } else {
+            f.write_str("Secret(<redacted>)")
+        }
+    }
+}
+
+impl Secret {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    #[serde(flatten)]
+    pub service: ServiceSettings,
+    /// gRPC URL of scan-ingest.
+    pub scan_ingest_url: String,
+    /// gRPC URL of trace-query.
+    pub trace_query_url: String,
+    /// gRPC URL of erp-sync.
+    pub erp_sync_url: String,
+    /// HS256 signing secret of access tokens (at least 32 bytes). Required unless demo mode is
+    /// on; in demo mode an empty secret is replaced by a random per-process one.
+    pub jwt_secret: Secret,
+    /// `iss` and `aud` of the access tokens.
+    pub jwt_issuer: String,
+    /// Lifetime of an access token.
+    pub token_ttl_seconds: u64,
+    /// Origins allowed by CORS (exact match, e.g. `https://tablets.plant.example`).
+    pub cors_allowed_origins: Vec<String>,
+    /// Requests per minute per authenticated user, shared by every replica through Redis.
+    pub rate_limit_per_minute_user: u32,
+    /// Requests per minute per enrolled device, shared by every replica through Redis.
+    pub rate_limit_per_minute_device: u32,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Whole-request timeout.
+    pub request_timeout_ms: u64,
+    /// TCP connect timeout to a service: a service that is down answers 503 at once.
+    pub grpc_connect_timeout_ms: u64,
+    /// Per-call timeout of a gRPC call to a service.
+    pub grpc_request_timeout_ms: u64,
+    /// Timeout of each probe of `GET /api/v1/health` and `/readyz`.
+    pub health_timeout_ms: u64,
+    /// `Retry-After` seconds sent with 503 `unavailable`.
+    pub retry_after_seconds: u64,
+    /// After a shutdown signal, how long `/readyz` answers 503 before the listener closes
+    /// (lets load balancers notice); then in-flight requests drain.
+    pub shutdown_readiness_delay_ms: u64,
+    /// Disk space below which the `disk` health component is `degraded`.
+    pub disk_min_free_bytes: u64,
+}
+
+impl Settings {
+    pub fn defaults() -> Self {
+        Self {
+            service: ServiceSettings::defaults_for("gateway"),
+            scan_ingest_url: "http://127.0.0.1:50051".into(),
+            trace_query_url: "http://127.0.0.1:50052".into(),
+            erp_sync_url: "http://127.0.0.1:50053".into(),
+            jwt_secret: Secret::default(),
+            jwt_issuer: "mes-gateway".into(),
+            token_ttl_seconds: 900,
+            cors_allowed_origins: Vec::new(),
+            rate_limit_per_minute_user: 600,
+            rate_limit_per_minute_device: 600,
+            max_body_bytes: 1024 * 1024,
+            request_timeout_ms: 15_000,
+            grpc_connect_timeout_ms: 1_000,
+            grpc_request_timeout_ms: 10_000,
+            health_timeout_ms: 1_000,
+            retry_after_seconds: 2,
+            shutdown_readiness_delay_ms: 0,
+            disk_min_free_bytes: 1024 * 1024 * 1024,
+        }
+    }
+
+    /// Loads the settings (defaults → file → environment); [`Settings::validate`] runs when
+    /// the server is built (admin commands need no JWT secret).
+    pub fn load() -> anyhow::Result<Self> {
+        mes_common::config::load("gateway", &Self::defaults())
+    }
+
+    /// Rejects settings the gateway cannot run safely with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !self.service.demo {
+            anyhow::ensure!(
+                !self.jwt_secret.is_empty(),
+                "jwt_secret is required (MES_GATEWAY_JWT_SECRET) unless demo mode is on"
+            );
+        }
+        anyhow::ensure!(
+            self.jwt_secret.is_empty() || self.jwt_secret.expose().len() >= 32,
+            "jwt_secret must be at least 32 bytes"
+        );
+        anyhow::ensure!(self.token_ttl_seconds > 0, "token_ttl_seconds must be > 0");
+        anyhow::ensure!(self.max_body_bytes > 0, "max_body_bytes must be > 0");
+        anyhow::ensure!(
+            self.rate_limit_per_minute_user > 0 && self.rate_limit_per_minute_device > 0,
+            "rate limits must be > 0"
+        );
+        for origin in &self.cors_allowed_origins {
+            anyhow::ensure!(
+                http::HeaderValue::from_str(origin).is_ok() && origin != "*",
+                "cors_allowed_origins: {origin:?} is not an exact origin"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_in_demo_mode_only() {
+        let mut s = Settings::defaults();
+        assert!(s.validate().is_err(), "no secret outside demo mode");
+        s.service.demo = true;
+        s.validate().unwrap();
+        s.jwt_secret = Secret("short".into());
+        assert!(s.validate().is_err());
+        s.jwt_secret = Secret("x".repeat(32));
+        s.service.demo = false;
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let mut s = Settings::defaults();
+        s.jwt_secret = Secret("super-secret-value-of-32-bytes-or-more".into());
+        assert!(!format!("{s:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ports() {
+        let s = Settings::defaults();
+        assert_eq!(s.service.listen_addr, "0.0.0.0:8080");
+        assert_eq!(s.scan_ingest_url, "http://127.0.0.1:50051");
+        assert_eq!(s.trace_query_url, "http://127.0.0.1:50052");
+        assert_eq!(s.erp_sync_url, "http://127.0.0.1:50053");
+        assert_eq!(s.token_ttl_seconds, 900);
+        assert_eq!(s.max_body_bytes, 1024 * 1024);
+    }
+}

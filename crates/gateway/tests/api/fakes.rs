@@ -1,0 +1,220 @@
+//! Small real gRPC servers with canned answers, standing in for the services.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use mes_proto::v1 as pb;
+use pb::scan_ingest_server::{ScanIngest, ScanIngestServer};
+use prost::Message as _;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// What a fake saw of one call.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: &'static str,
+    pub user: Option<String>,
+    pub roles: Option<String>,
+    pub station: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeScanIngest {
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl FakeScanIngest {
+    fn record<T>(&self, method: &'static str, req: &Request<T>) {
+        let md = req.metadata();
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(Seen {
+                method,
+                user: get("x-mes-user"),
+                roles: get("x-mes-roles"),
+                station: get("x-mes-station"),
+                traceparent: get("traceparent"),
+            });
+        }
+    }
+
+    pub fn calls(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+fn bad_request(field: &str, description: &str) -> Status {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RpcStatus {
+        #[prost(int32, tag = "1")]
+        code: i32,
+        #[prost(string, tag = "2")]
+        message: String,
+        #[prost(message, repeated, tag = "3")]
+        details: Vec<prost_types::Any>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct BadRequest {
+        #[prost(message, repeated, tag = "1")]
+        field_violations: Vec<FieldViolation>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct FieldViolation {
+        #[prost(string, tag = "1")]
+        field: String,
+        #[prost(string, tag = "2")]
+        description: String,
+    }
+    let br = BadRequest {
+        field_violations: vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }],
+    };
+    let st = RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message: "invalid request".into(),
+        details: vec![prost_types::Any {
+            type_url: "type.googleapis.com/google.rpc.BadRequest".into(),
+            value: br.encode_to_vec(),
+        }],
+    };
+    Status::with_details(
+        tonic::Code::InvalidArgument,
+        "invalid request",
+        st.encode_to_vec().into(),
+    )
+}
+
+#[tonic::async_trait]
+impl ScanIngest for FakeScanIngest {
+    async fn submit_scans(
+        &self,
+        request: Request<pb::SubmitScansRequest>,
+    ) -> Result<Response<pb::SubmitScansResponse>, Status> {
+        self.record("SubmitScans", &request);
+        let results = request
+            .into_inner()
+            .scans
+            .into_iter()
+            .map(|s| {
+                if s.lot == "HELD-1" {
+                    pb::ScanResult {
+                        scan_id: s.scan_id,
+                        status: pb::ScanStatus::Rejected as i32,
+                        error: Some(pb::ScanError {
+                            code: "lot_on_hold".into(),
+                            message: "lot HELD-1 is on hold".into(),
+                        }),
+                    }
+                } else {
+                    pb::ScanResult {
+                        scan_id: s.scan_id,
+                        status: pb::ScanStatus::Accepted as i32,
+                        error: None,
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SubmitScansResponse { results }))
+    }
+
+    async fn get_work_order(
+        &self,
+        request: Request<pb::GetWorkOrderRequest>,
+    ) -> Result<Response<pb::WorkOrder>, Status> {
+        self.record("GetWorkOrder", &request);
+        let number = request.into_inner().number;
+        if number != "WO-1000" {
+            return Err(Status::not_found(format!("work order {number} not found")));
+        }
+        Ok(Response::new(pb::WorkOrder {
+            number,
+            material: "FRAME-200".into(),
+            planned_quantity: "10".into(),
+            status: "released".into(),
+            operations: vec![pb::Operation {
+                step: 10,
+                station: "ST-10".into(),
+                description: "welding".into(),
+                status: "pending".into(),
+                good_quantity: "0".into(),
+                scrap_quantity: "0".into(),
+            }],
+            components: vec![pb::Component {
+                material: "STEEL-500".into(),
+                quantity_per_unit: "2.5".into(),
+            }],
+            produced_quantity: "0".into(),
+            scrap_quantity: "0".into(),
+            updated_at: None,
+        }))
+    }
+
+    async fn list_work_orders(
+        &self,
+        request: Request<pb::ListWorkOrdersRequest>,
+    ) -> Result<Response<pb::ListWorkOrdersResponse>, Status> {
+        self.record("ListWorkOrders", &request);
+        if request.get_ref().cursor == "bad" {
+            return Err(bad_request("cursor", "is not a valid cursor"));
+        }
+        if request.get_ref().cursor == "slow" {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
+        if request.get_ref().cursor == "boom" {
+            return Err(Status::internal("relation \"work_orders\" does not exist"));
+        }
+        Ok(Response::new(pb::ListWorkOrdersResponse {
+            items: vec![],
+            next_cursor: String::new(),
+        }))
+    }
+}
+
+/// A running fake scan-ingest (with gRPC health SERVING); stops when dropped.
+pub struct FakeServer {
+    pub url: String,
+    pub fake: FakeScanIngest,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn start_scan_ingest() -> FakeServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let fake = FakeScanIngest::default();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<ScanIngestServer<FakeScanIngest>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let svc = ScanIngestServer::new(fake.clone());
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    FakeServer {
+        url: format!("http://{addr}"),
+        fake,
+        stop: Some(tx),
+    }
+}

@@ -1,0 +1,12 @@
+//! Black-box tests of the gateway: one binary, each test starts its own gateway with
+//! `spawn_app()` against a fresh database and a unique Redis prefix.
+
+mod auth;
+mod backends;
+mod edge;
+mod fakes;
+mod helpers;
+mod input;
+mod limits;
+mod operations;
+mod rbac;

@@ -1,0 +1,118 @@
+//! Operational endpoints, the OpenAPI document, graceful shutdown.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn liveness_readiness_and_metrics() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/healthz", None).await.status(), 200);
+    assert_eq!(app.get("/readyz", None).await.status(), 200);
+    let _ = app.get("/api/v1/nope", None).await;
+    let res = app.get("/metrics", None).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("http_server_requests_total"), "{text}");
+    assert!(
+        text.contains("http_server_request_duration_seconds"),
+        "{text}"
+    );
+    assert!(text.contains("route=\"/healthz\""), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_is_3_1_and_covers_every_route_and_error() {
+    let app = spawn_app().await;
+    let res = app.get("/openapi.json", None).await;
+    assert_eq!(res.status(), 200);
+    let doc: Value = res.json().await.unwrap();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/api/v1/auth/token",
+        "/api/v1/auth/logout",
+        "/api/v1/scans",
+        "/api/v1/scans/{scan_id}",
+        "/api/v1/scans/{scan_id}/void",
+        "/api/v1/work-orders",
+        "/api/v1/work-orders/{number}",
+        "/api/v1/work-orders/{number}/summary",
+        "/api/v1/lots/{lot}",
+        "/api/v1/lots/{lot}/hold",
+        "/api/v1/lots/{lot}/release",
+        "/api/v1/lots/{lot}/genealogy",
+        "/api/v1/lots/{lot}/history",
+        "/api/v1/reports/production",
+        "/api/v1/erp/status",
+        "/api/v1/erp/sync",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/api/v1/health",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    for schema in [
+        "ProblemBody",
+        "FieldError",
+        "ScanBatch",
+        "ScanResults",
+        "WorkOrder",
+        "Lot",
+        "Genealogy",
+    ] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().expect("operationId").to_owned();
+            assert!(ids.insert(id), "duplicate operationId at {method} {path}");
+            let responses = op["responses"].as_object().unwrap();
+            assert!(responses.contains_key("500"), "{method} {path}");
+            if op["security"].as_array().is_some_and(|s| !s.is_empty()) {
+                assert!(
+                    responses.contains_key("401") && responses.contains_key("429"),
+                    "{method} {path}"
+                );
+            }
+            for (status, r) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert!(
+                        r["content"]["application/problem+json"].is_object(),
+                        "{method} {path} {status}"
+                    );
+                }
+                assert!(
+                    r["headers"]["x-trace-id"].is_object(),
+                    "{method} {path} {status}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_turns_false_first_on_shutdown_then_the_server_stops() {
+    let mut settings = test_settings();
+    settings.shutdown_readiness_delay_ms = 1_500;
+    let mut app = spawn_with(settings).await;
+    assert_eq!(app.get("/readyz", None).await.status(), 200);
+    app.shutdown.trigger();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let res = app.get("/readyz", None).await;
+    assert_problem(res, 503, "unavailable").await;
+    assert_eq!(app.get("/healthz", None).await.status(), 200);
+    app.stop().await;
+    let refused = app.client.get(app.url("/healthz")).send().await;
+    assert!(refused.is_err(), "the listener is closed after draining");
+}
