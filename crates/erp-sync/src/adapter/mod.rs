@@ -1,0 +1,109 @@
+//! The ERP side of erp-sync: one trait, one implementation per ERP.
+//!
+//! An adapter maps its ERP's documents to the MES's records (checked against the inbound
+//! contract, see [`crate::contract`]) and posts production confirmations with an idempotency
+//! key, so that a retried post has its effect once on the ERP side.
+//!
+//! - [`file`]: the embedded default — a plant in a JSON file, confirmations appended to a
+//!   JSON-lines file — so the whole system runs without an ERP.
+
+pub mod file;
+
+use std::sync::Arc;
+
+use crate::config::ErpSettings;
+use crate::contract::{Checked, Drift};
+use crate::domain::{Confirmation, ErpQuantities, Material, ReceivedLot, Station, WorkOrder};
+
+/// What one pull of one entity returned.
+#[derive(Debug, Clone)]
+pub struct Pulled<T> {
+    /// Every record the ERP returned, each checked against the contract.
+    pub items: Vec<Checked<T>>,
+    /// Departures of the document as a whole (a missing section, an unknown top-level key).
+    pub notes: Vec<Drift>,
+    /// The ERP's position after this pull, to pass as `since` next time (`None`: no cursor).
+    pub cursor: Option<String>,
+}
+
+/// The result of posting a confirmation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posted {
+    /// The ERP took it now.
+    New,
+    /// The ERP already had this idempotency key: nothing changed there.
+    AlreadyThere,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// The ERP cannot be reached or failed: retry later.
+    #[error("erp unavailable: {0}")]
+    Unavailable(String),
+    /// The ERP did not answer in time: retry later (idempotency keys make that safe).
+    #[error("erp call timed out after {0} ms")]
+    Timeout(u64),
+    /// The ERP refused the request itself: retrying the same request cannot help.
+    #[error("erp rejected the request: {0}")]
+    Rejected(String),
+    /// The ERP's answer as a whole does not follow the contract (e.g. not JSON).
+    #[error("erp document unreadable: {0}")]
+    Unreadable(String),
+}
+
+impl AdapterError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AdapterError::Unavailable(_) | AdapterError::Timeout(_)
+        )
+    }
+}
+
+/// One ERP. Pulls return every record changed since `since` (the cursor the previous pull
+/// returned; `None` for a full pull) with the ERP's new cursor.
+#[async_trait::async_trait]
+pub trait ErpAdapter: Send + Sync {
+    /// The adapter's name (`file`, `tryton`, `rest`).
+    fn name(&self) -> &'static str;
+
+    /// Checks that the ERP answers.
+    async fn ping(&self) -> Result<(), AdapterError>;
+
+    async fn pull_materials(&self, since: Option<&str>) -> Result<Pulled<Material>, AdapterError>;
+
+    async fn pull_stations(&self, since: Option<&str>) -> Result<Pulled<Station>, AdapterError>;
+
+    async fn pull_received_lots(
+        &self,
+        since: Option<&str>,
+    ) -> Result<Pulled<ReceivedLot>, AdapterError>;
+
+    async fn pull_work_orders(
+        &self,
+        since: Option<&str>,
+    ) -> Result<Pulled<WorkOrder>, AdapterError>;
+
+    /// Posts a production confirmation; the ERP applies one key once.
+    async fn post_confirmation(
+        &self,
+        confirmation: &Confirmation,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError>;
+
+    /// The ERP's books, for reconciliation: confirmed good quantity per work order, and on-hand
+    /// quantity per received lot.
+    async fn quantities(&self) -> Result<ErpQuantities, AdapterError>;
+}
+
+/// The adapter named in the settings.
+pub fn from_settings(settings: &ErpSettings) -> anyhow::Result<Arc<dyn ErpAdapter>> {
+    match settings.adapter.as_str() {
+        "file" => Ok(Arc::new(file::FileAdapter::new(
+            &settings.plant_file,
+            &settings.outbox_file,
+        ))),
+        other => anyhow::bail!("unknown erp adapter {other:?} (known: file)"),
+    }
+}

@@ -1,0 +1,124 @@
+//! erp-sync settings: the common ones, the MES it feeds, and the ERP it talks to.
+
+use mes_common::ServiceSettings;
+use serde::{Deserialize, Serialize};
+
+pub const SERVICE: &str = "erp-sync";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    #[serde(flatten)]
+    pub service: ServiceSettings,
+    /// scan-ingest: master-data upserts and the event feed (`MES_ERP_SYNC_SCAN_INGEST_URL`).
+    pub scan_ingest_url: String,
+    /// Timeout of one call to scan-ingest, in milliseconds.
+    pub scan_ingest_timeout_ms: u64,
+    /// This replica's name in logs and in the `pull_runs` table (default: `$HOSTNAME` plus a
+    /// random suffix, so replicas of one pod template differ).
+    pub instance_id: String,
+    /// How often a replica that is not the scheduler tries to become it, in milliseconds.
+    pub leader_retry_ms: u64,
+    /// The ERP side (`[erp-sync.erp]` in the TOML file, `MES_ERP_SYNC_ERP__<KEY>` variables).
+    pub erp: ErpSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErpSettings {
+    /// Which adapter talks to the ERP: `file` (the embedded default, no ERP needed).
+    pub adapter: String,
+    /// File adapter: the plant (materials, stations, lots, work orders) as JSON.
+    pub plant_file: String,
+    /// File adapter: confirmations are appended here as JSON lines, once per idempotency key.
+    pub outbox_file: String,
+    /// Seconds between two scheduled pulls (0: only at start-up and on demand).
+    pub pull_interval_seconds: u64,
+    /// Timeout of one call to the ERP, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// First retry delay of a failed delivery, in milliseconds (doubles each attempt, with jitter).
+    pub retry_initial_ms: u64,
+    /// Longest retry delay of a failed delivery, in milliseconds.
+    pub retry_max_ms: u64,
+    /// Consecutive failed calls that open the circuit breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long the breaker stays open before one trial call (half-open), in milliseconds.
+    pub breaker_open_ms: u64,
+    /// Seconds between two scheduled reconciliations (0: only on demand).
+    pub reconcile_interval_seconds: u64,
+}
+
+impl Default for ErpSettings {
+    fn default() -> Self {
+        Self {
+            adapter: "file".into(),
+            plant_file: "deploy/demo/plant.json".into(),
+            outbox_file: "var/erp-confirmations.jsonl".into(),
+            pull_interval_seconds: 60,
+            call_timeout_ms: 5_000,
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
+            breaker_failure_threshold: 5,
+            breaker_open_ms: 30_000,
+            reconcile_interval_seconds: 3_600,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.trim().is_empty())
+            .unwrap_or_else(|| SERVICE.into());
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            service: ServiceSettings::defaults_for(SERVICE),
+            scan_ingest_url: "http://127.0.0.1:50051".into(),
+            scan_ingest_timeout_ms: 10_000,
+            instance_id: format!("{host}-{}", &suffix[..8]),
+            leader_retry_ms: 5_000,
+            erp: ErpSettings::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults → optional TOML → `MES_` / `MES_ERP_SYNC_` environment.
+    pub fn load() -> anyhow::Result<Self> {
+        mes_common::config::load(SERVICE, &Self::default())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn erp_settings_come_from_nested_environment_keys() {
+        Jail::expect_with(|jail| {
+            let s = Settings::load().expect("defaults load");
+            assert_eq!(s.service.listen_addr, "0.0.0.0:50053");
+            assert_eq!(s.service.metrics_addr, "0.0.0.0:9093");
+            assert_eq!(
+                s.service.database_url,
+                "postgres://postgres@127.0.0.1:5432/mes_erp_sync"
+            );
+            assert_eq!(s.scan_ingest_url, "http://127.0.0.1:50051");
+            assert_eq!(s.erp.adapter, "file");
+            assert_eq!(s.erp.plant_file, "deploy/demo/plant.json");
+            assert_eq!(s.erp.outbox_file, "var/erp-confirmations.jsonl");
+            assert_eq!(s.erp.pull_interval_seconds, 60);
+
+            jail.set_env("MES_ERP_SYNC_SCAN_INGEST_URL", "http://si:1");
+            jail.set_env("MES_ERP_SYNC_ERP__PLANT_FILE", "/plant.json");
+            jail.set_env("MES_ERP_SYNC_ERP__PULL_INTERVAL_SECONDS", "5");
+            let s = Settings::load().expect("env loads");
+            assert_eq!(s.scan_ingest_url, "http://si:1");
+            assert_eq!(s.erp.plant_file, "/plant.json");
+            assert_eq!(s.erp.pull_interval_seconds, 5);
+            assert_eq!(s.erp.outbox_file, "var/erp-confirmations.jsonl");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,227 @@
+//! erp-sync: the anti-corruption layer between the ERP and the MES.
+//!
+//! Inbound, it pulls materials, stations, received lots and work orders from the ERP, checks
+//! them against the contract (bad records go to a dead-letter table) and upserts them into
+//! scan-ingest. Outbound, it follows scan-ingest's event feed, queues a production
+//! confirmation when an operation completes, and delivers the queue to the ERP exactly once
+//! on the ERP side, behind retries and a circuit breaker.
+//!
+//! - [`domain`]: the records moved in and out, and how a confirmation is built.
+//! - [`contract`]: the inbound contract check (interface-drift monitoring).
+//! - [`adapter`]: the `ErpAdapter` trait and its implementations (`file`).
+//! - [`mes`]: the scan-ingest client (master-data upserts, event feed).
+//! - [`pull`]: the inbound sync; [`outbound`]: feed → outbox; [`delivery`]: outbox → ERP;
+//!   [`breaker`]: circuit breaker and backoff.
+//! - [`reconcile`]: compares MES and ERP quantities.
+//! - [`scheduler`]: the advisory lock that lets one replica run those jobs.
+//! - [`store`]: SQL of erp-sync's own database (migrations in `migrations/`).
+//! - [`api`]: the gRPC surface (`ErpSync`).
+
+pub mod adapter;
+pub mod api;
+pub mod breaker;
+pub mod config;
+pub mod contract;
+pub mod delivery;
+pub mod domain;
+pub mod error;
+pub mod mes;
+pub mod outbound;
+pub mod pull;
+pub mod reconcile;
+pub mod scheduler;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mes_common::cache::Redis;
+use mes_common::health::Probe;
+use mes_common::{Shutdown, db, grpc};
+use mes_proto::v1::erp_sync_server::ErpSyncServer;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::Settings;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// What every request handler and job shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub redis: Redis,
+    pub settings: Arc<Settings>,
+    pub adapter: Arc<dyn adapter::ErpAdapter>,
+    pub mes: mes::Mes,
+    pub puller: Arc<pull::Puller>,
+    pub reconciler: Arc<reconcile::Reconciler>,
+    pub breaker: Arc<Mutex<breaker::Breaker>>,
+    /// Woken when confirmations were queued.
+    pub outbox_wake: Arc<Notify>,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    state: AppState,
+}
+
+impl Application {
+    /// Creates and migrates the database, connects Redis, builds the adapter and the
+    /// scan-ingest client (lazily) and binds the listeners (port 0 picks a free port).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        mes_common::metrics::install();
+        let s = &settings.service;
+        let pool = db::prepare(
+            &s.database_url,
+            s.database_max_connections,
+            &MIGRATOR,
+            Duration::from_secs(60),
+        )
+        .await?;
+        let redis = Redis::connect(&s.redis_url, &s.redis_prefix, Duration::from_secs(2)).await?;
+        let adapter = adapter::from_settings(&settings.erp)?;
+        let mes = mes::Mes::new(
+            &settings.scan_ingest_url,
+            Duration::from_millis(settings.scan_ingest_timeout_ms.max(1)),
+        )?;
+        let puller = Arc::new(pull::Puller::new(
+            pool.clone(),
+            adapter.clone(),
+            mes.clone(),
+            settings.instance_id.clone(),
+            Duration::from_millis(settings.erp.call_timeout_ms.max(1)),
+        ));
+        let reconciler = Arc::new(reconcile::Reconciler::new(
+            pool.clone(),
+            adapter.clone(),
+            mes.clone(),
+            settings.instance_id.clone(),
+            Duration::from_millis(settings.erp.call_timeout_ms.max(1)),
+        ));
+        let breaker = Arc::new(Mutex::new(breaker::Breaker::new(
+            settings.erp.breaker_failure_threshold,
+            Duration::from_millis(settings.erp.breaker_open_ms),
+        )));
+        let listener = grpc::bind(&s.listen_addr).await?;
+        let metrics_listener = if s.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(grpc::bind(&s.metrics_addr).await?)
+        };
+        Ok(Self {
+            listener,
+            metrics_listener,
+            state: AppState {
+                pool,
+                redis,
+                settings: Arc::new(settings),
+                adapter,
+                mes,
+                puller,
+                reconciler,
+                breaker,
+                outbox_wake: Arc::new(Notify::new()),
+            },
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` fires, then stops the jobs and drains in-flight requests.
+    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            metrics_listener,
+            state,
+        } = self;
+        let settings = state.settings.clone();
+        tracing::info!(addr = %listener.local_addr()?, instance = %settings.instance_id,
+            adapter = state.adapter.name(), "erp-sync listening");
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let pool = state.pool.clone();
+        let redis = state.redis.clone();
+        let erp = state.adapter.clone();
+        let probes = vec![
+            Probe::new("database", true, move || {
+                let pool = pool.clone();
+                async move { db::ping(&pool).await }
+            }),
+            // Redis and the ERP are reported, but neither decides readiness: an ERP outage
+            // only fills the outbox.
+            Probe::new("redis", false, move || {
+                let redis = redis.clone();
+                async move { redis.ping().await }
+            }),
+            Probe::new("erp", false, move || {
+                let erp = erp.clone();
+                async move {
+                    let start = std::time::Instant::now();
+                    erp.ping().await?;
+                    Ok(start.elapsed())
+                }
+            }),
+        ];
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(mes_common::health::watch(
+            reporter,
+            vec!["mes.v1.ErpSync"],
+            probes,
+            Duration::from_secs(2),
+            shutdown.clone(),
+        ));
+        tasks.spawn(scheduler::run(state.clone(), shutdown.clone()));
+        let pool = state.pool.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                db::record_pool_metrics(&pool);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.wait() => return,
+                }
+            }
+        });
+        if let Some(l) = metrics_listener {
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = mes_common::metrics::serve(l, stop).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            });
+        }
+
+        let api = api::Api::new(state.clone());
+        let result = grpc::server("erp-sync")
+            .add_service(health_service)
+            .add_service(grpc::reflection()?)
+            .add_service(ErpSyncServer::new(api))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
+            .await;
+        shutdown.trigger();
+        let drain = Duration::from_secs(settings.service.shutdown_grace_seconds);
+        let _ =
+            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+        state.redis.quit().await;
+        state.pool.close().await;
+        tracing::info!("erp-sync stopped");
+        Ok(result?)
+    }
+}

@@ -1,0 +1,310 @@
+//! Outbound state: the feed cursor, the production scans of open operations and the outbox.
+//!
+//! Events are applied in one transaction together with the cursor that covers them, so each
+//! event takes effect exactly once however often the feed is replayed.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{self, Completion, ProductionKind, ProductionLine};
+
+/// What an event of the feed means for erp-sync.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// A produce, consume or scrap scan of a work order.
+    Production {
+        scan_id: Uuid,
+        work_order: String,
+        /// 0 when the scan did not name it (then its station decides).
+        operation: i32,
+        station: String,
+        line: ProductionLine,
+        operator: String,
+        scanned_at: DateTime<Utc>,
+    },
+    /// An operation was completed: its confirmation is due.
+    Completed(Completion),
+    /// A scan was voided.
+    Voided { original: Uuid },
+    /// Nothing for erp-sync.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedEvent {
+    pub position: i64,
+    pub traceparent: String,
+    pub fact: Fact,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("feed gap: expected position {expected}, got {got}")]
+    Gap { expected: i64, got: i64 },
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The result of applying a batch of events.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The cursor after the batch.
+    pub position: i64,
+    /// Confirmations queued.
+    pub confirmations: usize,
+    /// Voids of scans already confirmed to the ERP (not corrected there).
+    pub late_voids: usize,
+}
+
+pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
+}
+
+/// Applies `events` (in position order) and moves the cursor, in one transaction. Events at
+/// or before the stored cursor are skipped (a replay); a hole in the positions is refused.
+pub async fn apply(
+    pool: &PgPool,
+    consumer: &str,
+    events: &[FeedEvent],
+) -> Result<Applied, ApplyError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .execute(&mut *tx)
+    .await?;
+    let start: i64 =
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE")
+            .bind(consumer)
+            .fetch_one(&mut *tx)
+            .await?;
+    let mut applied = Applied {
+        position: start,
+        ..Default::default()
+    };
+    for e in events {
+        if e.position <= applied.position {
+            continue;
+        }
+        if e.position != applied.position + 1 {
+            return Err(ApplyError::Gap {
+                expected: applied.position + 1,
+                got: e.position,
+            });
+        }
+        match &e.fact {
+            Fact::Production {
+                scan_id,
+                work_order,
+                operation,
+                station,
+                line,
+                operator,
+                scanned_at,
+            } => {
+                sqlx::query(
+                    "INSERT INTO production_scans (scan_id, position, work_order, operation, station, kind,
+                         lot, material, quantity, operator, scanned_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (scan_id) DO NOTHING",
+                )
+                .bind(scan_id)
+                .bind(e.position)
+                .bind(work_order)
+                .bind(operation)
+                .bind(station)
+                .bind(line.kind.as_str())
+                .bind(&line.lot)
+                .bind(&line.material)
+                .bind(line.quantity)
+                .bind(operator)
+                .bind(scanned_at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Fact::Completed(completion) => {
+                if queue_confirmation(&mut tx, completion, e.position, &e.traceparent).await? {
+                    applied.confirmations += 1;
+                }
+            }
+            Fact::Voided { original } => {
+                let confirmed: Option<Option<String>> = sqlx::query_scalar(
+                    "UPDATE production_scans SET voided = true WHERE scan_id = $1
+                     RETURNING confirmation_key",
+                )
+                .bind(original)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(Some(key)) = confirmed {
+                    tracing::warn!(scan_id = %original, confirmation = %key,
+                        "a scan already confirmed to the erp was voided; the erp keeps the confirmed quantity");
+                    applied.late_voids += 1;
+                }
+            }
+            Fact::Other => {}
+        }
+        applied.position = e.position;
+    }
+    if applied.position != start {
+        sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
+            .bind(consumer)
+            .bind(applied.position)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Marks the operation's unconfirmed scans (those before the completion in the feed) as
+/// confirmed and queues their confirmation. Returns false when it was queued before (a feed
+/// replayed from an older cursor): then nothing changes.
+async fn queue_confirmation(
+    tx: &mut Transaction<'_, Postgres>,
+    completion: &Completion,
+    position: i64,
+    traceparent: &str,
+) -> Result<bool, sqlx::Error> {
+    let key = completion.idempotency_key();
+    let queued: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE idempotency_key = $1)")
+            .bind(&key)
+            .fetch_one(&mut **tx)
+            .await?;
+    if queued {
+        return Ok(false);
+    }
+    // Scans that named the operation, and those that named none at the operation's station.
+    let rows = sqlx::query(
+        "UPDATE production_scans SET confirmation_key = $4
+         WHERE work_order = $1 AND confirmation_key IS NULL AND NOT voided AND position < $5
+           AND (operation = $2 OR (operation = 0 AND station = $3))
+         RETURNING kind, lot, material, quantity",
+    )
+    .bind(&completion.work_order)
+    .bind(completion.operation as i32)
+    .bind(&completion.station)
+    .bind(&key)
+    .bind(position)
+    .fetch_all(&mut **tx)
+    .await?;
+    let lines: Vec<ProductionLine> = rows
+        .iter()
+        .filter_map(|r| {
+            Some(ProductionLine {
+                kind: ProductionKind::parse(r.get::<&str, _>("kind"))?,
+                lot: r.get("lot"),
+                material: r.get("material"),
+                quantity: r.get::<Decimal, _>("quantity"),
+            })
+        })
+        .collect();
+    let confirmation = domain::build_confirmation(completion, &lines);
+    let payload = serde_json::to_value(&confirmation).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    sqlx::query(
+        "INSERT INTO outbox (idempotency_key, work_order, operation, payload, traceparent)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&key)
+    .bind(&completion.work_order)
+    .bind(completion.operation as i32)
+    .bind(payload)
+    .bind(traceparent)
+    .execute(&mut **tx)
+    .await?;
+    tracing::info!(work_order = %completion.work_order, operation = completion.operation,
+        idempotency_key = %key, good = %confirmation.good_quantity,
+        scrap = %confirmation.scrap_quantity, "confirmation queued");
+    Ok(true)
+}
+
+/// A queued confirmation.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub idempotency_key: String,
+    pub payload: Value,
+    pub traceparent: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+/// The oldest pending confirmation (delivery is in queue order).
+pub async fn next_pending(pool: &PgPool) -> Result<Option<OutboxRow>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, idempotency_key, payload, traceparent, attempts, next_attempt_at
+         FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| OutboxRow {
+        id: r.get("id"),
+        idempotency_key: r.get("idempotency_key"),
+        payload: r.get("payload"),
+        traceparent: r.get("traceparent"),
+        attempts: r.get("attempts"),
+        next_attempt_at: r.get("next_attempt_at"),
+    }))
+}
+
+pub async fn mark_delivered(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE outbox SET status = 'delivered', delivered_at = now(), attempts = attempts + 1,
+             last_error = '' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The ERP refused the confirmation itself: it leaves the queue (kept for inspection).
+pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = $2 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A transient failure: try again at `next_attempt_at`.
+pub async fn reschedule(
+    pool: &PgPool,
+    id: i64,
+    next_attempt_at: DateTime<Utc>,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(next_attempt_at)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Pending confirmations and the age of the oldest, in seconds.
+pub async fn depth(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT count(*) AS n,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) AS oldest
+         FROM outbox WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.get("n"), row.get("oldest")))
+}

@@ -1,0 +1,600 @@
+//! Black-box tests of erp-sync: each starts a real scan-ingest and one or more erp-sync
+//! instances in-process on :0, against fresh databases that are dropped at the end.
+
+mod support;
+
+use std::time::Duration;
+
+use mes_proto::v1 as pb;
+use serde_json::{Value, json};
+use support::{ErpOptions, TestEnv, admin, operator, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_plant_lands_in_scan_ingest_and_a_second_pull_changes_nothing() {
+    let env = TestEnv::new().await;
+    let erp = env.spawn_erp_sync(ErpOptions::default()).await;
+    erp.wait_for_successful_pulls(1).await;
+    support::assert_serving_with_reflection(&erp).await;
+
+    let mut si = env.scan_ingest_client();
+    let wo = si
+        .get_work_order(pb::GetWorkOrderRequest {
+            number: "WO-1001".into(),
+        })
+        .await
+        .expect("WO-1001 upserted")
+        .into_inner();
+    assert_eq!(wo.operations.len(), 2);
+    assert_eq!(wo.components.len(), 3);
+    assert_eq!(wo.material, "BIKE-100");
+    let lot = si
+        .get_lot(pb::GetLotRequest {
+            lot: "STEEL-L1".into(),
+        })
+        .await
+        .expect("STEEL-L1 upserted")
+        .into_inner();
+    assert_eq!(lot.origin.as_ref().unwrap().supplier_lot, "AS-7781");
+    assert_eq!(lot.quantity_on_hand, "100");
+    let cancelled = si
+        .get_work_order(pb::GetWorkOrderRequest {
+            number: "WO-1002".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.status, "cancelled");
+
+    // The second pull: every record is reported unchanged by scan-ingest.
+    let mut client = erp.client();
+    let r = client
+        .trigger_pull(admin(pb::TriggerPullRequest {}))
+        .await
+        .expect("admin may trigger a pull")
+        .into_inner();
+    assert!(r.started);
+    assert_eq!(r.upserted, 0);
+    let (created, updated, unchanged, rejected): (i32, i32, i32, i32) = sqlx::query_as(
+        "SELECT created, updated, unchanged, rejected FROM pull_runs
+         WHERE trigger = 'manual' AND status = 'succeeded' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!((created, updated, unchanged, rejected), (0, 0, 15, 0));
+
+    let status = client
+        .get_status(pb::GetErpStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.adapter, "file");
+    let mut entities: Vec<&String> = status.last_pull.keys().collect();
+    entities.sort();
+    assert_eq!(entities, ["lots", "materials", "stations", "work_orders"]);
+    assert_eq!(status.breaker, "closed");
+    assert_eq!(status.dead_letters, 0);
+    assert_eq!(status.queue_depth, 0);
+    assert_eq!(status.erp_reachable, "up");
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drifted_records_go_to_dead_letters_while_the_rest_syncs() {
+    let env = TestEnv::new().await;
+    let mut plant = support::demo_plant();
+    // A work order without its material, a lot whose quantity is a JSON number, an unknown
+    // field, and a well-formed work order that scan-ingest refuses (unknown material).
+    plant["work_orders"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("material");
+    plant["lots"][1]["quantity"] = json!(100);
+    plant["materials"][0]["colour"] = json!("grey");
+    plant["work_orders"].as_array_mut().unwrap().push(json!({
+        "number": "WO-1900", "material": "NO-SUCH-MATERIAL", "planned_quantity": "1",
+        "status": "released", "operations": [{"step": 10, "station": "ST-10"}], "components": []
+    }));
+    let plant_file = env.write_file("plant.json", &plant);
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            plant_file: Some(plant_file),
+            ..Default::default()
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    let mut dead: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT entity, record_key, kind, reason FROM dead_letters ORDER BY entity, record_key",
+    )
+    .fetch_all(&erp.pool)
+    .await
+    .unwrap();
+    dead.sort();
+    let summary: Vec<(&str, &str, &str)> = dead
+        .iter()
+        .map(|(e, k, kind, _)| (e.as_str(), k.as_str(), kind.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("lots", "STEEL-L2", "wrong_type"),
+            ("work_orders", "WO-1001", "missing_field"),
+            ("work_orders", "WO-1900", "rejected_by_mes"),
+        ]
+    );
+    assert!(dead[0].3.contains("quantity"), "{}", dead[0].3);
+    assert!(dead[1].3.contains("material"), "{}", dead[1].3);
+    let payload: Value =
+        sqlx::query_scalar("SELECT payload FROM dead_letters WHERE record_key = 'STEEL-L2'")
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        payload["quantity"],
+        json!(100),
+        "the payload is kept as received"
+    );
+
+    // The unknown field is noted without rejecting its record.
+    let noted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contract_drift
+         WHERE entity = 'materials' AND kind = 'unknown_field' AND field = 'colour'",
+    )
+    .fetch_one(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!(noted, 1);
+    let metrics = mes_common::metrics::install().render();
+    assert!(
+        metrics.contains(r#"erp_contract_drift_total{entity="work_orders",kind="missing_field"}"#),
+        "{metrics}"
+    );
+
+    // Everything else synced.
+    let mut si = env.scan_ingest_client();
+    assert!(
+        si.get_work_order(pb::GetWorkOrderRequest {
+            number: "WO-1000".into()
+        })
+        .await
+        .is_ok()
+    );
+    assert!(
+        si.get_lot(pb::GetLotRequest {
+            lot: "STEEL-L1".into()
+        })
+        .await
+        .is_ok()
+    );
+    // (STEEL-L1 needs STEEL-500, the material with the unknown field: it synced too.)
+    for missing in ["WO-1001", "WO-1900"] {
+        let err = si
+            .get_work_order(pb::GetWorkOrderRequest {
+                number: missing.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{missing}");
+    }
+    let err = si
+        .get_lot(pb::GetLotRequest {
+            lot: "STEEL-L2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // A later pull sees the same bad records again: counted, not duplicated.
+    erp.client()
+        .trigger_pull(admin(pb::TriggerPullRequest {}))
+        .await
+        .unwrap();
+    let (rows, occurrences): (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(occurrences)::bigint FROM dead_letters")
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!((rows, occurrences), (3, 6));
+    let status = erp
+        .client()
+        .get_status(pb::GetErpStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.dead_letters, 3);
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_pull_needs_the_admin_role() {
+    let env = TestEnv::new().await;
+    let erp = env.spawn_erp_sync(ErpOptions::default()).await;
+    let mut client = erp.client();
+    let err = client
+        .trigger_pull(operator(pb::TriggerPullRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = client
+        .trigger_pull(pb::TriggerPullRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let manual: i64 = sqlx::query_scalar("SELECT count(*) FROM pull_runs WHERE trigger = 'manual'")
+        .fetch_one(&erp.pool)
+        .await
+        .unwrap();
+    assert_eq!(manual, 0, "a refused trigger starts nothing");
+    assert!(
+        client
+            .trigger_pull(admin(pb::TriggerPullRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .started
+    );
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_instances_only_one_runs_the_scheduled_pull() {
+    let env = TestEnv::new().await;
+    let options = ErpOptions {
+        pull_interval_seconds: 1,
+        ..Default::default()
+    };
+    let a = env.spawn_erp_sync(options.clone()).await;
+    let b = env.spawn_erp_sync(options.clone()).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    let runners: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT instance, count(*) FROM pull_runs WHERE trigger IN ('startup', 'scheduled')
+         GROUP BY instance",
+    )
+    .fetch_all(&a.pool)
+    .await
+    .unwrap();
+    assert_eq!(runners.len(), 1, "one scheduler at a time: {runners:?}");
+    let (leader, runs) = runners[0].clone();
+    assert!(
+        runs >= 3,
+        "startup and scheduled pulls every second: {runs}"
+    );
+    assert!(leader == a.instance || leader == b.instance);
+
+    // When the scheduler stops, the other instance takes over.
+    let (gone, stays) = if leader == a.instance { (a, b) } else { (b, a) };
+    gone.stop().await;
+    let took_over = wait_for(Duration::from_secs(10), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pull_runs WHERE instance = $1 AND status = 'succeeded'",
+        )
+        .bind(&stays.instance)
+        .fetch_one(&stays.pool)
+        .await
+        .unwrap_or(0);
+        n >= 2
+    })
+    .await;
+    assert!(took_over, "the second instance took over the schedule");
+    stays.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_operation_is_confirmed_once_in_the_erp_across_restarts() {
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("erp/confirmations.jsonl");
+    let options = ErpOptions {
+        outbox_file: Some(outbox_file.clone()),
+        ..Default::default()
+    };
+    let first = env.spawn_erp_sync(options.clone()).await;
+    first.wait_for_successful_pulls(1).await;
+
+    let mut si = env.scan_ingest_client();
+    let scans = vec![
+        support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+        support::Scan::new(pb::ScanKind::Consume, "WO-1000", 10, "ST-10")
+            .lot("STEEL-L1")
+            .quantity("25")
+            .build(),
+        support::Scan::new(pb::ScanKind::Produce, "WO-1000", 10, "ST-10")
+            .lot("FRAME-L1")
+            .material("FRAME-200")
+            .quantity("10")
+            .build(),
+    ];
+    support::submit_all(&mut si, scans).await;
+    // erp-sync has seen the production scans...
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM production_scans")
+                .fetch_one(&first.pool)
+                .await
+                .unwrap_or(0)
+                == 2
+        })
+        .await
+    );
+    // ...and stops before the operation completes.
+    first.stop().await;
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let complete_id = complete.scan_id.clone();
+    support::submit_all(&mut si, vec![complete]).await;
+
+    let second = env.spawn_erp_sync(options.clone()).await;
+    let key = format!("WO-1000:10:{complete_id}");
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            support::lines_with_key(&outbox_file, &key).len() == 1
+        })
+        .await,
+        "the confirmation reached the erp"
+    );
+    let line = support::lines_with_key(&outbox_file, &key).remove(0);
+    assert_eq!(line["type"], "production_confirmation");
+    assert_eq!(line["work_order"], "WO-1000");
+    assert_eq!(line["operation"], 10);
+    assert_eq!(line["good_quantity"], "10");
+    assert_eq!(line["scrap_quantity"], "0");
+    assert_eq!(
+        line["consumed_lots"],
+        json!([{"lot": "STEEL-L1", "material": "STEEL-500", "quantity": "25"}])
+    );
+    assert_eq!(
+        line["produced_lots"],
+        json!([{"lot": "FRAME-L1", "material": "FRAME-200", "quantity": "10"}])
+    );
+    assert_eq!(line["completed_by"], "op1");
+
+    // A crash between the post and its bookkeeping, and a full replay of the feed: the
+    // confirmation is posted again, and the erp still has it once.
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, String>("SELECT status FROM outbox")
+                .fetch_one(&second.pool)
+                .await
+                .is_ok_and(|s| s == "delivered")
+        })
+        .await
+    );
+    second.stop().await;
+    sqlx::query("UPDATE outbox SET status = 'pending', delivered_at = NULL")
+        .execute(&env.erp_pool().await)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE feed_cursor SET position = 0")
+        .execute(&env.erp_pool().await)
+        .await
+        .unwrap();
+    let third = env.spawn_erp_sync(options).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            let (pending, cursor): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM outbox WHERE status <> 'delivered'),
+                        (SELECT position FROM feed_cursor WHERE consumer = 'erp-sync')",
+            )
+            .fetch_one(&third.pool)
+            .await
+            .unwrap_or((1, 0));
+            pending == 0 && cursor > 0
+        })
+        .await
+    );
+    // Let the replayed feed reach its end before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&third.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox_rows, 1, "a replayed feed queues nothing twice");
+    assert_eq!(support::lines_with_key(&outbox_file, &key).len(), 1);
+    assert_eq!(support::all_lines(&outbox_file).len(), 1);
+    let delivered_again: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE status = 'delivered' AND attempts = 2",
+    )
+    .fetch_one(&third.pool)
+    .await
+    .unwrap();
+    assert_eq!(delivered_again, 1);
+
+    third.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_outage_opens_the_breaker_and_the_queue_drains_when_it_returns() {
+    let env = TestEnv::new().await;
+    // The "ERP" is down: the outbox file's directory cannot be created (a file is in the way).
+    let blocker = env.path("down");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let outbox_file = blocker.join("confirmations.jsonl");
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            outbox_file: Some(outbox_file.clone()),
+            breaker_failure_threshold: 2,
+            breaker_open_ms: 300,
+            retry_ms: (20, 100),
+            ..Default::default()
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+    let mut si = env.scan_ingest_client();
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let key = format!("WO-1000:10:{}", complete.scan_id);
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            complete,
+        ],
+    )
+    .await;
+
+    let mut client = erp.client();
+    let mut seen_open = false;
+    for _ in 0..100 {
+        let s = client
+            .get_status(pb::GetErpStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.breaker == "open" {
+            assert_eq!(s.queue_depth, 1);
+            seen_open = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen_open, "failed posts open the breaker");
+    let (attempts, last_error): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM outbox")
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert!(attempts >= 2);
+    assert!(last_error.contains("unavailable"), "{last_error}");
+    let metrics = mes_common::metrics::install().render();
+    assert!(metrics.contains("erp_breaker_state"), "{metrics}");
+    assert!(metrics.contains("erp_outbox_depth"), "{metrics}");
+
+    // The ERP comes back: the queue drains, once.
+    std::fs::remove_file(&blocker).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            support::lines_with_key(&outbox_file, &key).len() == 1
+        })
+        .await
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            let s = erp
+                .client()
+                .get_status(pb::GetErpStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            s.breaker == "closed" && s.queue_depth == 0
+        })
+        .await
+    );
+    assert_eq!(support::all_lines(&outbox_file).len(), 1);
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_reports_production_the_erp_has_not_seen_yet() {
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("confirmations.jsonl");
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            outbox_file: Some(outbox_file.clone()),
+            ..Default::default()
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+    let mut client = erp.client();
+    let err = client
+        .reconcile(operator(pb::ReconcileRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let clean = client
+        .reconcile(admin(pb::ReconcileRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(clean.differences, 0, "{:?}", clean.details);
+
+    let mut si = env.scan_ingest_client();
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            support::Scan::new(pb::ScanKind::Consume, "WO-1000", 10, "ST-10")
+                .lot("STEEL-L1")
+                .quantity("25")
+                .build(),
+            support::Scan::new(pb::ScanKind::Produce, "WO-1000", 10, "ST-10")
+                .lot("FRAME-L1")
+                .quantity("10")
+                .build(),
+        ],
+    )
+    .await;
+    // Produced and consumed in the MES, not confirmed to the ERP yet.
+    let open = client
+        .reconcile(admin(pb::ReconcileRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut details: Vec<(String, String, String, String)> = open
+        .details
+        .iter()
+        .map(|d| {
+            (
+                d.entity.clone(),
+                d.key.clone(),
+                d.mes_quantity.clone(),
+                d.erp_quantity.clone(),
+            )
+        })
+        .collect();
+    details.sort();
+    assert_eq!(
+        details,
+        [
+            ("lot".into(), "STEEL-L1".into(), "75".into(), "100".into()),
+            (
+                "work_order".into(),
+                "WO-1000".into(),
+                "10".into(),
+                "0".into()
+            ),
+        ]
+    );
+
+    // Once the operation is confirmed to the ERP, the books agree.
+    support::submit_all(
+        &mut si,
+        vec![support::scan(
+            pb::ScanKind::CompleteOperation,
+            "WO-1000",
+            10,
+            "ST-10",
+        )],
+    )
+    .await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            !support::all_lines(&outbox_file).is_empty()
+        })
+        .await
+    );
+    let agreed = client
+        .reconcile(admin(pb::ReconcileRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agreed.differences, 0, "{:?}", agreed.details);
+    let status = client
+        .get_status(pb::GetErpStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let last = status.last_reconciliation.expect("last reconciliation");
+    assert_eq!(last.differences, 0);
+    assert_eq!(last.at, agreed.at);
+
+    erp.stop().await;
+    env.stop().await;
+}
