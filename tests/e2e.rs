@@ -222,6 +222,31 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
     assert_eq!(stored["status"], "active", "{stored}");
     assert_eq!(stored["quantity"], "25", "{stored}");
 
+    // Step 4: the confirmation of WO-1000 reaches the file adapter's outbound file, once.
+    let mut confirmations = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&sys.outbox).unwrap_or_default();
+        confirmations = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["work_order"] == "WO-1000")
+            .collect();
+        if !confirmations.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        confirmations.len(),
+        1,
+        "WO-1000 confirmations: {confirmations:?}"
+    );
+    assert_eq!(
+        confirmations[0]["good_quantity"], "10",
+        "{}",
+        confirmations[0]
+    );
+
     // A cancelled order rejects scans; a station-bound token cannot scan elsewhere.
     let closed = post_scans(
         &sys,
@@ -294,8 +319,9 @@ async fn every_service_answers_health_and_reflection() {
         "database",
         "redis",
     ] {
-        assert_eq!(body["components"][c]["status"], "ok", "{c}: {body}");
+        assert_eq!(body["components"][c]["status"], "up", "{c}: {body}");
     }
+    assert_eq!(body["status"], "ok", "{body}");
 }
 
 async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {

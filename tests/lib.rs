@@ -135,19 +135,16 @@ fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the service binaries once per test process (a no-op when they are fresh).
+/// The service binaries must be built first (`make test` runs `cargo build --workspace --bins`).
 fn ensure_binaries() {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(root).args(["build", "--bins"]);
-        for s in SERVICES {
-            cmd.args(["-p", s]);
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building the service binaries failed");
-    });
+    for s in SERVICES {
+        let path = bin_dir().join(s);
+        assert!(
+            path.exists(),
+            "{} is missing: build the services first (`cargo build --workspace --bins`, as `make test` does)",
+            path.display()
+        );
+    }
 }
 
 impl System {

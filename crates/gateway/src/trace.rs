@@ -131,8 +131,12 @@ pub async fn layer(State(cfg): State<HttpLayer>, req: Request, next: Next) -> Re
         let _g = span.enter();
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), route = %route, "request failed");
-        } else {
+        } else if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
             tracing::debug!(status = status.as_u16(), route = %route, "request served");
+        } else {
+            // The access log: one line per request, carrying its trace id.
+            let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(status = status.as_u16(), route = %route, method = %method, latency_ms, "request served");
         }
     }
     let headers = res.headers_mut();

@@ -92,6 +92,13 @@ where
                 let code_name = format!("{:?}", tonic::Code::from_i32(code));
                 tracing::Span::current().record("rpc.grpc.status_code", code);
                 if !quiet {
+                    // The access log: one line per call, carrying its trace id.
+                    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+                    if code == 0 {
+                        tracing::info!(code = %code_name, latency_ms, "rpc served");
+                    } else {
+                        tracing::warn!(code = %code_name, latency_ms, "rpc failed");
+                    }
                     metrics::counter!("grpc_server_requests_total", "service" => service, "method" => method.clone(), "code" => code_name)
                         .increment(1);
                     metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method)
