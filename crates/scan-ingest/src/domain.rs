@@ -450,6 +450,8 @@ pub struct World {
 pub struct Applied {
     /// The material of the scan's lot (or the order's output material).
     pub material: String,
+    /// The routing step the scan was booked on (resolved from the station when not given).
+    pub operation: i32,
 }
 
 impl World {
@@ -498,7 +500,7 @@ impl World {
             Some(resolve_operation(wo, scan)?)
         };
 
-        match scan.kind {
+        let outcome = match scan.kind {
             Kind::StartOperation => {
                 let op = &self.work_orders[&scan.work_order].operations[&step.unwrap_or_default()];
                 if op.status == "completed" {
@@ -512,6 +514,7 @@ impl World {
                 mark_started(wo);
                 Ok(Applied {
                     material: wo.material.clone(),
+                    operation: 0,
                 })
             }
             Kind::CompleteOperation => {
@@ -530,6 +533,7 @@ impl World {
                 }
                 Ok(Applied {
                     material: wo.material.clone(),
+                    operation: 0,
                 })
             }
             Kind::Consume => {
@@ -580,7 +584,10 @@ impl World {
                 lot.dirty = true;
                 let wo = self.with_op(scan, step, |_| {});
                 mark_started(wo);
-                Ok(Applied { material })
+                Ok(Applied {
+                    material,
+                    operation: 0,
+                })
             }
             Kind::Produce => {
                 let q = scan.quantity.unwrap_or_default();
@@ -657,7 +664,10 @@ impl World {
                 wo.produced += q;
                 wo.dirty = true;
                 mark_started(wo);
-                Ok(Applied { material: output })
+                Ok(Applied {
+                    material: output,
+                    operation: 0,
+                })
             }
             Kind::Scrap => {
                 let q = scan.quantity.unwrap_or_default();
@@ -682,7 +692,10 @@ impl World {
                 wo.scrap += q;
                 wo.dirty = true;
                 mark_started(wo);
-                Ok(Applied { material })
+                Ok(Applied {
+                    material,
+                    operation: 0,
+                })
             }
             Kind::Move => {
                 let q = scan.quantity.unwrap_or_default();
@@ -700,7 +713,10 @@ impl World {
                 if step.is_some() {
                     mark_started(self.with_op(scan, step, |_| {}));
                 }
-                Ok(Applied { material })
+                Ok(Applied {
+                    material,
+                    operation: 0,
+                })
             }
             Kind::Inspect => {
                 let Some(lot) = self.lots.get(&scan.lot).filter(|l| !l.is_new || l.dirty) else {
@@ -710,13 +726,20 @@ impl World {
                 if step.is_some() {
                     mark_started(self.with_op(scan, step, |_| {}));
                 }
-                Ok(Applied { material })
+                Ok(Applied {
+                    material,
+                    operation: 0,
+                })
             }
             Kind::Void => reject(
                 "invalid_kind",
                 "void scans are created by the void operation",
             ),
-        }
+        };
+        outcome.map(|a| Applied {
+            operation: step.unwrap_or(scan.operation),
+            ..a
+        })
     }
 
     fn usable_lot(&self, lot: &str) -> Result<&LotState, Rejection> {

@@ -797,7 +797,8 @@ async fn the_feed_never_skips_or_repeats_an_event_that_commits_late() {
 async fn scan_events_reach_the_feed_with_their_payload() {
     let app = spawn_app().await;
     load_demo_plant(&app).await;
-    let s = with_lot(scan(K::Consume, "WO-1000", 10, "ST-10"), "STEEL-L1", "25");
+    // No operation named: it is resolved from the station and published.
+    let s = with_lot(scan(K::Consume, "WO-1000", 0, "ST-10"), "STEEL-L1", "25");
     accepted(&app.submit(vec![s.clone()]).await);
     let mut stream = app
         .feed_client()
@@ -816,7 +817,9 @@ async fn scan_events_reach_the_feed_with_their_payload() {
             .unwrap();
         if let Some(pb::event::Payload::ScanAccepted(a)) = e.payload {
             let stored = a.scan.unwrap();
-            assert_eq!(stored.scan.unwrap().scan_id, s.scan_id);
+            let published = stored.scan.unwrap();
+            assert_eq!(published.scan_id, s.scan_id);
+            assert_eq!(published.operation, 10);
             assert_eq!(stored.material, "STEEL-500");
             assert_eq!(stored.operator, "op1");
             break;

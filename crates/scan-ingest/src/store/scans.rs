@@ -29,6 +29,7 @@ pub struct Request {
 struct Accepted<'a> {
     input: &'a ScanInput,
     material: String,
+    operation: i32,
     request: &'a Request,
 }
 
@@ -133,6 +134,7 @@ async fn try_submit(
                     accepted.push(Accepted {
                         input: s,
                         material: applied.material,
+                        operation: applied.operation,
                         request,
                     });
                     results.push(result(id, pb::ScanStatus::Accepted, None));
@@ -157,7 +159,11 @@ async fn try_submit(
             .iter()
             .map(|a| {
                 let tp = &a.request.traceparent;
-                let stored = stored_scan(a.input, &a.material, &a.request.caller, received_at, tp);
+                let mut stored =
+                    stored_scan(a.input, &a.material, &a.request.caller, received_at, tp);
+                if let Some(scan) = stored.scan.as_mut() {
+                    scan.operation = a.operation as u32;
+                }
                 let mut e = events::event(
                     "scan.accepted",
                     pb::event::Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) }),
@@ -394,7 +400,7 @@ async fn insert_scans(
         ids.push(s.scan_id);
         kinds.push(s.kind.as_str().to_owned());
         wos.push(s.work_order.clone());
-        ops.push(s.operation);
+        ops.push(a.operation);
         stations.push(s.station.clone());
         lots.push(s.lot.clone());
         materials.push(a.material.clone());
