@@ -19,6 +19,7 @@ pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod propagation;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mes_common::cache::Redis;
-use mes_common::health::Probe;
 use mes_common::{Shutdown, db, grpc};
 use mes_proto::v1::{
     event_feed_server::EventFeedServer, master_data_server::MasterDataServer,
@@ -124,26 +123,16 @@ impl Application {
         tracing::info!(addr = %listener.local_addr()?, "scan-ingest listening");
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let pool = state.pool.clone();
-        let redis = state.redis.clone();
-        let probes = vec![
-            Probe::new("database", true, move || {
-                let pool = pool.clone();
-                async move { db::ping(&pool).await }
-            }),
-            Probe::new("redis", false, move || {
-                let redis = redis.clone();
-                async move { redis.ping().await }
-            }),
-        ];
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(mes_common::health::watch(
+        mes_common::service::spawn_common_tasks(
+            &mut tasks,
             reporter,
             vec!["mes.v1.ScanIngest", "mes.v1.MasterData", "mes.v1.EventFeed"],
-            probes,
-            Duration::from_secs(2),
-            shutdown.clone(),
-        ));
+            mes_common::service::core_probes(&state.pool, &state.redis),
+            &state.pool,
+            metrics_listener,
+            &shutdown,
+        );
         tasks.spawn(state.feed.clone().run_sequencer(
             Duration::from_millis(settings.sequencer_interval_ms),
             shutdown.clone(),
@@ -156,25 +145,6 @@ impl Application {
                 shutdown.clone(),
             ));
         }
-        let pool = state.pool.clone();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            loop {
-                db::record_pool_metrics(&pool);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.wait() => return,
-                }
-            }
-        });
-        if let Some(l) = metrics_listener {
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = mes_common::metrics::serve(l, stop).await {
-                    tracing::error!(error = %e, "metrics endpoint failed");
-                }
-            });
-        }
 
         let api = api::Api::new(state.clone(), shutdown.clone());
         let result = grpc::server("scan-ingest")
@@ -185,12 +155,8 @@ impl Application {
             .add_service(EventFeedServer::new(api))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
             .await;
-        shutdown.trigger();
-        let drain = Duration::from_secs(settings.service.shutdown_grace_seconds);
-        let _ =
-            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
-        state.redis.quit().await;
-        state.pool.close().await;
+        let grace = Duration::from_secs(settings.service.shutdown_grace_seconds);
+        mes_common::service::stop(tasks, grace, &shutdown, &state.redis, &state.pool).await;
         tracing::info!("scan-ingest stopped");
         Ok(result?)
     }
