@@ -24,7 +24,9 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErpSettings {
-    /// Which adapter talks to the ERP: `file` (the embedded default, no ERP needed).
+    /// Which adapter talks to the ERP: `file` (the embedded default, no ERP needed), `rest`
+    /// (the generic REST/JSON contract, `deploy/erp/rest-adapter.openapi.yaml`) or `tryton`
+    /// (Tryton 8.2 over JSON-RPC).
     pub adapter: String,
     /// File adapter: the plant (materials, stations, lots, work orders) as JSON.
     pub plant_file: String,
@@ -44,6 +46,42 @@ pub struct ErpSettings {
     pub breaker_open_ms: u64,
     /// Seconds between two scheduled reconciliations (0: only on demand).
     pub reconcile_interval_seconds: u64,
+    /// REST adapter: the bridge's base URL (`{base}/materials`, `{base}/confirmations`, ...).
+    pub rest_base_url: String,
+    /// REST adapter: bearer token (empty: no `Authorization` header). Set it from the
+    /// environment (`MES_ERP_SYNC_ERP__REST_TOKEN`) or a mounted secret, never in a TOML file.
+    pub rest_token: Secret,
+    /// Tryton adapter: the server (`{url}/{database}/rpc/`).
+    pub tryton_url: String,
+    /// Tryton adapter: the database name.
+    pub tryton_database: String,
+    /// Tryton adapter: the login.
+    pub tryton_user: String,
+    /// Tryton adapter: the password (environment or secret only:
+    /// `MES_ERP_SYNC_ERP__TRYTON_PASSWORD`).
+    pub tryton_password: Secret,
+    /// Tryton adapter: the company id put in every call's context (0: the user's company).
+    pub tryton_company: i64,
+    /// Tryton adapter: base Tryton has no stations; every production order gets one operation
+    /// (step 10) at this station, which the adapter also reports as the only station.
+    pub tryton_station: String,
+}
+
+/// A secret setting: read like any other, never shown by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
 }
 
 impl Default for ErpSettings {
@@ -59,6 +97,14 @@ impl Default for ErpSettings {
             breaker_failure_threshold: 5,
             breaker_open_ms: 30_000,
             reconcile_interval_seconds: 3_600,
+            rest_base_url: "http://127.0.0.1:8070/erp/v1".into(),
+            rest_token: Secret::default(),
+            tryton_url: "http://127.0.0.1:8000".into(),
+            tryton_database: "tryton".into(),
+            tryton_user: "admin".into(),
+            tryton_password: Secret::default(),
+            tryton_company: 0,
+            tryton_station: "TRYTON-PROD".into(),
         }
     }
 }
@@ -118,6 +164,16 @@ mod tests {
             assert_eq!(s.erp.plant_file, "/plant.json");
             assert_eq!(s.erp.pull_interval_seconds, 5);
             assert_eq!(s.erp.outbox_file, "var/erp-confirmations.jsonl");
+
+            jail.set_env("MES_ERP_SYNC_ERP__ADAPTER", "rest");
+            jail.set_env("MES_ERP_SYNC_ERP__REST_TOKEN", "s3cret");
+            let s = Settings::load().expect("env loads");
+            assert_eq!(s.erp.adapter, "rest");
+            assert_eq!(s.erp.rest_token.expose(), "s3cret");
+            assert!(
+                !format!("{s:?}").contains("s3cret"),
+                "secrets stay out of logs"
+            );
             Ok(())
         });
     }

@@ -8,7 +8,8 @@
 //!
 //! - [`domain`]: the records moved in and out, and how a confirmation is built.
 //! - [`contract`]: the inbound contract check (interface-drift monitoring).
-//! - [`adapter`]: the `ErpAdapter` trait and its implementations (`file`).
+//! - [`adapter`]: the `ErpAdapter` trait and its implementations (`file`, `rest`, `tryton`),
+//!   chosen by `erp.adapter` at start-up.
 //! - [`mes`]: the scan-ingest client (master-data upserts, event feed).
 //! - [`pull`]: the inbound sync; [`outbound`]: feed → outbox; [`delivery`]: outbox → ERP;
 //!   [`breaker`]: circuit breaker and backoff.

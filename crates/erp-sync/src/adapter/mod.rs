@@ -6,8 +6,13 @@
 //!
 //! - [`file`]: the embedded default — a plant in a JSON file, confirmations appended to a
 //!   JSON-lines file — so the whole system runs without an ERP.
+//! - [`rest`]: the generic REST/JSON contract (`deploy/erp/rest-adapter.openapi.yaml`) that a
+//!   bridge to any ERP implements.
+//! - [`tryton`]: Tryton 8.2 over JSON-RPC.
 
 pub mod file;
+pub mod rest;
+pub mod tryton;
 
 use std::sync::Arc;
 
@@ -99,11 +104,47 @@ pub trait ErpAdapter: Send + Sync {
 
 /// The adapter named in the settings.
 pub fn from_settings(settings: &ErpSettings) -> anyhow::Result<Arc<dyn ErpAdapter>> {
+    let timeout = std::time::Duration::from_millis(settings.call_timeout_ms.max(1));
     match settings.adapter.as_str() {
         "file" => Ok(Arc::new(file::FileAdapter::new(
             &settings.plant_file,
             &settings.outbox_file,
         ))),
-        other => anyhow::bail!("unknown erp adapter {other:?} (known: file)"),
+        "rest" => Ok(Arc::new(rest::RestAdapter::new(
+            &settings.rest_base_url,
+            settings.rest_token.expose(),
+            timeout,
+        )?)),
+        "tryton" => Ok(Arc::new(tryton::TrytonAdapter::new(
+            tryton::TrytonSettings::from_erp(settings),
+            timeout,
+        )?)),
+        other => anyhow::bail!(
+            "unknown erp adapter {other:?} in erp.adapter (known: file, rest, tryton)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_adapter_comes_from_the_settings_and_unknown_names_are_refused() {
+        let mut s = ErpSettings::default();
+        assert_eq!(from_settings(&s).unwrap().name(), "file");
+        s.adapter = "rest".into();
+        assert_eq!(from_settings(&s).unwrap().name(), "rest");
+        s.adapter = "tryton".into();
+        assert_eq!(from_settings(&s).unwrap().name(), "tryton");
+        s.adapter = "sap".into();
+        let e = from_settings(&s)
+            .err()
+            .expect("unknown adapter")
+            .to_string();
+        assert!(
+            e.contains("\"sap\"") && e.contains("file, rest, tryton"),
+            "{e}"
+        );
     }
 }

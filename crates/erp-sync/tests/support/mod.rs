@@ -1,6 +1,11 @@
 //! The test harness: a real scan-ingest and erp-sync instances started in-process on :0,
 //! each test with its own databases (dropped at the end, also when the test fails) and its
 //! own Redis prefixes.
+// Shared by several test binaries: each uses a part of it.
+#![allow(dead_code)]
+
+pub mod erp_double;
+pub mod tryton;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -68,6 +73,22 @@ pub struct ErpOptions {
     pub breaker_open_ms: u64,
     /// (initial, max) retry delays in ms; (0, 0): 50 and 1000.
     pub retry_ms: (u64, u64),
+    /// Empty: `file`.
+    pub adapter: String,
+    pub rest_base_url: String,
+    pub rest_token: String,
+    /// 0: 3000.
+    pub call_timeout_ms: u64,
+    pub tryton: Option<TrytonOptions>,
+}
+
+#[derive(Clone, Default)]
+pub struct TrytonOptions {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub station: String,
 }
 
 pub struct ErpSyncApp {
@@ -157,7 +178,23 @@ impl TestEnv {
             .to_string_lossy()
             .into_owned();
         s.erp.pull_interval_seconds = options.pull_interval_seconds;
-        s.erp.call_timeout_ms = 3_000;
+        s.erp.call_timeout_ms = if options.call_timeout_ms > 0 {
+            options.call_timeout_ms
+        } else {
+            3_000
+        };
+        if !options.adapter.is_empty() {
+            s.erp.adapter = options.adapter.clone();
+        }
+        s.erp.rest_base_url = options.rest_base_url.clone();
+        s.erp.rest_token = erp_sync::config::Secret(options.rest_token.clone());
+        if let Some(t) = &options.tryton {
+            s.erp.tryton_url = t.url.clone();
+            s.erp.tryton_database = t.database.clone();
+            s.erp.tryton_user = t.user.clone();
+            s.erp.tryton_password = erp_sync::config::Secret(t.password.clone());
+            s.erp.tryton_station = t.station.clone();
+        }
         if options.breaker_failure_threshold > 0 {
             s.erp.breaker_failure_threshold = options.breaker_failure_threshold;
         }

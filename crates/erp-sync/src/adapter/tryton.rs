@@ -1,0 +1,1268 @@
+//! The `tryton` adapter: Tryton 8.2 (`production` and `stock_lot` modules) over JSON-RPC.
+//!
+//! Mapping (Tryton → MES):
+//! - materials: `product.product` of type goods — `code` → number, `name` → description,
+//!   default unit symbol → unit; tracking is `lot` (Tryton has lots, no serial numbers).
+//!   Products without a code break the contract and go to the dead letters.
+//! - stations: the base modules have none (`production_work` work centers are not used): the
+//!   adapter reports one configured station (`erp.tryton_station`) and every work order has
+//!   one operation, step 10, there.
+//! - received lots: `stock.lot` of non-producible products with their quantity in the
+//!   warehouse's storage location (lots at zero are skipped).
+//! - work orders: `production` from `waiting` on (`waiting|assigned|running` → released,
+//!   `done` → closed, `cancelled` → cancelled), components per unit from the BOM (or from the
+//!   planned input moves when the order has no BOM).
+//! - a confirmation completes the order: consumed quantities and lots on the input moves
+//!   (`wait` first when needed), `assign_try` (or `assign_force`), `run`, the output `stock.lot`
+//!   created, quantity and lot on the output moves, `do`. Each step checks the order's state,
+//!   so a post interrupted half-way is finished by the retry; an order already `done` counts
+//!   as the same confirmation (Tryton has no idempotency keys: one operation per order).
+//!   Scrap is not posted (base Tryton production has no scrap moves).
+//!
+//! Incremental pulls ask for records created or written since the cursor (the newest
+//! `create_date`/`write_date` seen, minus a few seconds of overlap: Tryton stamps the start of
+//! its transactions); upserts on the MES side are idempotent.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use reqwest::{StatusCode, Url};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use serde_json::{Value, json};
+
+use super::{AdapterError, ErpAdapter, Posted, Pulled};
+use crate::config::ErpSettings;
+use crate::contract::{self, Checked};
+use crate::domain::{Confirmation, ErpQuantities, Material, ReceivedLot, Station, WorkOrder};
+
+/// Overlap of incremental pulls (transaction-start timestamps commit late).
+const OVERLAP_SECONDS: i64 = 5;
+
+/// The single operation of a Tryton production order.
+pub const OPERATION_STEP: u32 = 10;
+
+#[derive(Debug, Clone)]
+pub struct TrytonSettings {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub company: i64,
+    pub station: String,
+}
+
+impl TrytonSettings {
+    pub fn from_erp(s: &ErpSettings) -> Self {
+        Self {
+            url: s.tryton_url.clone(),
+            database: s.tryton_database.clone(),
+            user: s.tryton_user.clone(),
+            password: s.tryton_password.expose().to_owned(),
+            company: s.tryton_company,
+            station: s.tryton_station.clone(),
+        }
+    }
+}
+
+/// A logged-in session and what the adapter learnt with it.
+#[derive(Clone)]
+struct Session {
+    /// `Session base64(user:uid:token)`.
+    authorization: String,
+    company: i64,
+    /// The first warehouse's storage location (lot quantities are counted there).
+    storage: Option<i64>,
+}
+
+/// Why one JSON-RPC exchange failed.
+enum CallError {
+    /// 401/403: the session expired or was refused: log in again.
+    Relogin,
+    Erp(AdapterError),
+}
+
+pub struct TrytonAdapter {
+    settings: TrytonSettings,
+    rpc_url: Url,
+    server_url: Url,
+    client: reqwest::Client,
+    timeout: Duration,
+    session: tokio::sync::Mutex<Option<Session>>,
+    ids: AtomicU64,
+}
+
+impl TrytonAdapter {
+    pub fn new(settings: TrytonSettings, timeout: Duration) -> anyhow::Result<Self> {
+        let base = Url::parse(&settings.url)
+            .map_err(|e| anyhow::anyhow!("erp.tryton_url {:?} is not a URL: {e}", settings.url))?;
+        if base.scheme() != "http" {
+            anyhow::bail!(
+                "erp.tryton_url must be an http:// URL (https: use a tls sidecar), not {:?}",
+                settings.url
+            );
+        }
+        if settings.database.trim().is_empty() || settings.database.contains('/') {
+            anyhow::bail!("erp.tryton_database must be a database name");
+        }
+        let root = format!("{}/", base.as_str().trim_end_matches('/'));
+        let root = Url::parse(&root)?;
+        let rpc_url = root.join(&format!("{}/rpc/", settings.database))?;
+        let server_url = root.join("rpc/")?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()?;
+        Ok(Self {
+            settings,
+            rpc_url,
+            server_url,
+            client,
+            timeout,
+            session: tokio::sync::Mutex::new(None),
+            ids: AtomicU64::new(1),
+        })
+    }
+
+    /// One JSON-RPC exchange: `{"id", "method", "params"}` → `result`.
+    async fn exchange(
+        &self,
+        url: &Url,
+        method: &str,
+        params: &Value,
+        authorization: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let mut req = self
+            .client
+            .post(url.clone())
+            .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+            .json(&json!({"id": id, "method": method, "params": params}));
+        if let Some(a) = authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| CallError::Erp(super::rest::transport_error(e, self.timeout)))?;
+        let status = resp.status();
+        let gzip = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| CallError::Erp(super::rest::transport_error(e, self.timeout)))?;
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(CallError::Relogin);
+        }
+        if !status.is_success() {
+            let msg = format!("tryton {method} answered {status}");
+            return Err(CallError::Erp(
+                if status.is_server_error()
+                    || matches!(
+                        status,
+                        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+                    )
+                {
+                    AdapterError::Unavailable(msg)
+                } else {
+                    AdapterError::Rejected(msg)
+                },
+            ));
+        }
+        let body = decode_body(&body, gzip).map_err(CallError::Erp)?;
+        let doc: Value = serde_json::from_slice(&body).map_err(|e| {
+            CallError::Erp(AdapterError::Unreadable(format!(
+                "tryton {method} did not answer JSON: {e}"
+            )))
+        })?;
+        if let Some(error) = doc.get("error").filter(|e| !e.is_null()) {
+            return Err(CallError::Erp(rpc_error(method, error)));
+        }
+        Ok(doc.get("result").cloned().unwrap_or(Value::Null))
+    }
+
+    /// Logs in: the session, the company and the storage location.
+    async fn login(&self) -> Result<Session, AdapterError> {
+        let params = json!([self.settings.user, {"password": self.settings.password}, "en"]);
+        let result = match self
+            .exchange(&self.rpc_url, "common.db.login", &params, None)
+            .await
+        {
+            Ok(r) => r,
+            // A refused login is an operations problem (wrong password): retry, set nothing aside.
+            Err(CallError::Relogin) => {
+                return Err(AdapterError::Unavailable(format!(
+                    "tryton refused the login of {:?}",
+                    self.settings.user
+                )));
+            }
+            Err(CallError::Erp(e)) => return Err(e),
+        };
+        let (uid, token) = match result.as_array().map(Vec::as_slice) {
+            Some([uid, token, ..]) if uid.is_i64() && token.is_string() => {
+                (uid.as_i64().unwrap_or(0), token.as_str().unwrap_or(""))
+            }
+            _ => {
+                return Err(AdapterError::Unavailable(format!(
+                    "tryton login of {:?} failed: {result}",
+                    self.settings.user
+                )));
+            }
+        };
+        let authorization = format!(
+            "Session {}",
+            base64(format!("{}:{uid}:{token}", self.settings.user).as_bytes())
+        );
+        let mut session = Session {
+            authorization,
+            company: self.settings.company,
+            storage: None,
+        };
+        let auth = Some(session.authorization.as_str());
+        if session.company <= 0 {
+            let prefs = self
+                .exchange(
+                    &self.rpc_url,
+                    "model.res.user.get_preferences",
+                    &json!([true, {}]),
+                    auth,
+                )
+                .await
+                .map_err(relogin_unavailable)?;
+            session.company = prefs.get("company").and_then(Value::as_i64).unwrap_or(0);
+        }
+        let ctx = context(session.company);
+        let warehouses = self
+            .exchange(
+                &self.rpc_url,
+                "model.stock.location.search_read",
+                &json!([
+                    [["type", "=", "warehouse"]],
+                    0,
+                    1,
+                    null,
+                    ["storage_location"],
+                    ctx
+                ]),
+                auth,
+            )
+            .await
+            .map_err(relogin_unavailable)?;
+        session.storage = warehouses
+            .get(0)
+            .and_then(|w| w.get("storage_location"))
+            .and_then(Value::as_i64);
+        metrics::counter!("erp_tryton_logins_total").increment(1);
+        tracing::info!(user = %self.settings.user, company = session.company, "logged in to tryton");
+        Ok(session)
+    }
+
+    async fn session(&self) -> Result<Session, AdapterError> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = self.login().await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// A model call with the session; logs in again once when the session expired.
+    async fn call(&self, method: &str, params: Value) -> Result<Value, AdapterError> {
+        for attempt in 0..2 {
+            let session = self.session().await?;
+            match self
+                .exchange(&self.rpc_url, method, &params, Some(&session.authorization))
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(CallError::Relogin) if attempt == 0 => {
+                    tracing::info!(method, "tryton session expired; logging in again");
+                    let mut guard = self.session.lock().await;
+                    if guard
+                        .as_ref()
+                        .is_some_and(|s| s.authorization == session.authorization)
+                    {
+                        *guard = None;
+                    }
+                }
+                Err(CallError::Relogin) => {
+                    return Err(AdapterError::Unavailable(format!(
+                        "tryton refused {method} after a new login"
+                    )));
+                }
+                Err(CallError::Erp(e)) => return Err(e),
+            }
+        }
+        Err(AdapterError::Unavailable(format!(
+            "tryton refused {method}"
+        )))
+    }
+
+    async fn ctx(&self) -> Result<(Value, Session), AdapterError> {
+        let s = self.session().await?;
+        Ok((context(s.company), s))
+    }
+
+    async fn search_read(
+        &self,
+        model: &str,
+        domain: Value,
+        fields: &[&str],
+        ctx: Value,
+    ) -> Result<Vec<Value>, AdapterError> {
+        let v = self
+            .call(
+                &format!("model.{model}.search_read"),
+                json!([domain, 0, null, null, fields, ctx]),
+            )
+            .await?;
+        match v {
+            Value::Array(a) => Ok(a),
+            other => Err(AdapterError::Unreadable(format!(
+                "{model}.search_read answered {}",
+                contract::type_name(&other)
+            ))),
+        }
+    }
+
+    async fn button(
+        &self,
+        model: &str,
+        button: &str,
+        id: i64,
+        ctx: &Value,
+    ) -> Result<(), AdapterError> {
+        self.call(&format!("model.{model}.{button}"), json!([[id], ctx]))
+            .await
+            .map(|_| ())
+    }
+
+    async fn write(
+        &self,
+        model: &str,
+        id: i64,
+        vals: Value,
+        ctx: &Value,
+    ) -> Result<(), AdapterError> {
+        self.call(&format!("model.{model}.write"), json!([[id], vals, ctx]))
+            .await
+            .map(|_| ())
+    }
+
+    async fn create(&self, model: &str, vals: Value, ctx: &Value) -> Result<i64, AdapterError> {
+        let v = self
+            .call(&format!("model.{model}.create"), json!([[vals], ctx]))
+            .await?;
+        v.get(0).and_then(Value::as_i64).ok_or_else(|| {
+            AdapterError::Unreadable(format!("{model}.create answered {v} instead of ids"))
+        })
+    }
+
+    /// The lot's id, created when Tryton does not know it yet.
+    async fn lot_id(&self, number: &str, product: i64, ctx: &Value) -> Result<i64, AdapterError> {
+        let found = self
+            .search_read(
+                "stock.lot",
+                json!([["number", "=", number], ["product", "=", product]]),
+                &["number"],
+                ctx.clone(),
+            )
+            .await?;
+        if let Some(id) = found
+            .first()
+            .and_then(|l| l.get("id"))
+            .and_then(Value::as_i64)
+        {
+            return Ok(id);
+        }
+        self.create(
+            "stock.lot",
+            json!({"number": number, "product": product}),
+            ctx,
+        )
+        .await
+    }
+
+    async fn production(&self, number: &str, ctx: &Value) -> Result<Value, AdapterError> {
+        let found = self
+            .search_read(
+                "production",
+                json!([["number", "=", number]]),
+                &["state", "product", "location", "warehouse.storage_location"],
+                ctx.clone(),
+            )
+            .await?;
+        found.into_iter().next().ok_or_else(|| {
+            AdapterError::Rejected(format!("tryton has no production order {number:?}"))
+        })
+    }
+
+    async fn moves(
+        &self,
+        production: i64,
+        side: &str,
+        ctx: &Value,
+    ) -> Result<Vec<Move>, AdapterError> {
+        let field = if side == "inputs" {
+            "production_input"
+        } else {
+            "production_output"
+        };
+        let rows = self
+            .search_read(
+                "stock.move",
+                json!([[field, "=", production]]),
+                &[
+                    "product",
+                    "product.code",
+                    "unit",
+                    "from_location",
+                    "to_location",
+                    "company",
+                    "unit_price",
+                    "currency",
+                    "state",
+                ],
+                ctx.clone(),
+            )
+            .await?;
+        Ok(rows.iter().filter_map(Move::from_row).collect())
+    }
+
+    /// Writes `lots` (per product code) on one side's moves: existing moves of a product get the
+    /// lots in order, more lots get new moves, moves left over are removed.
+    async fn apply_lots(
+        &self,
+        production: &Value,
+        side: &'static str,
+        lots: &BTreeMap<String, Vec<(String, Decimal)>>,
+        ctx: &Value,
+    ) -> Result<(), AdapterError> {
+        let pid = id_of(production)?;
+        let moves = self.moves(pid, side, ctx).await?;
+        let mut to_delete = Vec::new();
+        let mut to_create = Vec::new();
+        for (code, per_lot) in lots {
+            let mine: Vec<&Move> = moves.iter().filter(|m| &m.code == code).collect();
+            let product = match mine.first() {
+                Some(m) => m.product,
+                None => self.product_id(code, ctx).await?,
+            };
+            for (i, (lot, quantity)) in per_lot.iter().enumerate() {
+                let lot = if lot.is_empty() {
+                    Value::Null
+                } else {
+                    json!(self.lot_id(lot, product, ctx).await?)
+                };
+                let q = quantity.to_f64().unwrap_or(0.0);
+                match mine.get(i) {
+                    Some(m) => {
+                        self.write("stock.move", m.id, json!({"quantity": q, "lot": lot}), ctx)
+                            .await?
+                    }
+                    None => {
+                        let template = mine.first().copied().or_else(|| moves.first());
+                        let mut vals = match template {
+                            Some(t) => t.values(),
+                            None => default_move(production, side)?,
+                        };
+                        vals["product"] = json!(product);
+                        vals["quantity"] = json!(q);
+                        vals["lot"] = lot;
+                        if template.is_none_or(|t| t.product != product) {
+                            // The unit of another product may not fit: Tryton takes the default.
+                            if let Some(o) = vals.as_object_mut() {
+                                o.remove("unit");
+                            }
+                        }
+                        to_create.push(vals);
+                    }
+                }
+            }
+            to_delete.extend(mine.iter().skip(per_lot.len()).map(|m| m.id));
+        }
+        if !to_create.is_empty() || !to_delete.is_empty() {
+            let mut ops = Vec::new();
+            if !to_create.is_empty() {
+                ops.push(json!(["create", to_create]));
+            }
+            if !to_delete.is_empty() {
+                ops.push(json!(["delete", to_delete]));
+            }
+            self.write("production", pid, json!({ side: ops }), ctx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn product_id(&self, code: &str, ctx: &Value) -> Result<i64, AdapterError> {
+        let found = self
+            .search_read(
+                "product.product",
+                json!([["code", "=", code]]),
+                &["code"],
+                ctx.clone(),
+            )
+            .await?;
+        found
+            .first()
+            .and_then(|p| p.get("id"))
+            .and_then(Value::as_i64)
+            .ok_or_else(|| AdapterError::Rejected(format!("tryton has no product {code:?}")))
+    }
+
+    async fn state(&self, id: i64, ctx: &Value) -> Result<String, AdapterError> {
+        let v = self
+            .call("model.production.read", json!([[id], ["state"], ctx]))
+            .await?;
+        Ok(v.get(0)
+            .and_then(|p| p.get("state"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// The domain of records changed since the cursor (extra terms ORed in).
+    fn since_domain(since: Option<&str>, extra: &[&str]) -> Option<Value> {
+        let t = since
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())?
+            .with_timezone(&Utc)
+            - chrono::Duration::seconds(OVERLAP_SECONDS);
+        let t = tagged_datetime(t.naive_utc());
+        let mut or = vec![
+            json!("OR"),
+            json!(["write_date", ">=", t]),
+            json!(["create_date", ">=", t]),
+        ];
+        for f in extra {
+            or.push(json!([f, ">=", t]));
+        }
+        Some(Value::Array(or))
+    }
+
+    /// Records of `query` changed since the cursor, mapped to the contract's shape by `map`
+    /// (`None`: skipped) and checked by `check`.
+    async fn pull_with<T>(
+        &self,
+        query: Query<'_>,
+        since: Option<&str>,
+        map: impl Fn(&Value) -> Option<Value>,
+        check: fn(&Value, usize) -> Checked<T>,
+    ) -> Result<Pulled<T>, AdapterError> {
+        let Query {
+            model,
+            mut domain,
+            extra_since,
+            fields,
+            ctx,
+        } = query;
+        if let Some(d) = Self::since_domain(since, extra_since) {
+            domain.push(d);
+        }
+        let mut all_fields: Vec<&str> = fields.to_vec();
+        all_fields.extend(["write_date", "create_date"]);
+        let rows = self
+            .search_read(model, Value::Array(domain), &all_fields, ctx)
+            .await?;
+        let mut newest: Option<NaiveDateTime> = None;
+        let mut items = Vec::new();
+        for row in &rows {
+            for f in ["write_date", "create_date"] {
+                if let Some(t) = row.get(f).and_then(datetime) {
+                    newest = Some(newest.map_or(t, |n| n.max(t)));
+                }
+            }
+            if let Some(canonical) = map(row) {
+                let i = items.len();
+                items.push(check(&canonical, i));
+            }
+        }
+        let cursor = newest
+            .map(|t| {
+                t.and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            })
+            .or_else(|| since.map(str::to_owned));
+        Ok(Pulled {
+            items,
+            notes: Vec::new(),
+            cursor,
+        })
+    }
+}
+
+/// What an incremental pull reads.
+struct Query<'a> {
+    model: &'a str,
+    domain: Vec<Value>,
+    /// Date fields ORed into the "changed since" filter besides the record's own.
+    extra_since: &'a [&'a str],
+    fields: &'a [&'a str],
+    ctx: Value,
+}
+
+/// A stock move as the adapter needs it.
+struct Move {
+    id: i64,
+    product: i64,
+    code: String,
+    row: Value,
+}
+
+impl Move {
+    fn from_row(row: &Value) -> Option<Self> {
+        Some(Self {
+            id: row.get("id")?.as_i64()?,
+            product: row.get("product")?.as_i64()?,
+            code: row
+                .get("product.")
+                .and_then(|p| p.get("code"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            row: row.clone(),
+        })
+    }
+
+    /// The values a new move like this one takes.
+    fn values(&self) -> Value {
+        let mut vals = serde_json::Map::new();
+        for f in [
+            "unit",
+            "from_location",
+            "to_location",
+            "company",
+            "unit_price",
+            "currency",
+        ] {
+            if let Some(v) = self.row.get(f).filter(|v| !v.is_null()) {
+                vals.insert(f.to_owned(), v.clone());
+            }
+        }
+        Value::Object(vals)
+    }
+}
+
+/// A new move of a production without moves on that side: storage ↔ production location.
+fn default_move(production: &Value, side: &str) -> Result<Value, AdapterError> {
+    let location = production.get("location").and_then(Value::as_i64);
+    let storage = production
+        .get("warehouse.")
+        .and_then(|w| w.get("storage_location"))
+        .and_then(Value::as_i64);
+    match (location, storage) {
+        (Some(p), Some(s)) if side == "inputs" => Ok(json!({"from_location": s, "to_location": p})),
+        (Some(p), Some(s)) => Ok(json!({"from_location": p, "to_location": s})),
+        _ => Err(AdapterError::Rejected(
+            "the production order has no locations to add a move".into(),
+        )),
+    }
+}
+
+fn id_of(v: &Value) -> Result<i64, AdapterError> {
+    v.get("id")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| AdapterError::Unreadable(format!("record without id: {v}")))
+}
+
+fn relogin_unavailable(e: CallError) -> AdapterError {
+    match e {
+        CallError::Relogin => AdapterError::Unavailable("tryton refused the new session".into()),
+        CallError::Erp(e) => e,
+    }
+}
+
+/// Every model call's context (the last parameter): the company.
+fn context(company: i64) -> Value {
+    if company > 0 {
+        json!({"company": company})
+    } else {
+        json!({})
+    }
+}
+
+/// Tryton gzips larger answers; it may also label a plain body gzip: look at the bytes.
+fn decode_body(body: &[u8], labelled_gzip: bool) -> Result<Vec<u8>, AdapterError> {
+    if labelled_gzip && body.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                AdapterError::Unavailable(format!("corrupt gzip answer from tryton: {e}"))
+            })?;
+        Ok(out)
+    } else {
+        Ok(body.to_vec())
+    }
+}
+
+/// `{"error": [type, args]}` → retryable or permanent.
+fn rpc_error(method: &str, error: &Value) -> AdapterError {
+    let (kind, args) = match error {
+        Value::Array(a) => (
+            a.first().and_then(Value::as_str).unwrap_or_default(),
+            a.get(1).cloned().unwrap_or(Value::Null),
+        ),
+        Value::String(s) => (s.as_str(), Value::Null),
+        _ => ("", Value::Null),
+    };
+    let message = match &args {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(": "),
+        Value::String(s) => s.clone(),
+        _ => String::new(),
+    };
+    let text = format!("tryton {method}: {kind} {message}");
+    let permanent = matches!(kind, "UserError" | "UserWarning" | "AccessError")
+        || kind.ends_with("ValidationError")
+        || kind.starts_with("KeyError")
+        || kind.starts_with("TypeError")
+        || kind.starts_with("ValueError");
+    if kind == "ConcurrencyException" || !permanent {
+        // Concurrent edits, locked databases, server trouble: retry.
+        AdapterError::Unavailable(text)
+    } else {
+        AdapterError::Rejected(text)
+    }
+}
+
+/// A number, or a tagged `Decimal`, as a decimal.
+fn decimal(v: &Value) -> Option<Decimal> {
+    match v {
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Some(Decimal::from(i))
+            } else {
+                Decimal::try_from(n.as_f64()?).ok().map(|d| d.round_dp(6))
+            }
+        }
+        Value::Object(o) if o.get("__class__").and_then(Value::as_str) == Some("Decimal") => {
+            o.get("decimal")?.as_str()?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// A decimal as the contract's string (`"2.5"`); keeps non-numbers as they are so that the
+/// contract check reports them.
+fn quantity_string(v: &Value) -> Value {
+    match decimal(v) {
+        Some(d) => Value::String(d.normalize().to_string()),
+        None => v.clone(),
+    }
+}
+
+/// A tagged `datetime` (naive UTC) or `date`.
+fn datetime(v: &Value) -> Option<NaiveDateTime> {
+    let o = v.as_object()?;
+    let n = |k: &str| o.get(k).and_then(Value::as_i64).unwrap_or(0);
+    let date = NaiveDate::from_ymd_opt(
+        i32::try_from(n("year")).ok()?,
+        u32::try_from(n("month")).ok()?,
+        u32::try_from(n("day")).ok()?,
+    )?;
+    match o.get("__class__").and_then(Value::as_str)? {
+        "datetime" => date.and_hms_micro_opt(
+            u32::try_from(n("hour")).ok()?,
+            u32::try_from(n("minute")).ok()?,
+            u32::try_from(n("second")).ok()?,
+            u32::try_from(n("microsecond")).ok()?,
+        ),
+        "date" => date.and_hms_opt(0, 0, 0),
+        _ => None,
+    }
+}
+
+fn tagged_datetime(t: NaiveDateTime) -> Value {
+    use chrono::{Datelike, Timelike};
+    json!({"__class__": "datetime", "year": t.year(), "month": t.month(), "day": t.day(),
+           "hour": t.hour(), "minute": t.minute(), "second": t.second(),
+           "microsecond": t.nanosecond() / 1_000})
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(TABLE[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The code of a related product (`"product.": {"code": ...}`).
+fn code(row: &Value, rel: &str) -> Value {
+    row.get(rel)
+        .and_then(|p| p.get("code"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// A production order in the contract's shape (`None`: not for the MES, e.g. a draft).
+fn work_order_json(row: &Value, station: &str) -> Option<Value> {
+    let status = match row.get("state").and_then(Value::as_str) {
+        Some("waiting" | "assigned" | "running") => "released",
+        Some("done") => "closed",
+        Some("cancelled") => "cancelled",
+        // request / draft: not released to the shop floor yet.
+        Some(_) => return None,
+        None => "",
+    };
+    let quantity = row.get("quantity").and_then(decimal);
+    let product_code = code(row, "product.");
+    let mut per_product: BTreeMap<String, Decimal> = BTreeMap::new();
+    let mut bad = Vec::new();
+    // The BOM's quantities per unit of the output, or the planned inputs per ordered unit.
+    let bom = row.get("bom.").filter(|b| b.is_object());
+    let bom_output = bom
+        .and_then(|b| b.get("outputs."))
+        .and_then(Value::as_array)
+        .and_then(|outs| {
+            outs.iter()
+                .find(|o| code(o, "product.") == product_code)
+                .and_then(|o| o.get("quantity"))
+                .and_then(decimal)
+        });
+    let (lines, per) = match (bom, bom_output) {
+        (Some(b), Some(out)) if out > Decimal::ZERO => (b.get("inputs."), Some(out)),
+        _ => (row.get("inputs."), quantity),
+    };
+    for line in lines.and_then(Value::as_array).into_iter().flatten() {
+        let c = code(line, "product.");
+        let q = line.get("quantity").and_then(decimal);
+        // Checked arithmetic: absurd quantities make a dead letter, not a panic.
+        let summed = match (c.as_str(), q, per) {
+            (Some(code), Some(q), Some(per)) if per > Decimal::ZERO => q
+                .checked_div(per)
+                .and_then(|v| {
+                    per_product
+                        .get(code)
+                        .copied()
+                        .unwrap_or_default()
+                        .checked_add(v)
+                })
+                .map(|sum| (code.to_owned(), sum)),
+            _ => None,
+        };
+        match summed {
+            Some((code, sum)) => {
+                per_product.insert(code, sum);
+            }
+            None => bad.push(json!({"material": c, "quantity_per_unit": line.get("quantity")})),
+        }
+    }
+    let mut components: Vec<Value> = per_product
+        .into_iter()
+        .map(|(m, q)| json!({"material": m, "quantity_per_unit": q.round_dp(6).normalize().to_string()}))
+        .collect();
+    components.extend(bad);
+    Some(json!({
+        "number": row.get("number").cloned().unwrap_or(Value::Null),
+        "material": product_code,
+        "planned_quantity": row.get("quantity").map(quantity_string).unwrap_or(Value::Null),
+        "status": status,
+        "operations": [{"step": OPERATION_STEP, "station": station, "description": "Production"}],
+        "components": components,
+    }))
+}
+
+#[async_trait::async_trait]
+impl ErpAdapter for TrytonAdapter {
+    fn name(&self) -> &'static str {
+        "tryton"
+    }
+
+    async fn ping(&self) -> Result<(), AdapterError> {
+        match self
+            .exchange(&self.server_url, "common.server.version", &json!([]), None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(CallError::Relogin) => Err(AdapterError::Unavailable("tryton refused".into())),
+            Err(CallError::Erp(e)) => Err(e),
+        }
+    }
+
+    #[tracing::instrument(name = "erp.tryton.pull_materials", skip(self))]
+    async fn pull_materials(&self, since: Option<&str>) -> Result<Pulled<Material>, AdapterError> {
+        let (ctx, _) = self.ctx().await?;
+        let query = Query {
+            model: "product.product",
+            domain: vec![json!(["type", "=", "goods"])],
+            extra_since: &[],
+            fields: &["code", "name", "default_uom.symbol"],
+            ctx,
+        };
+        self.pull_with(
+            query,
+            since,
+            |row| {
+                Some(json!({
+                    "number": row.get("code").cloned().unwrap_or(Value::Null),
+                    "description": row.get("name").cloned().unwrap_or(Value::Null),
+                    "tracking": "lot",
+                    "unit": row.get("default_uom.").and_then(|u| u.get("symbol")).cloned()
+                        .unwrap_or(Value::Null),
+                }))
+            },
+            contract::material,
+        )
+        .await
+    }
+
+    async fn pull_stations(&self, since: Option<&str>) -> Result<Pulled<Station>, AdapterError> {
+        let station = json!({"id": self.settings.station, "name": "Tryton production"});
+        Ok(Pulled {
+            items: vec![contract::station(&station, 0)],
+            notes: Vec::new(),
+            cursor: since.map(str::to_owned),
+        })
+    }
+
+    #[tracing::instrument(name = "erp.tryton.pull_received_lots", skip(self))]
+    async fn pull_received_lots(
+        &self,
+        since: Option<&str>,
+    ) -> Result<Pulled<ReceivedLot>, AdapterError> {
+        let (mut ctx, session) = self.ctx().await?;
+        if let Some(storage) = session.storage {
+            ctx["locations"] = json!([storage]);
+        }
+        let query = Query {
+            model: "stock.lot",
+            domain: vec![json!(["product.producible", "=", false])],
+            extra_since: &[],
+            fields: &["number", "product.code", "quantity"],
+            ctx,
+        };
+        self.pull_with(
+            query,
+            since,
+            |row| {
+                // A lot with nothing in stock is not material the shop floor can use.
+                if row
+                    .get("quantity")
+                    .and_then(decimal)
+                    .is_some_and(|q| q <= Decimal::ZERO)
+                {
+                    return None;
+                }
+                Some(json!({
+                    "lot": row.get("number").cloned().unwrap_or(Value::Null),
+                    "material": code(row, "product."),
+                    "quantity": row.get("quantity").map(quantity_string).unwrap_or(Value::Null),
+                    "received_at": row.get("create_date").and_then(datetime)
+                        .map(|t| t.and_utc().to_rfc3339()),
+                }))
+            },
+            contract::received_lot,
+        )
+        .await
+    }
+
+    #[tracing::instrument(name = "erp.tryton.pull_work_orders", skip(self))]
+    async fn pull_work_orders(
+        &self,
+        since: Option<&str>,
+    ) -> Result<Pulled<WorkOrder>, AdapterError> {
+        let (ctx, _) = self.ctx().await?;
+        let station = self.settings.station.clone();
+        let query = Query {
+            model: "production",
+            domain: vec![json!([
+                "state",
+                "in",
+                ["waiting", "assigned", "running", "done", "cancelled"]
+            ])],
+            extra_since: &["inputs.write_date"],
+            fields: &[
+                "number",
+                "state",
+                "quantity",
+                "product.code",
+                "inputs.product.code",
+                "inputs.quantity",
+                "bom.inputs.product.code",
+                "bom.inputs.quantity",
+                "bom.outputs.product.code",
+                "bom.outputs.quantity",
+            ],
+            ctx,
+        };
+        self.pull_with(
+            query,
+            since,
+            move |row| work_order_json(row, &station),
+            contract::work_order,
+        )
+        .await
+    }
+
+    #[tracing::instrument(name = "erp.tryton.post_confirmation", skip(self, confirmation),
+        fields(work_order = %confirmation.work_order))]
+    async fn post_confirmation(
+        &self,
+        confirmation: &Confirmation,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError> {
+        if confirmation.operation != OPERATION_STEP {
+            return Err(AdapterError::Rejected(format!(
+                "tryton production orders have one operation ({OPERATION_STEP}), not {}",
+                confirmation.operation
+            )));
+        }
+        let (ctx, _) = self.ctx().await?;
+        let production = self.production(&confirmation.work_order, &ctx).await?;
+        let id = id_of(&production)?;
+        let mut state = production
+            .get("state")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        match state.as_str() {
+            "done" => return Ok(Posted::AlreadyThere),
+            "cancelled" => {
+                return Err(AdapterError::Rejected(format!(
+                    "production order {} is cancelled in tryton",
+                    confirmation.work_order
+                )));
+            }
+            "request" | "draft" | "assigned" => {
+                // Quantities are read-only on assigned moves: back to waiting first.
+                self.button("production", "wait", id, &ctx).await?;
+                state = "waiting".into();
+            }
+            _ => {}
+        }
+        let group = |lots: &[crate::domain::LotQuantity]| {
+            let mut m: BTreeMap<String, Vec<(String, Decimal)>> = BTreeMap::new();
+            for l in lots {
+                m.entry(l.material.clone())
+                    .or_default()
+                    .push((l.lot.clone(), l.quantity));
+            }
+            m
+        };
+        if state == "waiting" {
+            self.apply_lots(
+                &production,
+                "inputs",
+                &group(&confirmation.consumed_lots),
+                &ctx,
+            )
+            .await?;
+            self.button("production", "assign_try", id, &ctx).await?;
+            if self.state(id, &ctx).await? != "assigned" {
+                self.button("production", "assign_force", id, &ctx).await?;
+            }
+            self.button("production", "run", id, &ctx).await?;
+        } else if state != "running" {
+            return Err(AdapterError::Rejected(format!(
+                "production order {} is {state} in tryton",
+                confirmation.work_order
+            )));
+        }
+        let mut outputs = group(&confirmation.produced_lots);
+        if outputs.is_empty() {
+            // Nothing lot-tracked produced: the good quantity on the main output, no lot.
+            let moves = self.moves(id, "outputs", &ctx).await?;
+            if let Some(m) = moves.first() {
+                outputs.insert(
+                    m.code.clone(),
+                    vec![(String::new(), confirmation.good_quantity)],
+                );
+            }
+        }
+        self.apply_lots(&production, "outputs", &outputs, &ctx)
+            .await?;
+        self.button("production", "do", id, &ctx).await?;
+        tracing::info!(
+            idempotency_key,
+            production = id,
+            "tryton production order done"
+        );
+        Ok(Posted::New)
+    }
+
+    async fn quantities(&self) -> Result<ErpQuantities, AdapterError> {
+        let mut q = ErpQuantities::default();
+        let (ctx, session) = self.ctx().await?;
+        let productions = self
+            .search_read(
+                "production",
+                json!([["state", "in", ["waiting", "assigned", "running", "done"]]]),
+                &[
+                    "number",
+                    "state",
+                    "product",
+                    "outputs.product",
+                    "outputs.quantity",
+                ],
+                ctx.clone(),
+            )
+            .await?;
+        for p in &productions {
+            let Some(number) = p.get("number").and_then(Value::as_str) else {
+                continue;
+            };
+            let mut good = Decimal::ZERO;
+            if p.get("state").and_then(Value::as_str) == Some("done") {
+                let product = p.get("product");
+                for o in p
+                    .get("outputs.")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if o.get("product") == product {
+                        let q = o.get("quantity").and_then(decimal).unwrap_or_default();
+                        good = good.checked_add(q).unwrap_or(Decimal::MAX);
+                    }
+                }
+            }
+            q.work_orders.insert(number.to_owned(), good);
+        }
+        let mut lot_ctx = ctx;
+        if let Some(storage) = session.storage {
+            lot_ctx["locations"] = json!([storage]);
+        }
+        let lots = self
+            .search_read(
+                "stock.lot",
+                json!([["product.producible", "=", false]]),
+                &["number", "quantity"],
+                lot_ctx,
+            )
+            .await?;
+        for l in &lots {
+            if let (Some(n), Some(quantity)) = (
+                l.get("number").and_then(Value::as_str),
+                l.get("quantity").and_then(decimal),
+            ) {
+                q.lots.insert(n.to_owned(), quantity);
+            }
+        }
+        Ok(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tagged_values_decode() {
+        assert_eq!(
+            decimal(&json!({"__class__": "Decimal", "decimal": "2.50"}))
+                .unwrap()
+                .to_string(),
+            "2.50"
+        );
+        assert_eq!(decimal(&json!(10.0)).unwrap().normalize().to_string(), "10");
+        assert_eq!(decimal(&json!(0.1)).unwrap().normalize().to_string(), "0.1");
+        assert!(decimal(&json!("x")).is_none());
+        let t = datetime(
+            &json!({"__class__": "datetime", "year": 2026, "month": 11, "day": 25,
+            "hour": 11, "minute": 37, "second": 27, "microsecond": 33161}),
+        )
+        .unwrap();
+        assert_eq!(t.to_string(), "2026-11-25 11:37:27.033161");
+        assert_eq!(datetime(&tagged_datetime(t)), Some(t));
+        assert!(datetime(&json!({"__class__": "datetime", "year": 2026, "month": 13})).is_none());
+    }
+
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn errors_map_to_retryable_or_permanent() {
+        let user = rpc_error(
+            "m",
+            &json!(["UserError", ["The lot is required.", "", null]]),
+        );
+        assert!(!user.is_transient());
+        assert!(user.to_string().contains("The lot is required."));
+        assert!(rpc_error("m", &json!(["ConcurrencyException", ["x"]])).is_transient());
+        assert!(rpc_error("m", &json!(["database is locked", ""])).is_transient());
+        assert!(!rpc_error("m", &json!(["AccessError", ["no"]])).is_transient());
+    }
+
+    #[test]
+    fn gzip_is_read_by_its_bytes_not_its_label() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(b"{\"result\": 1}").unwrap();
+        let gz = enc.finish().unwrap();
+        assert_eq!(decode_body(&gz, true).unwrap(), b"{\"result\": 1}");
+        assert_eq!(decode_body(b"{}", true).unwrap(), b"{}");
+        assert!(decode_body(&gz[..gz.len() - 4], true).is_err());
+    }
+
+    #[test]
+    fn a_production_order_becomes_a_work_order() {
+        let row = json!({"id": 1, "number": "1", "state": "waiting", "quantity": 10.0,
+            "product.": {"id": 1, "code": "WID"},
+            "inputs.": [{"quantity": 20.0, "product.": {"code": "STL"}}],
+            "bom.": {"id": 1, "inputs.": [{"quantity": 2.0, "product.": {"code": "STL"}},
+                                          {"quantity": 4.0, "product.": {"code": "BLT"}}],
+                     "outputs.": [{"quantity": 1.0, "product.": {"code": "WID"}}]}});
+        let c = contract::work_order(&work_order_json(&row, "ST").unwrap(), 0);
+        assert!(c.drifts.is_empty(), "{:?}", c.drifts);
+        let wo = c.record.unwrap();
+        assert_eq!(wo.components.len(), 2);
+        assert_eq!(wo.components[0].material, "BLT");
+        assert_eq!(wo.components[0].quantity_per_unit, Decimal::from(4));
+        assert_eq!(wo.operations[0].station, "ST");
+        // Without a BOM: the planned inputs per ordered unit.
+        let mut no_bom = row.clone();
+        no_bom["bom."] = Value::Null;
+        let wo = contract::work_order(&work_order_json(&no_bom, "ST").unwrap(), 0)
+            .record
+            .unwrap();
+        assert_eq!(wo.components[0].quantity_per_unit, Decimal::from(2));
+        // Drafts are not released; a product without a code is a dead letter.
+        let mut draft = row.clone();
+        draft["state"] = json!("draft");
+        assert!(work_order_json(&draft, "ST").is_none());
+        let mut nocode = row;
+        nocode["product."] = json!({"id": 1, "code": null});
+        assert!(
+            contract::work_order(&work_order_json(&nocode, "ST").unwrap(), 0)
+                .record
+                .is_none()
+        );
+    }
+}
