@@ -157,57 +157,28 @@ impl Application {
             adapter = state.adapter.name(), "erp-sync listening");
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let pool = state.pool.clone();
-        let redis = state.redis.clone();
         let erp = state.adapter.clone();
-        let probes = vec![
-            Probe::new("database", true, move || {
-                let pool = pool.clone();
-                async move { db::ping(&pool).await }
-            }),
-            // Redis and the ERP are reported, but neither decides readiness: an ERP outage
-            // only fills the outbox.
-            Probe::new("redis", false, move || {
-                let redis = redis.clone();
-                async move { redis.ping().await }
-            }),
-            Probe::new("erp", false, move || {
-                let erp = erp.clone();
-                async move {
-                    let start = std::time::Instant::now();
-                    erp.ping().await?;
-                    Ok(start.elapsed())
-                }
-            }),
-        ];
+        let mut probes = mes_common::service::core_probes(&state.pool, &state.redis);
+        // The ERP is reported, but does not decide readiness: an ERP outage only fills the outbox.
+        probes.push(Probe::new("erp", false, move || {
+            let erp = erp.clone();
+            async move {
+                let start = std::time::Instant::now();
+                erp.ping().await?;
+                Ok(start.elapsed())
+            }
+        }));
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(mes_common::health::watch(
+        mes_common::service::spawn_common_tasks(
+            &mut tasks,
             reporter,
             vec!["mes.v1.ErpSync"],
             probes,
-            Duration::from_secs(2),
-            shutdown.clone(),
-        ));
+            &state.pool,
+            metrics_listener,
+            &shutdown,
+        );
         tasks.spawn(scheduler::run(state.clone(), shutdown.clone()));
-        let pool = state.pool.clone();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            loop {
-                db::record_pool_metrics(&pool);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.wait() => return,
-                }
-            }
-        });
-        if let Some(l) = metrics_listener {
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = mes_common::metrics::serve(l, stop).await {
-                    tracing::error!(error = %e, "metrics endpoint failed");
-                }
-            });
-        }
 
         let api = api::Api::new(state.clone());
         let result = grpc::server("erp-sync")
@@ -216,12 +187,8 @@ impl Application {
             .add_service(ErpSyncServer::new(api))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
             .await;
-        shutdown.trigger();
-        let drain = Duration::from_secs(settings.service.shutdown_grace_seconds);
-        let _ =
-            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
-        state.redis.quit().await;
-        state.pool.close().await;
+        let grace = Duration::from_secs(settings.service.shutdown_grace_seconds);
+        mes_common::service::stop(tasks, grace, &shutdown, &state.redis, &state.pool).await;
         tracing::info!("erp-sync stopped");
         Ok(result?)
     }
