@@ -347,3 +347,51 @@ async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> 
     }
     out
 }
+
+/// Schema-driven fuzzing (schemathesis) of every route of the served OpenAPI document, as an
+/// admin: no input a client can send produces a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_api_survives_schema_driven_fuzzing() {
+    let bin = mes_e2e::python_tool("schemathesis", &["schemathesis==4.32.5"])
+        .expect("install schemathesis");
+    let sys = System::start_with(&[
+        ("MES_GATEWAY_RATE_LIMIT_PER_MINUTE_USER", "1000000"),
+        ("MES_GATEWAY_RATE_LIMIT_PER_MINUTE_DEVICE", "1000000"),
+    ])
+    .await
+    .expect("system");
+    let token = sys.token("admin", None).await;
+    let gateway = sys.gateway.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin.join("st"))
+            .args(["run", &format!("{gateway}/openapi.json")])
+            .args(["--checks", "not_a_server_error"])
+            .args(["--header", &format!("Authorization: Bearer {token}")])
+            // Logging out would revoke the token the rest of the run uses.
+            .args(["--exclude-path", "/api/v1/auth/logout"])
+            .args([
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-time",
+                "45",
+                "--workers",
+                "2",
+            ])
+            .args(["--seed", "20261125"])
+            .env("SCHEMATHESIS_TELEMETRY", "false")
+            .output()
+            .expect("run schemathesis")
+    })
+    .await
+    .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}"
+    );
+    assert!(report.contains("passed"), "{report}");
+}

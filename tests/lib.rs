@@ -151,6 +151,11 @@ impl System {
     /// Starts all four services in demo mode and waits until the gateway is ready and the
     /// demo plant has arrived through erp-sync.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`System::start`] with extra environment variables for every service.
+    pub async fn start_with(extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         ensure_binaries();
         let (otlp, otlp_port) = OtlpReceiver::start().await?;
         let run_dir = tempfile::tempdir()?;
@@ -220,6 +225,7 @@ impl System {
                     root.join("deploy/demo/plant.json"),
                 )
                 .env("MES_ERP_SYNC_ERP__OUTBOX_FILE", &outbox)
+                .envs(extra_env.iter().copied())
                 .stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log));
             let child = cmd
@@ -380,4 +386,32 @@ async fn drop_database(url: &str) -> anyhow::Result<()> {
     .await?;
     conn.close().await?;
     Ok(())
+}
+
+/// A Python virtual environment with `packages`, created once under the target directory and
+/// reused (a marker file records what was installed).
+pub fn python_tool(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let root = bin_dir()
+        .parent()
+        .map(|p| p.join("py-tools"))
+        .unwrap_or_else(|| PathBuf::from("target/py-tools"));
+    let venv = root.join(name);
+    let marker = venv.join("installed.txt");
+    let want = packages.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
+        return Ok(venv.join("bin"));
+    }
+    std::fs::create_dir_all(&root)?;
+    let status = Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv)
+        .status()?;
+    anyhow::ensure!(status.success(), "python3 -m venv failed");
+    let status = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages)
+        .status()?;
+    anyhow::ensure!(status.success(), "pip install {want} failed");
+    std::fs::write(&marker, &want)?;
+    Ok(venv.join("bin"))
 }
