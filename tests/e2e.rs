@@ -395,3 +395,48 @@ async fn the_rest_api_survives_schema_driven_fuzzing() {
     );
     assert!(report.contains("passed"), "{report}");
 }
+
+/// With trace-query stopped, trace routes answer 503 quickly (with Retry-After) and health
+/// shows it down while the rest keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_routes_answer_503_quickly_when_trace_query_is_down() {
+    let mut sys = System::start().await.expect("system");
+    let token = sys.token("qa1", None).await;
+    assert!(sys.stop_service("trace-query").is_some());
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let r = http
+        .get(format!(
+            "{}/api/v1/lots/STEEL-L1/genealogy?direction=forward",
+            sys.gateway
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable");
+    assert_eq!(problem["trace_id"].as_str().map(str::len), Some(32));
+    let health: Value = http
+        .get(format!("{}/api/v1/health", sys.gateway))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["components"]["trace-query"]["status"], "down",
+        "{health}"
+    );
+    assert_ne!(health["status"], "ok", "{health}");
+    // The write path does not depend on it.
+    assert_eq!(
+        get(&sys, &token, "/api/v1/lots/STEEL-L1").await["quantity_on_hand"],
+        "100"
+    );
+}
