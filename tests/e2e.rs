@@ -440,3 +440,111 @@ async fn trace_routes_answer_503_quickly_when_trace_query_is_down() {
         "100"
     );
 }
+
+/// scan-ingest's rules, voids and holds through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_rules_voids_and_holds_work_over_rest() {
+    let sys = System::start().await.expect("system");
+    let http = reqwest::Client::new();
+    let sup = sys.token("sup1", None).await;
+    let qa = sys.token("qa1", None).await;
+    let hold = http
+        .post(format!("{}/api/v1/lots/STEEL-L2/hold", sys.gateway))
+        .bearer_auth(&qa)
+        .json(&json!({"reason": "supplier complaint"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hold.status(), 200);
+    let cases = vec![
+        (
+            scan("start_operation", "WO-9999", 10, "ST-10"),
+            "unknown_work_order",
+        ),
+        (
+            scan("start_operation", "WO-1002", 10, "ST-10"),
+            "work_order_closed",
+        ),
+        (
+            with(
+                scan("consume", "WO-1000", 10, "ST-10"),
+                json!({"lot": "NOPE", "quantity": "1"}),
+            ),
+            "unknown_lot",
+        ),
+        (
+            with(
+                scan("consume", "WO-1000", 10, "ST-10"),
+                json!({"lot": "STEEL-L1", "quantity": "101"}),
+            ),
+            "insufficient_quantity",
+        ),
+        (
+            with(
+                scan("consume", "WO-1000", 10, "ST-10"),
+                json!({"lot": "WHEEL-L1", "quantity": "1"}),
+            ),
+            "not_in_bom",
+        ),
+        (
+            scan("start_operation", "WO-1000", 99, "ST-10"),
+            "invalid_operation",
+        ),
+        (
+            with(
+                scan("consume", "WO-1000", 10, "ST-10"),
+                json!({"lot": "STEEL-L2", "quantity": "1"}),
+            ),
+            "lot_on_hold",
+        ),
+    ];
+    let consume = with(
+        scan("consume", "WO-1000", 10, "ST-10"),
+        json!({"lot": "STEEL-L1", "quantity": "4"}),
+    );
+    let mut batch: Vec<Value> = cases.iter().map(|(s, _)| s.clone()).collect();
+    batch.push(consume.clone());
+    let body = post_scans(&sys, &sup, batch).await;
+    let results = body["results"].as_array().unwrap();
+    for (r, (_, code)) in results.iter().zip(&cases) {
+        assert_eq!(r["status"], "rejected", "{r}");
+        assert_eq!(r["error"]["code"], *code, "{r}");
+    }
+    assert_eq!(results.last().unwrap()["status"], "accepted");
+    assert_eq!(
+        get(&sys, &sup, "/api/v1/lots/STEEL-L1").await["quantity_on_hand"],
+        "96"
+    );
+
+    // Void: preview changes nothing, confirm reverses, operators may not.
+    let id = consume["scan_id"].as_str().unwrap();
+    let void = |token: &str, confirm: bool| {
+        http.post(format!("{}/api/v1/scans/{id}/void", sys.gateway))
+            .bearer_auth(token)
+            .json(&json!({"reason": "wrong lot", "confirm": confirm}))
+            .send()
+    };
+    let op = sys.token("op1", Some("TAB-10")).await;
+    assert_eq!(void(&op, false).await.unwrap().status(), 403);
+    let preview: Value = void(&sup, false).await.unwrap().json().await.unwrap();
+    assert_eq!(preview["allowed"], true, "{preview}");
+    assert_eq!(
+        get(&sys, &sup, "/api/v1/lots/STEEL-L1").await["quantity_on_hand"],
+        "96"
+    );
+    let done = void(&sup, true).await.unwrap();
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.unwrap();
+    assert!(done["void_scan_id"].is_string(), "{done}");
+    assert_eq!(
+        get(&sys, &sup, "/api/v1/lots/STEEL-L1").await["quantity_on_hand"],
+        "100"
+    );
+    let stored = get(&sys, &sup, &format!("/api/v1/scans/{id}")).await;
+    assert_eq!(stored["status"], "voided", "{stored}");
+    assert_eq!(stored["voided_by"], done["void_scan_id"], "{stored}");
+    let again = void(&sup, true).await.unwrap();
+    assert_eq!(again.status(), 409);
+    let problem: Value = again.json().await.unwrap();
+    assert_eq!(problem["code"], "conflict");
+}
