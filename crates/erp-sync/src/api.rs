@@ -1,4 +1,5 @@
-//! The gRPC surface of erp-sync: `ErpSync` (status, on-demand pull and reconciliation).
+//! The gRPC surface of erp-sync: `ErpSync` (status, on-demand pull and reconciliation, replay
+//! of dead letters).
 
 use std::time::Duration;
 
@@ -148,5 +149,48 @@ impl ErpSync for Api {
             .await
             .map_err(Error::from)?;
         Ok(Response::new(reconciliation(report)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn replay_dead_letters(
+        &self,
+        req: Request<pb::ReplayDeadLettersRequest>,
+    ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
+        let caller = require_admin(&req)?;
+        let r = req.into_inner();
+        if !r.all && r.ids.is_empty() {
+            return Err(
+                Error::InvalidArgument("name dead letters in ids, or set all".into()).into(),
+            );
+        }
+        let ids = (!r.all).then_some(r.ids.as_slice());
+        let letters = inbound::unresolved_dead_letters(&self.state.pool, ids)
+            .await
+            .map_err(Error::from)?;
+        let mut errors = Vec::new();
+        if let Some(ids) = ids {
+            let mut seen = std::collections::BTreeSet::new();
+            for id in ids {
+                if seen.insert(*id) && !letters.iter().any(|l| l.id == *id) {
+                    errors.push(format!("dead letter {id}: unknown or resolved already"));
+                }
+            }
+        }
+        tracing::info!(user = %caller.user, letters = letters.len(), "dead letter replay requested");
+        let report = self
+            .state
+            .puller
+            .replay(letters, &caller.user)
+            .await
+            .map_err(Error::from)?;
+        if report.requeued > 0 {
+            self.state.outbox_wake.notify_one();
+        }
+        errors.extend(report.errors);
+        Ok(Response::new(pb::ReplayDeadLettersResponse {
+            replayed: report.replayed,
+            still_failing: report.still_failing,
+            errors,
+        }))
     }
 }

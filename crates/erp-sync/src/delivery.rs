@@ -1,7 +1,8 @@
 //! Outbound, second half: posts the outbox to the ERP in queue order, with the idempotency
 //! key, a per-call timeout, exponential backoff with jitter, and a circuit breaker
 //! (`erp_breaker_state`: 0 closed, 1 half-open, 2 open). `erp_outbox_depth` is the number of
-//! confirmations waiting.
+//! confirmations and reversals waiting. Rows the ERP refuses for good leave the queue and are
+//! recorded as dead letters (entity `outbox`), which `ErpSync.ReplayDeadLetters` re-queues.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,8 +14,36 @@ use tracing::Instrument;
 
 use crate::adapter::{AdapterError, ErpAdapter, Posted};
 use crate::breaker::{self, Breaker, State};
-use crate::domain::Confirmation;
-use crate::store::{self, outbound};
+use crate::domain::{Confirmation, Reversal};
+use crate::store::outbound::{OutboxKind, OutboxRow};
+use crate::store::{self, inbound, outbound};
+
+/// `entity` of outbound dead letters (outbox rows the ERP refused for good).
+pub const OUTBOX_ENTITY: &str = "outbox";
+
+/// What an outbox row asks the ERP to do.
+enum Document {
+    Confirmation(Confirmation),
+    Reversal(Reversal),
+}
+
+impl Document {
+    fn read(row: &OutboxRow) -> Result<Self, serde_json::Error> {
+        Ok(match row.kind {
+            OutboxKind::Confirmation => {
+                Self::Confirmation(serde_json::from_value(row.payload.clone())?)
+            }
+            OutboxKind::Reversal => Self::Reversal(serde_json::from_value(row.payload.clone())?),
+        })
+    }
+
+    fn work_order(&self) -> &str {
+        match self {
+            Self::Confirmation(c) => &c.work_order,
+            Self::Reversal(r) => &r.work_order,
+        }
+    }
+}
 
 /// How often an idle loop looks at the queue (new rows also wake it).
 const IDLE_POLL: Duration = Duration::from_secs(2);
@@ -91,13 +120,17 @@ impl Delivery {
             let wait = (row.next_attempt_at - now).to_std().unwrap_or(IDLE_POLL);
             return Ok(Some(wait));
         }
-        let confirmation: Confirmation = match serde_json::from_value(row.payload.clone()) {
-            Ok(c) => c,
+        let document = match Document::read(&row) {
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(idempotency_key = %row.idempotency_key, error = %e,
                     "unreadable outbox row; set aside");
-                outbound::mark_failed(&self.pool, row.id, &format!("unreadable payload: {e}"))
-                    .await?;
+                self.set_aside(
+                    &row,
+                    "unreadable_payload",
+                    &format!("unreadable payload: {e}"),
+                )
+                .await?;
                 return Ok(None);
             }
         };
@@ -130,8 +163,8 @@ impl Delivery {
         }
 
         let span = tracing::info_span!("erp.post_confirmation",
-            idempotency_key = %row.idempotency_key, work_order = %confirmation.work_order,
-            attempt = row.attempts + 1, otel.kind = "client");
+            idempotency_key = %row.idempotency_key, work_order = %document.work_order(),
+            kind = row.kind.as_str(), attempt = row.attempts + 1, otel.kind = "client");
         if !row.traceparent.is_empty() {
             // The asynchronous hop joins the trace of the scan that completed the operation.
             mes_common::propagation::set_parent(
@@ -140,14 +173,17 @@ impl Delivery {
             );
         }
         let started = Instant::now();
-        let result = match tokio::time::timeout(
-            self.call_timeout,
-            self.adapter
-                .post_confirmation(&confirmation, &row.idempotency_key)
-                .instrument(span),
-        )
-        .await
-        {
+        let post = async {
+            match &document {
+                Document::Confirmation(c) => {
+                    self.adapter
+                        .post_confirmation(c, &row.idempotency_key)
+                        .await
+                }
+                Document::Reversal(r) => self.adapter.post_reversal(r, &row.idempotency_key).await,
+            }
+        };
+        let result = match tokio::time::timeout(self.call_timeout, post.instrument(span)).await {
             Ok(r) => r,
             Err(_) => Err(AdapterError::Timeout(self.call_timeout.as_millis() as u64)),
         };
@@ -162,19 +198,35 @@ impl Delivery {
                     Posted::New => "new",
                     Posted::AlreadyThere => "already_there",
                 };
-                metrics::counter!("erp_confirmations_delivered_total", "result" => how)
-                    .increment(1);
+                match row.kind {
+                    OutboxKind::Confirmation => {
+                        metrics::counter!("erp_confirmations_delivered_total", "result" => how)
+                            .increment(1);
+                    }
+                    OutboxKind::Reversal => {
+                        metrics::counter!("erp_reversals_delivered_total", "result" => how)
+                            .increment(1);
+                    }
+                }
                 tracing::info!(idempotency_key = %row.idempotency_key, result = how,
-                    "confirmation delivered");
+                    kind = row.kind.as_str(), "delivered to the erp");
                 (None, state)
             }
             Err(e) if !e.is_transient() => {
                 // The ERP answered: the link is fine, this confirmation is not.
                 let state = self.on_result(true);
-                outbound::mark_failed(&self.pool, row.id, &e.to_string()).await?;
-                metrics::counter!("erp_confirmations_failed_total").increment(1);
+                self.set_aside(&row, "rejected_by_erp", &e.to_string())
+                    .await?;
+                match row.kind {
+                    OutboxKind::Confirmation => {
+                        metrics::counter!("erp_confirmations_failed_total").increment(1);
+                    }
+                    OutboxKind::Reversal => {
+                        metrics::counter!("erp_reversals_failed_total").increment(1);
+                    }
+                }
                 tracing::error!(idempotency_key = %row.idempotency_key, error = %e,
-                    "erp refused the confirmation; set aside");
+                    kind = row.kind.as_str(), "erp refused it; set aside in the dead letters");
                 (None, state)
             }
             Err(e) => {
@@ -195,6 +247,22 @@ impl Delivery {
             self.publish_breaker(after).await;
         }
         Ok(wait)
+    }
+
+    /// Takes a row out of the queue for good and records it as an outbound dead letter (the
+    /// operator sees it in `GetStatus.dead_letters` and can replay it).
+    async fn set_aside(&self, row: &OutboxRow, kind: &str, error: &str) -> Result<(), sqlx::Error> {
+        outbound::mark_failed(&self.pool, row.id, error).await?;
+        metrics::counter!("erp_dead_letters_total", "entity" => OUTBOX_ENTITY).increment(1);
+        inbound::dead_letter(
+            &self.pool,
+            OUTBOX_ENTITY,
+            &row.idempotency_key,
+            kind,
+            error,
+            &row.payload,
+        )
+        .await
     }
 
     fn on_result(&self, ok: bool) -> State {

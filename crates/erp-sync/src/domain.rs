@@ -168,6 +168,100 @@ impl Confirmation {
     }
 }
 
+/// A production reversal: a produce, consume or scrap scan that was already reported in a
+/// confirmation has been voided in the MES; the ERP must take its quantities back. Quantities
+/// are those of the voided scan, negated, in the same shape as a confirmation (so a reader that
+/// sums confirmations and reversals gets the MES's figures).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reversal {
+    pub work_order: String,
+    pub operation: u32,
+    pub station: String,
+    /// The idempotency key of the confirmation that reported the voided scan.
+    pub reverses: String,
+    /// The voided scan and its kind (`produce`, `consume`, `scrap`).
+    pub voided_scan: String,
+    pub voided_kind: String,
+    /// The void scan (the reversal's idempotency key is derived from it).
+    pub void_scan: String,
+    /// Negated good quantity (non-zero for a produce scan).
+    pub good_quantity: Decimal,
+    /// Negated scrap quantity (non-zero for a scrap scan).
+    pub scrap_quantity: Decimal,
+    pub produced_lots: Vec<LotQuantity>,
+    pub consumed_lots: Vec<LotQuantity>,
+    pub scrapped_lots: Vec<LotQuantity>,
+    /// When and by whom the scan was voided, and why.
+    pub voided_at: DateTime<Utc>,
+    pub voided_by: String,
+    pub reason: String,
+}
+
+impl Reversal {
+    /// The idempotency key: one reversal per void scan.
+    pub fn idempotency_key(&self) -> String {
+        reversal_key(&self.void_scan)
+    }
+}
+
+/// The idempotency key of the reversal a void scan triggers.
+pub fn reversal_key(void_scan: &str) -> String {
+    format!("reversal:{void_scan}")
+}
+
+/// What a void means for the ERP: the voided scan's line, negated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidOf {
+    pub work_order: String,
+    pub operation: u32,
+    pub station: String,
+    pub reverses: String,
+    pub voided_scan: String,
+    pub void_scan: String,
+    pub voided_at: DateTime<Utc>,
+    pub voided_by: String,
+    pub reason: String,
+}
+
+/// Builds the reversal of one voided line.
+pub fn build_reversal(void: &VoidOf, line: &ProductionLine) -> Reversal {
+    let negated = LotQuantity {
+        lot: line.lot.clone(),
+        material: line.material.clone(),
+        quantity: (-line.quantity).normalize(),
+    };
+    let (mut produced, mut consumed, mut scrapped) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut good, mut scrap) = (Decimal::ZERO, Decimal::ZERO);
+    match line.kind {
+        ProductionKind::Produce => {
+            good = negated.quantity;
+            produced.push(negated);
+        }
+        ProductionKind::Consume => consumed.push(negated),
+        ProductionKind::Scrap => {
+            scrap = negated.quantity;
+            scrapped.push(negated);
+        }
+    }
+    Reversal {
+        work_order: void.work_order.clone(),
+        operation: void.operation,
+        station: void.station.clone(),
+        reverses: void.reverses.clone(),
+        voided_scan: void.voided_scan.clone(),
+        voided_kind: line.kind.as_str().to_owned(),
+        void_scan: void.void_scan.clone(),
+        good_quantity: good.normalize(),
+        scrap_quantity: scrap.normalize(),
+        produced_lots: produced,
+        consumed_lots: consumed,
+        scrapped_lots: scrapped,
+        voided_at: void.voided_at,
+        voided_by: void.voided_by.clone(),
+        reason: void.reason.clone(),
+    }
+}
+
 /// The scan kinds a confirmation reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProductionKind {
@@ -356,6 +450,32 @@ mod tests {
         assert_eq!(c.produced_lots.len(), 2);
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["consumed_lots"][0]["quantity"], "25");
+    }
+
+    #[test]
+    fn a_reversal_negates_the_voided_line() {
+        let void = VoidOf {
+            work_order: "WO-1000".into(),
+            operation: 10,
+            station: "ST-10".into(),
+            reverses: "WO-1000:10:s9".into(),
+            voided_scan: "s2".into(),
+            void_scan: "v1".into(),
+            voided_at: Utc::now(),
+            voided_by: "sup1".into(),
+            reason: "wrong lot".into(),
+        };
+        let r = build_reversal(&void, &line(ProductionKind::Consume, "STEEL-L1", "5.000"));
+        assert_eq!(r.idempotency_key(), "reversal:v1");
+        assert_eq!(r.consumed_lots[0].quantity.to_string(), "-5");
+        assert_eq!(r.good_quantity.to_string(), "0");
+        assert!(r.produced_lots.is_empty() && r.scrapped_lots.is_empty());
+        let r = build_reversal(&void, &line(ProductionKind::Scrap, "FRAME-L1", "0.5"));
+        assert_eq!(r.scrap_quantity.to_string(), "-0.5");
+        assert_eq!(r.scrapped_lots[0].quantity.to_string(), "-0.5");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["reverses"], "WO-1000:10:s9");
+        assert_eq!(json["voided_kind"], "scrap");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use crate::pull::SyncError;
 pub enum Error {
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    InvalidArgument(String),
     /// A dependency (the ERP, scan-ingest, the database) does not answer: retry later.
     #[error("{what} unavailable")]
     Unavailable {
@@ -59,6 +61,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
             Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::Unavailable { what, source } => {
                 tracing::warn!(dependency = what, error = %format!("{source:#}"), "dependency unavailable");
                 Status::unavailable(format!("{what} unavailable, retry later"))

@@ -3,8 +3,10 @@
 //! Inbound, it pulls materials, stations, received lots and work orders from the ERP, checks
 //! them against the contract (bad records go to a dead-letter table) and upserts them into
 //! scan-ingest. Outbound, it follows scan-ingest's event feed, queues a production
-//! confirmation when an operation completes, and delivers the queue to the ERP exactly once
-//! on the ERP side, behind retries and a circuit breaker.
+//! confirmation when an operation completes (and a reversal when a scan it already confirmed
+//! is voided), and delivers the queue to the ERP exactly once on the ERP side, behind retries
+//! and a circuit breaker. Dead letters (inbound records, outbound rows the ERP refused) can be
+//! replayed by an admin.
 //!
 //! - [`domain`]: the records moved in and out, and how a confirmation is built.
 //! - [`contract`]: the inbound contract check (interface-drift monitoring).

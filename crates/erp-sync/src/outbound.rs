@@ -1,6 +1,7 @@
 //! Outbound, first half: follows scan-ingest's event feed from the cursor stored in erp-sync's
-//! database and turns completed operations into confirmations in the outbox — in the same
-//! transaction as the cursor, so each event takes effect exactly once.
+//! database and turns completed operations into confirmations in the outbox, and voids of
+//! scans already confirmed into reversals — in the same transaction as the cursor, so each
+//! event takes effect exactly once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,21 @@ pub fn fact_of(event: &pb::Event) -> Fact {
                 .or_else(|| v.void_scan.as_ref().map(|s| s.voids.as_str()))
                 .and_then(|id| Uuid::parse_str(id).ok());
             match original {
-                Some(original) => Fact::Voided { original },
+                Some(original) => {
+                    let void = v.void_scan.as_ref();
+                    let void_scan = void.and_then(|s| s.scan.as_ref());
+                    Fact::Voided {
+                        original,
+                        void_scan: void_scan.map(|s| s.scan_id.clone()).unwrap_or_default(),
+                        voided_by: void.map(|s| s.operator.clone()).unwrap_or_default(),
+                        reason: void.map(|s| s.reason.clone()).unwrap_or_default(),
+                        voided_at: void_scan
+                            .and_then(|s| time(s.scanned_at.as_ref()))
+                            .or_else(|| void.and_then(|s| time(s.received_at.as_ref())))
+                            .or_else(|| time(event.occurred_at.as_ref()))
+                            .unwrap_or_else(Utc::now),
+                    }
+                }
                 None => {
                     tracing::warn!(
                         position = event.position,
@@ -192,10 +207,10 @@ async fn follow_once(
             .instrument(span)
             .await?;
         metrics::gauge!("erp_feed_position").set(applied.position as f64);
-        if applied.late_voids > 0 {
-            metrics::counter!("erp_late_voids_total").increment(applied.late_voids as u64);
+        if applied.reversals > 0 {
+            metrics::counter!("erp_reversals_total").increment(applied.reversals as u64);
         }
-        if applied.confirmations > 0 {
+        if applied.confirmations > 0 || applied.reversals > 0 {
             queued.notify_one();
         }
         if let Some(status) = broken {

@@ -6,6 +6,7 @@
 //! the dead-letter table while the rest of the sync continues. Records scan-ingest refuses
 //! are retried one by one, so one bad record never blocks its batch.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,10 +15,11 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::adapter::{AdapterError, ErpAdapter, Pulled};
-use crate::contract::{Drift, DriftKind};
+use crate::contract::{self, Checked, Drift, DriftKind};
 use crate::domain::Entity;
 use crate::mes::{self, Mes};
-use crate::store::inbound::{self, Counts};
+use crate::store::inbound::{self, Counts, DeadLetter};
+use crate::store::outbound;
 
 /// Records per upsert call.
 const CHUNK: usize = 500;
@@ -51,6 +53,33 @@ pub enum SyncError {
     Mes(tonic::Status),
     #[error("database error")]
     Db(#[from] sqlx::Error),
+}
+
+/// What a replay of dead letters did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub replayed: u32,
+    pub still_failing: u32,
+    /// One line per dead letter not replayed, and why.
+    pub errors: Vec<String>,
+    /// Outbox rows put back into the delivery queue.
+    pub requeued: u32,
+}
+
+/// The ERP's current payload of each record of one entity, by key (`None`: the ERP could not
+/// be asked; the stored payloads are replayed then).
+type Fresh = HashMap<Entity, Option<HashMap<String, Value>>>;
+
+fn payloads<T>(pulled: Pulled<T>) -> HashMap<String, Value> {
+    pulled
+        .items
+        .into_iter()
+        .map(|c| (c.key, c.payload))
+        .collect()
+}
+
+fn entity_named(name: &str) -> Option<Entity> {
+    Entity::ALL.into_iter().find(|e| e.as_str() == name)
 }
 
 /// What a pull did, per entity and in total.
@@ -158,6 +187,177 @@ impl Puller {
             report.entities.push((entity, counts));
         }
         Ok(report)
+    }
+
+    /// Replays dead letters (one replay or pull at a time in this replica). Inbound ones go
+    /// through the contract check and the upsert again, with the ERP's current version of the
+    /// record when it still has it (the fix is usually made in the ERP), else the stored
+    /// payload; outbound ones (entity `outbox`) go back into the delivery queue. Replayed ones
+    /// are marked resolved by `by`; the others keep this attempt's reason.
+    #[tracing::instrument(name = "erp.replay_dead_letters", skip_all, fields(letters = letters.len()))]
+    pub async fn replay(
+        &self,
+        letters: Vec<DeadLetter>,
+        by: &str,
+    ) -> Result<ReplayReport, SyncError> {
+        let _one_at_a_time = self.running.lock().await;
+        let mut report = ReplayReport::default();
+        let mut fresh = Fresh::new();
+        for letter in letters {
+            let outcome = if letter.entity == crate::delivery::OUTBOX_ENTITY {
+                match self.requeue(&letter).await? {
+                    Ok(()) => {
+                        report.requeued += 1;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            } else if let Some(entity) = entity_named(&letter.entity) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = fresh.entry(entity) {
+                    slot.insert(self.current_payloads(entity).await);
+                }
+                let payload = fresh
+                    .get(&entity)
+                    .and_then(Option::as_ref)
+                    .and_then(|m| m.get(&letter.record_key))
+                    .unwrap_or(&letter.payload)
+                    .clone();
+                self.replay_record(entity, &payload).await?
+            } else {
+                Err(format!("unknown entity {:?}", letter.entity))
+            };
+            match outcome {
+                Ok(()) => {
+                    inbound::resolve_dead_letter(&self.pool, letter.id, by).await?;
+                    metrics::counter!("erp_dead_letters_replayed_total", "outcome" => "replayed")
+                        .increment(1);
+                    tracing::info!(id = letter.id, entity = %letter.entity,
+                        record = %letter.record_key, "dead letter replayed");
+                    report.replayed += 1;
+                }
+                Err(reason) => {
+                    inbound::note_replay_failure(&self.pool, letter.id, &reason).await?;
+                    metrics::counter!("erp_dead_letters_replayed_total", "outcome" => "still_failing")
+                        .increment(1);
+                    tracing::warn!(id = letter.id, entity = %letter.entity,
+                        record = %letter.record_key, reason = %reason, "dead letter still failing");
+                    report.still_failing += 1;
+                    report.errors.push(format!(
+                        "dead letter {} ({} {}): {reason}",
+                        letter.id, letter.entity, letter.record_key
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Puts a refused outbox row back into the queue (`Ok` also when it is queued or delivered
+    /// already: nothing is left to replay then).
+    async fn requeue(&self, letter: &DeadLetter) -> Result<Result<(), String>, SyncError> {
+        if outbound::requeue_failed(&self.pool, &letter.record_key).await? {
+            return Ok(Ok(()));
+        }
+        let status = outbound::status_of(&self.pool, &letter.record_key).await?;
+        Ok(match status {
+            Some(_) => Ok(()),
+            None => Err(format!("no outbox row with key {}", letter.record_key)),
+        })
+    }
+
+    /// The ERP's current records of `entity`, by key (`None` when it cannot be asked now).
+    async fn current_payloads(&self, entity: Entity) -> Option<HashMap<String, Value>> {
+        let result = match entity {
+            Entity::Materials => self
+                .call(self.adapter.pull_materials(None))
+                .await
+                .map(payloads),
+            Entity::Stations => self
+                .call(self.adapter.pull_stations(None))
+                .await
+                .map(payloads),
+            Entity::Lots => self
+                .call(self.adapter.pull_received_lots(None))
+                .await
+                .map(payloads),
+            Entity::WorkOrders => self
+                .call(self.adapter.pull_work_orders(None))
+                .await
+                .map(payloads),
+        };
+        match result {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(entity = entity.as_str(), error = %e,
+                    "cannot read the erp's current records; replaying the stored payloads");
+                None
+            }
+        }
+    }
+
+    /// Checks one record against the contract and upserts it. `Ok(Err(reason))`: the record
+    /// is still unusable; `Err`: scan-ingest or the database failed (the replay stops).
+    async fn replay_record(
+        &self,
+        entity: Entity,
+        payload: &Value,
+    ) -> Result<Result<(), String>, SyncError> {
+        match entity {
+            Entity::Materials => {
+                self.check_and_upsert(payload, contract::material, |r| {
+                    self.mes.upsert_materials(r)
+                })
+                .await
+            }
+            Entity::Stations => {
+                self.check_and_upsert(payload, contract::station, |r| self.mes.upsert_stations(r))
+                    .await
+            }
+            Entity::Lots => {
+                self.check_and_upsert(payload, contract::received_lot, |r| {
+                    self.mes.upsert_received_lots(r)
+                })
+                .await
+            }
+            Entity::WorkOrders => {
+                self.check_and_upsert(payload, contract::work_order, |r| {
+                    self.mes.upsert_work_orders(r)
+                })
+                .await
+            }
+        }
+    }
+
+    async fn check_and_upsert<T, F, Fut>(
+        &self,
+        payload: &Value,
+        check: fn(&Value, usize) -> Checked<T>,
+        upsert: F,
+    ) -> Result<Result<(), String>, SyncError>
+    where
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Result<Counts, tonic::Status>>,
+    {
+        let checked = check(payload, 0);
+        let Some(record) = checked.record else {
+            let reason = checked
+                .drifts
+                .iter()
+                .filter(|d| d.kind.rejects())
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Ok(Err(reason));
+        };
+        match upsert(vec![record]).await {
+            Ok(_) => Ok(Ok(())),
+            Err(s) if mes::is_record_rejection(&s) => Ok(Err(format!(
+                "{}: {}",
+                DriftKind::RejectedByMes,
+                s.message()
+            ))),
+            Err(s) => Err(SyncError::Mes(s)),
+        }
     }
 
     /// An ERP call with the per-call timeout.

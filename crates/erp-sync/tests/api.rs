@@ -598,3 +598,338 @@ async fn reconciliation_reports_production_the_erp_has_not_seen_yet() {
     erp.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_after_the_confirmation_is_reversed_once_across_restarts() {
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("erp/confirmations.jsonl");
+    let options = ErpOptions {
+        outbox_file: Some(outbox_file.clone()),
+        ..Default::default()
+    };
+    let first = env.spawn_erp_sync(options.clone()).await;
+    first.wait_for_successful_pulls(1).await;
+
+    let mut si = env.scan_ingest_client();
+    let consume = support::Scan::new(pb::ScanKind::Consume, "WO-1000", 10, "ST-10")
+        .lot("STEEL-L1")
+        .quantity("25")
+        .build();
+    let consume_id = consume.scan_id.clone();
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let confirmation_key = format!("WO-1000:10:{}", complete.scan_id);
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            consume,
+            support::Scan::new(pb::ScanKind::Produce, "WO-1000", 10, "ST-10")
+                .lot("FRAME-L1")
+                .material("FRAME-200")
+                .quantity("10")
+                .build(),
+            complete,
+        ],
+    )
+    .await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            support::lines_with_key(&outbox_file, &confirmation_key).len() == 1
+        })
+        .await,
+        "the confirmation reached the erp"
+    );
+
+    // The consume is voided after it was confirmed: the erp gets a reversal.
+    let void_id = support::void_scan(&mut si, &consume_id, "wrong lot scanned").await;
+    let reversal_key = format!("reversal:{void_id}");
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            support::lines_with_key(&outbox_file, &reversal_key).len() == 1
+        })
+        .await,
+        "the reversal reached the erp"
+    );
+    let line = support::lines_with_key(&outbox_file, &reversal_key).remove(0);
+    assert_eq!(line["type"], "production_reversal");
+    assert_eq!(line["work_order"], "WO-1000");
+    assert_eq!(line["operation"], 10);
+    assert_eq!(line["reverses"], confirmation_key.as_str());
+    assert_eq!(line["voided_scan"], consume_id.as_str());
+    assert_eq!(line["voided_kind"], "consume");
+    assert_eq!(line["voided_by"], "sup1");
+    assert_eq!(line["reason"], "wrong lot scanned");
+    assert_eq!(line["good_quantity"], "0");
+    assert_eq!(
+        line["consumed_lots"],
+        json!([{"lot": "STEEL-L1", "material": "STEEL-500", "quantity": "-25"}])
+    );
+    assert_eq!(line["produced_lots"], json!([]));
+    let metrics = mes_common::metrics::install().render();
+    assert!(metrics.contains("erp_reversals_total"), "{metrics}");
+    // The erp's books follow: the lot is back to its received quantity.
+    let agreed = first
+        .client()
+        .reconcile(admin(pb::ReconcileRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agreed.differences, 0, "{:?}", agreed.details);
+
+    // A crash before the bookkeeping and a full replay of the feed: still one reversal.
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM outbox WHERE status = 'delivered' AND kind = 'reversal'",
+            )
+            .fetch_one(&first.pool)
+            .await
+            .unwrap_or(0)
+                == 1
+        })
+        .await
+    );
+    first.stop().await;
+    let pool = env.erp_pool().await;
+    sqlx::query(
+        "UPDATE outbox SET status = 'pending', delivered_at = NULL WHERE kind = 'reversal'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE feed_cursor SET position = 0")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let second = env.spawn_erp_sync(options).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            let (pending, cursor): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM outbox WHERE status <> 'delivered'),
+                        (SELECT position FROM feed_cursor WHERE consumer = 'erp-sync')",
+            )
+            .fetch_one(&second.pool)
+            .await
+            .unwrap_or((1, 0));
+            pending == 0 && cursor > 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, idempotency_key FROM outbox ORDER BY id")
+            .fetch_all(&second.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("confirmation".to_owned(), confirmation_key.clone()),
+            ("reversal".to_owned(), reversal_key.clone()),
+        ]
+    );
+    assert_eq!(
+        support::lines_with_key(&outbox_file, &reversal_key).len(),
+        1
+    );
+    assert_eq!(support::all_lines(&outbox_file).len(), 2);
+
+    second.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_before_completion_is_left_out_of_the_confirmation_and_not_reversed() {
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("confirmations.jsonl");
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            outbox_file: Some(outbox_file.clone()),
+            ..Default::default()
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    let mut si = env.scan_ingest_client();
+    let scrap = support::Scan::new(pb::ScanKind::Scrap, "WO-1000", 10, "ST-10")
+        .lot("STEEL-L1")
+        .quantity("5")
+        .defect("D-01")
+        .build();
+    let scrap_id = scrap.scan_id.clone();
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            support::Scan::new(pb::ScanKind::Consume, "WO-1000", 10, "ST-10")
+                .lot("STEEL-L1")
+                .quantity("25")
+                .build(),
+            scrap,
+        ],
+    )
+    .await;
+    support::void_scan(&mut si, &scrap_id, "scrapped the wrong lot").await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, bool>("SELECT voided FROM production_scans WHERE scan_id = $1")
+                .bind(uuid::Uuid::parse_str(&scrap_id).unwrap())
+                .fetch_one(&erp.pool)
+                .await
+                .unwrap_or(false)
+        })
+        .await,
+        "erp-sync saw the void"
+    );
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let key = format!("WO-1000:10:{}", complete.scan_id);
+    support::submit_all(&mut si, vec![complete]).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            support::lines_with_key(&outbox_file, &key).len() == 1
+        })
+        .await
+    );
+    let line = support::lines_with_key(&outbox_file, &key).remove(0);
+    assert_eq!(line["scrap_quantity"], "0");
+    assert_eq!(line["scrapped_lots"], json!([]));
+    assert_eq!(
+        line["consumed_lots"],
+        json!([{"lot": "STEEL-L1", "material": "STEEL-500", "quantity": "25"}])
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reversals: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'reversal'")
+        .fetch_one(&erp.pool)
+        .await
+        .unwrap();
+    assert_eq!(reversals, 0);
+    assert_eq!(support::all_lines(&outbox_file).len(), 1);
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_dead_letter_is_replayed_once_and_kept_as_history() {
+    let env = TestEnv::new().await;
+    let mut plant = support::demo_plant();
+    plant["work_orders"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("material");
+    let plant_file = env.write_file("plant.json", &plant);
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            plant_file: Some(plant_file),
+            ..Default::default()
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+    let mut client = erp.client();
+    let status = client
+        .get_status(pb::GetErpStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.dead_letters, 1);
+    let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letters WHERE record_key = 'WO-1001'")
+        .fetch_one(&erp.pool)
+        .await
+        .unwrap();
+
+    // Admins only; something must be named.
+    let err = client
+        .replay_dead_letters(operator(pb::ReplayDeadLettersRequest {
+            ids: vec![],
+            all: true,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = client
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Still broken in the erp: the replay fails and the dead letter stays.
+    let r = client
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest {
+            ids: vec![id],
+            all: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.replayed, r.still_failing), (0, 1));
+    assert!(r.errors[0].contains("material"), "{:?}", r.errors);
+
+    // The erp's record is fixed: the replay upserts it into scan-ingest.
+    env.write_file("plant.json", &support::demo_plant());
+    let r = client
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest {
+            ids: vec![],
+            all: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.replayed, r.still_failing), (1, 0), "{:?}", r.errors);
+    let wo = env
+        .scan_ingest_client()
+        .get_work_order(pb::GetWorkOrderRequest {
+            number: "WO-1001".into(),
+        })
+        .await
+        .expect("WO-1001 reached scan-ingest")
+        .into_inner();
+    assert_eq!(wo.material, "BIKE-100");
+    let status = client
+        .get_status(pb::GetErpStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.dead_letters, 0);
+    let (rows, resolved_by): (i64, String) = sqlx::query_as(
+        "SELECT count(*), max(resolved_by) FROM dead_letters WHERE resolved_at IS NOT NULL",
+    )
+    .fetch_one(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, resolved_by.as_str()),
+        (1, "admin"),
+        "kept as history"
+    );
+
+    // A second replay changes nothing.
+    let r = client
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest {
+            ids: vec![],
+            all: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.replayed, r.still_failing), (0, 0));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let r = client
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest {
+            ids: vec![id],
+            all: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.replayed, r.still_failing), (0, 0));
+    assert!(r.errors[0].contains("resolved already"), "{:?}", r.errors);
+    let resolved_at_unchanged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE resolved_at IS NOT NULL")
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(resolved_at_unchanged, 1);
+
+    erp.stop().await;
+    env.stop().await;
+}

@@ -344,3 +344,91 @@ async fn renamed_fields_are_dead_lettered_with_an_alarm_and_the_rest_syncs() {
     erp.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reversal_is_a_dead_letter_that_replays_once_the_bridge_takes_it() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    // An older bridge: no /reversals yet.
+    double.accept_reversals(false);
+    let app = env.spawn_erp_sync(rest_options(&double)).await;
+    app.wait_for_successful_pulls(1).await;
+
+    let mut si = env.scan_ingest_client();
+    let consume = support::Scan::new(pb::ScanKind::Consume, "WO-1000", 10, "ST-10")
+        .lot("STEEL-L1")
+        .quantity("25")
+        .build();
+    let consume_id = consume.scan_id.clone();
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let confirmation_key = format!("WO-1000:10:{}", complete.scan_id);
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            consume,
+            complete,
+        ],
+    )
+    .await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.confirmation(&confirmation_key).is_some()
+        })
+        .await
+    );
+    let void_id = support::void_scan(&mut si, &consume_id, "wrong lot").await;
+    let reversal_key = format!("reversal:{void_id}");
+
+    // 404: permanent; the reversal is set aside where an operator sees it.
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            status(&app).await.dead_letters == 1
+        })
+        .await,
+        "the refused reversal is a dead letter"
+    );
+    let (entity, key, reason): (String, String, String) =
+        sqlx::query_as("SELECT entity, record_key, reason FROM dead_letters")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (entity.as_str(), key.as_str()),
+        ("outbox", reversal_key.as_str())
+    );
+    assert!(
+        reason.contains("404") || reason.contains("rejected"),
+        "{reason}"
+    );
+    assert!(double.confirmation(&reversal_key).is_none());
+
+    // The bridge learns reversals; the replay queues it again and it is booked once.
+    double.accept_reversals(true);
+    let r = app
+        .client()
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest {
+            ids: vec![],
+            all: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.replayed, r.still_failing), (1, 0), "{:?}", r.errors);
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.confirmation(&reversal_key).is_some()
+        })
+        .await,
+        "the replayed reversal reached the erp"
+    );
+    let booked = double.confirmation(&reversal_key).unwrap();
+    assert_eq!(booked["reverses"], confirmation_key.as_str());
+    assert_eq!(booked["consumed_lots"][0]["quantity"], "-25");
+    assert_eq!(double.confirmation_counts()[&reversal_key], 1);
+    let s = status(&app).await;
+    assert_eq!((s.dead_letters, s.queue_depth), (0, 0));
+
+    app.stop().await;
+    env.stop().await;
+}

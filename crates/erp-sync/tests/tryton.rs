@@ -82,20 +82,24 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
     erp.expire_sessions().await;
 
     // The shop floor produces it.
+    let consume = support::Scan::new(pb::ScanKind::Consume, &number, 10, STATION)
+        .lot("STL-L1")
+        .quantity("19")
+        .build();
+    let consume_id = consume.scan_id.clone();
+    let complete = support::scan(pb::ScanKind::CompleteOperation, &number, 10, STATION);
+    let confirmation_key = format!("{number}:10:{}", complete.scan_id);
     support::submit_all(
         &mut si,
         vec![
             support::scan(pb::ScanKind::StartOperation, &number, 10, STATION),
-            support::Scan::new(pb::ScanKind::Consume, &number, 10, STATION)
-                .lot("STL-L1")
-                .quantity("19")
-                .build(),
+            consume,
             support::Scan::new(pb::ScanKind::Produce, &number, 10, STATION)
                 .lot("WID-L1")
                 .material("WID")
                 .quantity("10")
                 .build(),
-            support::scan(pb::ScanKind::CompleteOperation, &number, 10, STATION),
+            complete,
         ],
     )
     .await;
@@ -160,6 +164,39 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
         reconciliation.details
     );
 
+    // A consume voided after the order is done: tryton cannot take the reversal through its
+    // API, so it lands in the dead letters for an operator to book by hand.
+    support::void_scan(&mut si, &consume_id, "counted twice").await;
+    let refused = wait_for(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT reason FROM dead_letters WHERE entity = 'outbox' AND resolved_at IS NULL",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+    assert!(refused, "the reversal is a dead letter");
+    let reason: String =
+        sqlx::query_scalar("SELECT reason FROM dead_letters WHERE entity = 'outbox'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(
+        reason.contains(&format!(
+            "reversal of {confirmation_key} must be booked in Tryton by hand: "
+        )),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("consumed -19 STL of lot STL-L1"),
+        "{reason}"
+    );
+    let metrics = mes_common::metrics::install().render();
+    assert!(metrics.contains("erp_reversals_manual_total"), "{metrics}");
+
     // A confirmation interrupted half-way (erp-sync stopped after `run`): the retry finishes
     // the order without doing the first half twice.
     let second = erp.create_order().await;
@@ -197,7 +234,8 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
     assert_eq!(last["outputs."][0]["quantity"], 9.0);
     assert_eq!(last["outputs."][0]["lot."]["number"], "WID-L2");
 
-    // A later pull sees the order closed and the steel lot's new quantity; nothing breaks.
+    // A later pull sees the order closed and the steel lot's new quantity; nothing breaks (the
+    // one dead letter is the reversal to book by hand).
     app.client()
         .trigger_pull(support::admin(pb::TriggerPullRequest {}))
         .await
@@ -208,7 +246,7 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.dead_letters, 0);
+    assert_eq!(status.dead_letters, 1);
 
     app.stop().await;
     env.stop().await;

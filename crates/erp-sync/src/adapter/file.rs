@@ -1,5 +1,5 @@
 //! The `file` adapter: the ERP is a JSON file holding the plant, and a JSON-lines file that
-//! receives confirmations.
+//! receives confirmations and reversals.
 //!
 //! Inbound, the file has no per-record change dates, so every pull returns the whole plant and
 //! the cursor is the file's content hash; scan-ingest's idempotent upserts report unchanged
@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::{AdapterError, ErpAdapter, Posted, Pulled};
 use crate::contract::{self, Checked, Drift, DriftKind};
-use crate::domain::{Confirmation, ErpQuantities, Material, ReceivedLot, Station, WorkOrder};
+use crate::domain::{
+    Confirmation, ErpQuantities, Material, ReceivedLot, Reversal, Station, WorkOrder,
+};
 
 /// Top-level keys of the plant file.
 const SECTIONS: [&str; 5] = ["plant", "materials", "stations", "lots", "work_orders"];
@@ -38,15 +40,15 @@ struct KeyIndex {
     keys: HashSet<String>,
 }
 
-/// One line of the outbox file.
+/// One line of the outbox file: `type` is `production_confirmation` or `production_reversal`.
 #[derive(Serialize)]
-struct OutboxLine<'a> {
+struct OutboxLine<'a, T: Serialize> {
     idempotency_key: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
     posted_at: String,
     #[serde(flatten)]
-    confirmation: &'a Confirmation,
+    document: &'a T,
 }
 
 impl FileAdapter {
@@ -56,6 +58,34 @@ impl FileAdapter {
             outbox_file: outbox_file.into(),
             index: Arc::default(),
         }
+    }
+
+    /// Appends one line unless its key is in the file already.
+    async fn append<T: Serialize>(
+        &self,
+        idempotency_key: &str,
+        kind: &'static str,
+        document: &T,
+    ) -> Result<Posted, AdapterError> {
+        let line = serde_json::to_string(&OutboxLine {
+            idempotency_key,
+            kind,
+            posted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            document,
+        })
+        .map_err(|e| AdapterError::Rejected(format!("cannot serialise {kind}: {e}")))?;
+        let path = self.outbox_file.clone();
+        let index = self.index.clone();
+        let key = idempotency_key.to_owned();
+        tokio::task::spawn_blocking(move || append_once(&path, &index, &key, &line))
+            .await
+            .map_err(|e| AdapterError::Unavailable(format!("outbox writer failed: {e}")))?
+            .map_err(|e| {
+                AdapterError::Unavailable(format!(
+                    "cannot append to {}: {e}",
+                    self.outbox_file.display()
+                ))
+            })
     }
 
     /// The plant document and its content hash.
@@ -231,25 +261,19 @@ impl ErpAdapter for FileAdapter {
         confirmation: &Confirmation,
         idempotency_key: &str,
     ) -> Result<Posted, AdapterError> {
-        let line = serde_json::to_string(&OutboxLine {
-            idempotency_key,
-            kind: "production_confirmation",
-            posted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            confirmation,
-        })
-        .map_err(|e| AdapterError::Rejected(format!("cannot serialise confirmation: {e}")))?;
-        let path = self.outbox_file.clone();
-        let index = self.index.clone();
-        let key = idempotency_key.to_owned();
-        tokio::task::spawn_blocking(move || append_once(&path, &index, &key, &line))
+        self.append(idempotency_key, "production_confirmation", confirmation)
             .await
-            .map_err(|e| AdapterError::Unavailable(format!("outbox writer failed: {e}")))?
-            .map_err(|e| {
-                AdapterError::Unavailable(format!(
-                    "cannot append to {}: {e}",
-                    self.outbox_file.display()
-                ))
-            })
+    }
+
+    /// Appended like a confirmation, with `"type": "production_reversal"` and negated
+    /// quantities (so the books, and `quantities`, add up).
+    async fn post_reversal(
+        &self,
+        reversal: &Reversal,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError> {
+        self.append(idempotency_key, "production_reversal", reversal)
+            .await
     }
 
     /// Work orders: the good quantities of their confirmations in the outbox file. Received

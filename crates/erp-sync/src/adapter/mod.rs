@@ -1,8 +1,9 @@
 //! The ERP side of erp-sync: one trait, one implementation per ERP.
 //!
 //! An adapter maps its ERP's documents to the MES's records (checked against the inbound
-//! contract, see [`crate::contract`]) and posts production confirmations with an idempotency
-//! key, so that a retried post has its effect once on the ERP side.
+//! contract, see [`crate::contract`]) and posts production confirmations and reversals (of
+//! scans voided after their confirmation) with an idempotency key, so that a retried post has
+//! its effect once on the ERP side.
 //!
 //! - [`file`]: the embedded default — a plant in a JSON file, confirmations appended to a
 //!   JSON-lines file — so the whole system runs without an ERP.
@@ -18,7 +19,9 @@ use std::sync::Arc;
 
 use crate::config::ErpSettings;
 use crate::contract::{Checked, Drift};
-use crate::domain::{Confirmation, ErpQuantities, Material, ReceivedLot, Station, WorkOrder};
+use crate::domain::{
+    Confirmation, ErpQuantities, Material, ReceivedLot, Reversal, Station, WorkOrder,
+};
 
 /// What one pull of one entity returned.
 #[derive(Debug, Clone)]
@@ -94,6 +97,15 @@ pub trait ErpAdapter: Send + Sync {
     async fn post_confirmation(
         &self,
         confirmation: &Confirmation,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError>;
+
+    /// Posts the reversal of a scan voided after its confirmation; the ERP applies one key
+    /// once. An ERP that cannot take reversals answers `Rejected` (the reversal lands in the
+    /// dead letters, to be booked by hand).
+    async fn post_reversal(
+        &self,
+        reversal: &Reversal,
         idempotency_key: &str,
     ) -> Result<Posted, AdapterError>;
 

@@ -11,6 +11,12 @@
 //!   errors are retried; any other 4xx is permanent (the confirmation is set aside). 401/403
 //!   are retried too: a wrong token is an operations problem that must not set aside the
 //!   whole queue.
+//! - `POST {base}/reversals` with `Idempotency-Key` (`reversal:<void scan>`): a scan reported
+//!   in a confirmation was voided in the MES; the body names the confirmation it `reverses` and
+//!   carries the voided scan's quantities negated. Same answers as `/confirmations`; a bridge
+//!   that does not implement it answers 404, which sets the reversal aside (dead letter) for
+//!   booking by hand. A dedicated endpoint rather than a `type` on `/confirmations`: an older
+//!   bridge can never mistake a reversal for a confirmation.
 //! - `GET {base}/quantities` → `{"work_orders": {"WO-1": "10"}, "lots": {"L1": "75"}}` for
 //!   reconciliation; `GET {base}/health` → any 2xx.
 
@@ -22,7 +28,9 @@ use serde_json::Value;
 
 use super::{AdapterError, ErpAdapter, Posted, Pulled};
 use crate::contract::{self, Checked, Drift, DriftKind};
-use crate::domain::{Confirmation, ErpQuantities, Material, ReceivedLot, Station, WorkOrder};
+use crate::domain::{
+    Confirmation, ErpQuantities, Material, ReceivedLot, Reversal, Station, WorkOrder,
+};
 
 /// Top-level keys of a pull answer.
 const PAGE_KEYS: [&str; 3] = ["items", "cursor", "next_page"];
@@ -302,6 +310,41 @@ fn read_quantities(doc: &Value) -> Result<ErpQuantities, AdapterError> {
     Ok(q)
 }
 
+impl RestAdapter {
+    /// Posts a confirmation or a reversal to `path` with its idempotency key.
+    async fn post_document<T: serde::Serialize + Sync>(
+        &self,
+        path: &'static str,
+        document: &T,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError> {
+        let url = self.url(path)?;
+        let req = self
+            .request(Method::POST, url)
+            .header("Idempotency-Key", idempotency_key)
+            .json(document);
+        let (status, body) = self.send(req).await?;
+        match status {
+            StatusCode::CREATED | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => Ok(Posted::New),
+            StatusCode::OK => {
+                // 200: the bridge may say it replayed the key (`{"status": "duplicate"}`).
+                let replay = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
+                    .is_some_and(|s| s == "duplicate");
+                Ok(if replay {
+                    Posted::AlreadyThere
+                } else {
+                    Posted::New
+                })
+            }
+            StatusCode::CONFLICT => Ok(Posted::AlreadyThere),
+            s if s.is_success() => Ok(Posted::New),
+            s => Err(status_error(s, path, &body)),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl ErpAdapter for RestAdapter {
     fn name(&self) -> &'static str {
@@ -346,30 +389,17 @@ impl ErpAdapter for RestAdapter {
         confirmation: &Confirmation,
         idempotency_key: &str,
     ) -> Result<Posted, AdapterError> {
-        let url = self.url("confirmations")?;
-        let req = self
-            .request(Method::POST, url)
-            .header("Idempotency-Key", idempotency_key)
-            .json(confirmation);
-        let (status, body) = self.send(req).await?;
-        match status {
-            StatusCode::CREATED | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => Ok(Posted::New),
-            StatusCode::OK => {
-                // 200: the bridge may say it replayed the key (`{"status": "duplicate"}`).
-                let replay = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
-                    .is_some_and(|s| s == "duplicate");
-                Ok(if replay {
-                    Posted::AlreadyThere
-                } else {
-                    Posted::New
-                })
-            }
-            StatusCode::CONFLICT => Ok(Posted::AlreadyThere),
-            s if s.is_success() => Ok(Posted::New),
-            s => Err(status_error(s, "confirmations", &body)),
-        }
+        self.post_document("confirmations", confirmation, idempotency_key)
+            .await
+    }
+
+    async fn post_reversal(
+        &self,
+        reversal: &Reversal,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError> {
+        self.post_document("reversals", reversal, idempotency_key)
+            .await
     }
 
     async fn quantities(&self) -> Result<ErpQuantities, AdapterError> {

@@ -18,6 +18,10 @@
 //!   so a post interrupted half-way is finished by the retry; an order already `done` counts
 //!   as the same confirmation (Tryton has no idempotency keys: one operation per order).
 //!   Scrap is not posted (base Tryton production has no scrap moves).
+//! - a reversal (a scan voided after its confirmation) is refused for good: a `done`
+//!   production cannot be undone through the API safely (its stock moves are posted), so the
+//!   reversal lands in the dead letters with the quantities to book by hand
+//!   (`erp_reversals_manual_total`).
 //!
 //! Incremental pulls ask for records created or written since the cursor (the newest
 //! `create_date`/`write_date` seen, minus a few seconds of overlap: Tryton stamps the start of
@@ -37,7 +41,9 @@ use serde_json::{Value, json};
 use super::{AdapterError, ErpAdapter, Posted, Pulled};
 use crate::config::ErpSettings;
 use crate::contract::{self, Checked};
-use crate::domain::{Confirmation, ErpQuantities, Material, ReceivedLot, Station, WorkOrder};
+use crate::domain::{
+    Confirmation, ErpQuantities, Material, ReceivedLot, Reversal, Station, WorkOrder,
+};
 
 /// Overlap of incremental pulls (transaction-start timestamps commit late).
 const OVERLAP_SECONDS: i64 = 5;
@@ -1021,6 +1027,18 @@ impl ErpAdapter for TrytonAdapter {
         .await
     }
 
+    async fn post_reversal(
+        &self,
+        reversal: &Reversal,
+        idempotency_key: &str,
+    ) -> Result<Posted, AdapterError> {
+        metrics::counter!("erp_reversals_manual_total", "adapter" => "tryton").increment(1);
+        Err(AdapterError::Rejected(manual_reversal(
+            reversal,
+            idempotency_key,
+        )))
+    }
+
     #[tracing::instrument(name = "erp.tryton.post_confirmation", skip(self, confirmation),
         fields(work_order = %confirmation.work_order))]
     async fn post_confirmation(
@@ -1169,9 +1187,65 @@ impl ErpAdapter for TrytonAdapter {
     }
 }
 
+/// Why a reversal is refused, with what the operator must book in Tryton.
+fn manual_reversal(r: &Reversal, key: &str) -> String {
+    let lots = |what: &str, lots: &[crate::domain::LotQuantity]| {
+        lots.iter()
+            .map(|l| format!("{what} {} {} of lot {}", l.quantity, l.material, l.lot))
+            .collect::<Vec<_>>()
+    };
+    let mut changes = lots("produced", &r.produced_lots);
+    changes.extend(lots("consumed", &r.consumed_lots));
+    changes.extend(lots("scrapped", &r.scrapped_lots));
+    format!(
+        "reversal of {} must be booked in Tryton by hand: tryton cannot undo a done production \
+         through its API; production order {}: {} (voided scan {}, {key}, by {}: {})",
+        r.reverses,
+        r.work_order,
+        changes.join(", "),
+        r.voided_scan,
+        r.voided_by,
+        r.reason
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reversal_is_refused_for_good_with_what_to_book_by_hand() {
+        let void = crate::domain::VoidOf {
+            work_order: "MO/0001".into(),
+            operation: 10,
+            station: "ST-10".into(),
+            reverses: "MO/0001:10:c1".into(),
+            voided_scan: "s1".into(),
+            void_scan: "v1".into(),
+            voided_at: Utc::now(),
+            voided_by: "sup1".into(),
+            reason: "wrong lot".into(),
+        };
+        let line = crate::domain::ProductionLine {
+            kind: crate::domain::ProductionKind::Consume,
+            lot: "STEEL-L1".into(),
+            material: "STEEL-500".into(),
+            quantity: "25".parse().unwrap(),
+        };
+        let r = crate::domain::build_reversal(&void, &line);
+        let why = manual_reversal(&r, &r.idempotency_key());
+        assert!(
+            why.starts_with("reversal of MO/0001:10:c1 must be booked in Tryton by hand: "),
+            "{why}"
+        );
+        assert!(
+            why.contains("consumed -25 STEEL-500 of lot STEEL-L1"),
+            "{why}"
+        );
+        assert!(why.contains("reversal:v1"), "{why}");
+        let e = AdapterError::Rejected(why);
+        assert!(!e.is_transient());
+    }
 
     #[test]
     fn tagged_values_decode() {

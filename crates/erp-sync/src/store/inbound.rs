@@ -135,7 +135,8 @@ pub async fn dead_letter(
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (entity, record_key, payload_hash) DO UPDATE SET
              occurrences = dead_letters.occurrences + 1, last_seen_at = now(),
-             kind = EXCLUDED.kind, reason = EXCLUDED.reason",
+             kind = EXCLUDED.kind, reason = EXCLUDED.reason,
+             resolved_at = NULL, resolved_by = ''",
     )
     .bind(entity)
     .bind(record_key)
@@ -148,10 +149,67 @@ pub async fn dead_letter(
     Ok(())
 }
 
+/// Unresolved dead letters (replayed ones are kept as history, resolved).
 pub async fn dead_letter_count(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+    sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE resolved_at IS NULL")
         .fetch_one(pool)
         .await
+}
+
+/// An unresolved dead letter, to replay.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub entity: String,
+    pub record_key: String,
+    pub payload: Value,
+}
+
+/// Unresolved dead letters, oldest first: all of them, or those of `ids`.
+pub async fn unresolved_dead_letters(
+    pool: &PgPool,
+    ids: Option<&[i64]>,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, entity, record_key, payload FROM dead_letters
+         WHERE resolved_at IS NULL AND ($1::bigint[] IS NULL OR id = ANY($1))
+         ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| DeadLetter {
+            id: r.get("id"),
+            entity: r.get("entity"),
+            record_key: r.get("record_key"),
+            payload: r.get("payload"),
+        })
+        .collect())
+}
+
+/// Marks a dead letter resolved by a replay (kept, not deleted).
+pub async fn resolve_dead_letter(pool: &PgPool, id: i64, by: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE dead_letters SET resolved_at = now(), resolved_by = $2
+         WHERE id = $1 AND resolved_at IS NULL",
+    )
+    .bind(id)
+    .bind(by)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A replay failed again: the dead letter stays, with this attempt's reason.
+pub async fn note_replay_failure(pool: &PgPool, id: i64, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE dead_letters SET reason = $2, last_seen_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(reason)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Notes one departure from the contract.

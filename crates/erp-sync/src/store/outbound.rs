@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::domain::{self, Completion, ProductionKind, ProductionLine};
+use crate::domain::{self, Completion, ProductionKind, ProductionLine, VoidOf};
 
 /// What an event of the feed means for erp-sync.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,8 +27,14 @@ pub enum Fact {
     },
     /// An operation was completed: its confirmation is due.
     Completed(Completion),
-    /// A scan was voided.
-    Voided { original: Uuid },
+    /// A scan was voided (by the void scan `void_scan`, when the event names it).
+    Voided {
+        original: Uuid,
+        void_scan: String,
+        voided_by: String,
+        reason: String,
+        voided_at: DateTime<Utc>,
+    },
     /// Nothing for erp-sync.
     Other,
 }
@@ -55,8 +61,8 @@ pub struct Applied {
     pub position: i64,
     /// Confirmations queued.
     pub confirmations: usize,
-    /// Voids of scans already confirmed to the ERP (not corrected there).
-    pub late_voids: usize,
+    /// Reversals queued (voids of scans already confirmed to the ERP).
+    pub reversals: usize,
 }
 
 pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
@@ -136,18 +142,56 @@ pub async fn apply(
                     applied.confirmations += 1;
                 }
             }
-            Fact::Voided { original } => {
-                let confirmed: Option<Option<String>> = sqlx::query_scalar(
+            Fact::Voided {
+                original,
+                void_scan,
+                voided_by,
+                reason,
+                voided_at,
+            } => {
+                let row = sqlx::query(
                     "UPDATE production_scans SET voided = true WHERE scan_id = $1
-                     RETURNING confirmation_key",
+                     RETURNING confirmation_key, work_order, operation, station, kind, lot,
+                               material, quantity",
                 )
                 .bind(original)
                 .fetch_optional(&mut *tx)
                 .await?;
-                if let Some(Some(key)) = confirmed {
-                    tracing::warn!(scan_id = %original, confirmation = %key,
-                        "a scan already confirmed to the erp was voided; the erp keeps the confirmed quantity");
-                    applied.late_voids += 1;
+                // Not reported yet: the flag keeps it out of the coming confirmation.
+                if let Some(row) = row
+                    && let Some(key) = row.get::<Option<String>, _>("confirmation_key")
+                {
+                    let void_scan = if void_scan.is_empty() {
+                        // A scan is voided once: its own id keys the reversal as well.
+                        original.to_string()
+                    } else {
+                        void_scan.clone()
+                    };
+                    let void = VoidOf {
+                        work_order: row.get("work_order"),
+                        operation: 0,
+                        station: row.get("station"),
+                        reverses: key,
+                        voided_scan: original.to_string(),
+                        void_scan,
+                        voided_at: *voided_at,
+                        voided_by: voided_by.clone(),
+                        reason: reason.clone(),
+                    };
+                    let line = ProductionKind::parse(row.get::<&str, _>("kind")).map(|kind| {
+                        ProductionLine {
+                            kind,
+                            lot: row.get("lot"),
+                            material: row.get("material"),
+                            quantity: row.get::<Decimal, _>("quantity"),
+                        }
+                    });
+                    let operation: i32 = row.get("operation");
+                    if let Some(line) = line
+                        && queue_reversal(&mut tx, void, operation, &line, &e.traceparent).await?
+                    {
+                        applied.reversals += 1;
+                    }
                 }
             }
             Fact::Other => {}
@@ -227,10 +271,67 @@ async fn queue_confirmation(
     Ok(true)
 }
 
-/// A queued confirmation.
+/// Queues the reversal of a voided scan that `void.reverses` reported, once per void scan
+/// (a replayed feed finds it queued). The operation is the confirmation's (the scan may have
+/// named none). Returns whether it was queued now.
+async fn queue_reversal(
+    tx: &mut Transaction<'_, Postgres>,
+    mut void: VoidOf,
+    scan_operation: i32,
+    line: &ProductionLine,
+    traceparent: &str,
+) -> Result<bool, sqlx::Error> {
+    let confirmed_operation: Option<i32> =
+        sqlx::query_scalar("SELECT operation FROM outbox WHERE idempotency_key = $1")
+            .bind(&void.reverses)
+            .fetch_optional(&mut **tx)
+            .await?;
+    void.operation = u32::try_from(confirmed_operation.unwrap_or(scan_operation)).unwrap_or(0);
+    let reversal = domain::build_reversal(&void, line);
+    let key = reversal.idempotency_key();
+    let payload = serde_json::to_value(&reversal).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let queued = sqlx::query(
+        "INSERT INTO outbox (idempotency_key, kind, work_order, operation, payload, traceparent)
+         VALUES ($1, 'reversal', $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&key)
+    .bind(&reversal.work_order)
+    .bind(reversal.operation as i32)
+    .bind(payload)
+    .bind(traceparent)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        > 0;
+    if queued {
+        tracing::info!(work_order = %reversal.work_order, operation = reversal.operation,
+            idempotency_key = %key, reverses = %reversal.reverses,
+            voided_scan = %reversal.voided_scan, "reversal queued");
+    }
+    Ok(queued)
+}
+
+/// What an outbox row carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxKind {
+    Confirmation,
+    Reversal,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Confirmation => "confirmation",
+            OutboxKind::Reversal => "reversal",
+        }
+    }
+}
+
+/// A queued confirmation or reversal.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
+    pub kind: OutboxKind,
     pub idempotency_key: String,
     pub payload: Value,
     pub traceparent: String,
@@ -241,13 +342,17 @@ pub struct OutboxRow {
 /// The oldest pending confirmation (delivery is in queue order).
 pub async fn next_pending(pool: &PgPool) -> Result<Option<OutboxRow>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT id, idempotency_key, payload, traceparent, attempts, next_attempt_at
+        "SELECT id, kind, idempotency_key, payload, traceparent, attempts, next_attempt_at
          FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|r| OutboxRow {
         id: r.get("id"),
+        kind: match r.get::<&str, _>("kind") {
+            "reversal" => OutboxKind::Reversal,
+            _ => OutboxKind::Confirmation,
+        },
         idempotency_key: r.get("idempotency_key"),
         payload: r.get("payload"),
         traceparent: r.get("traceparent"),
@@ -277,6 +382,31 @@ pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), sqlx
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Puts a refused (`failed`) outbox row back into the queue, to be tried at once. Returns
+/// false when there is no such failed row (delivered or pending already).
+pub async fn requeue_failed(pool: &PgPool, idempotency_key: &str) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET status = 'pending', next_attempt_at = now()
+         WHERE idempotency_key = $1 AND status = 'failed'",
+    )
+    .bind(idempotency_key)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        > 0)
+}
+
+/// The status of the outbox row with this key (`None`: there is none).
+pub async fn status_of(
+    pool: &PgPool,
+    idempotency_key: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM outbox WHERE idempotency_key = $1")
+        .bind(idempotency_key)
+        .fetch_optional(pool)
+        .await
 }
 
 /// A transient failure: try again at `next_attempt_at`.

@@ -46,6 +46,8 @@ struct Inner {
     renames: Vec<(String, String, String, String)>,
     /// Accepted confirmations: idempotency key → every body accepted for it (should be one).
     confirmations: BTreeMap<String, Vec<Value>>,
+    /// Whether `POST /reversals` exists (otherwise 404, like a bridge that predates it).
+    reversals: bool,
     requests: Vec<Seen>,
 }
 
@@ -69,6 +71,7 @@ impl ErpDouble {
                 plant,
                 renames: Vec::new(),
                 confirmations: BTreeMap::new(),
+                reversals: true,
                 requests: Vec::new(),
             })),
             token: token.map(str::to_owned),
@@ -81,7 +84,8 @@ impl ErpDouble {
             .route("/lots", get(lots))
             .route("/work-orders", get(work_orders))
             .route("/quantities", get(quantities))
-            .route("/confirmations", post(confirm));
+            .route("/confirmations", post(confirm))
+            .route("/reversals", post(reverse));
         let app = Router::new()
             .nest(BASE, api)
             .layer(middleware::from_fn_with_state(double.clone(), faults))
@@ -109,6 +113,11 @@ impl ErpDouble {
         self.lock()
             .renames
             .push((section.into(), key.into(), field.into(), to.into()));
+    }
+
+    /// Whether the double implements `POST /reversals` (default: yes).
+    pub fn accept_reversals(&self, yes: bool) {
+        self.lock().reversals = yes;
     }
 
     pub fn clear_renames(&self) {
@@ -275,6 +284,14 @@ async fn confirm(State(d): State<ErpDouble>, headers: HeaderMap, body: String) -
         axum::Json(json!({"status": "accepted"})),
     )
         .into_response()
+}
+
+/// Reversals are booked like confirmations (same key space, the keys differ by prefix).
+async fn reverse(State(d): State<ErpDouble>, headers: HeaderMap, body: String) -> Response {
+    if !d.lock().reversals {
+        return (StatusCode::NOT_FOUND, "no such endpoint").into_response();
+    }
+    confirm(State(d), headers, body).await
 }
 
 /// A listener that, under [`Fault::Reset`], reads a request and drops its connection.

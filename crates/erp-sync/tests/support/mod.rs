@@ -315,6 +315,38 @@ pub fn admin<T>(message: T) -> tonic::Request<T> {
     )
 }
 
+pub fn supervisor<T>(message: T) -> tonic::Request<T> {
+    with_caller(
+        message,
+        Caller {
+            user: "sup1".into(),
+            roles: vec!["supervisor".into()],
+            device: None,
+            station: None,
+        },
+    )
+}
+
+/// Voids `scan_id` in scan-ingest as sup1; returns the void scan's id.
+pub async fn void_scan(
+    client: &mut ScanIngestClient<Channel>,
+    scan_id: &str,
+    reason: &str,
+) -> String {
+    let r = client
+        .void_scan(supervisor(pb::VoidScanRequest {
+            scan_id: scan_id.into(),
+            reason: reason.into(),
+            confirm: true,
+        }))
+        .await
+        .expect("void scan")
+        .into_inner();
+    assert!(r.allowed, "void of {scan_id} refused: {}", r.why);
+    assert!(!r.void_scan_id.is_empty());
+    r.void_scan_id
+}
+
 pub fn operator<T>(message: T) -> tonic::Request<T> {
     with_caller(
         message,
@@ -359,6 +391,11 @@ impl Scan {
 
     pub fn quantity(mut self, quantity: &str) -> Self {
         self.0.quantity = quantity.into();
+        self
+    }
+
+    pub fn defect(mut self, code: &str) -> Self {
+        self.0.defect_code = code.into();
         self
     }
 
