@@ -1,6 +1,7 @@
 //! trace-query's errors and their gRPC status.
 
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -12,6 +13,42 @@ pub enum Error {
     Unavailable(#[source] sqlx::Error),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The gRPC status (internal causes go to the log, never to the caller).
+    pub fn to_status(&self) -> Status {
+        match self {
+            Error::Invalid { field, message } => {
+                let mut details = ErrorDetails::new();
+                details.add_bad_request_violation(field.clone(), message.clone());
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    format!("{field}: {message}"),
+                    details,
+                )
+            }
+            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::Unavailable(source) => {
+                tracing::error!(
+                    error = source as &dyn std::error::Error,
+                    "database unavailable"
+                );
+                Status::unavailable("database unavailable, retry")
+            }
+            Error::Internal(source) => {
+                tracing::error!(error = %format!("{source:#}"), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
 }
 
 impl From<sqlx::Error> for Error {
@@ -27,22 +64,28 @@ impl From<sqlx::Error> for Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        match e {
-            Error::Invalid { field, message } => {
-                Status::invalid_argument(format!("{field}: {message}"))
-            }
-            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
-            Error::Unavailable(source) => {
-                tracing::error!(
-                    error = &source as &dyn std::error::Error,
-                    "database unavailable"
-                );
-                Status::unavailable("database unavailable, retry")
-            }
-            Error::Internal(source) => {
-                tracing::error!(error = %format!("{source:#}"), "internal error");
-                Status::internal("internal error")
-            }
-        }
+        e.to_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let s = Error::invalid("max_depth", "must be between 1 and 50").to_status();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().starts_with("max_depth:"), "{}", s.message());
+        let details = s.get_error_details();
+        let v = &details.bad_request().expect("bad request").field_violations[0];
+        assert_eq!(v.field, "max_depth");
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak() {
+        let s = Error::Internal(anyhow::anyhow!("secret connection string")).to_status();
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("secret"));
     }
 }

@@ -3,19 +3,32 @@
 //!
 //! - [`config`]: settings (defaults → TOML → `MES_TRACE_QUERY_` environment).
 //! - [`api`]: the gRPC surface (`TraceQuery`).
+//! - [`reads`]: each answer through the cache, the database behind it.
+//! - [`domain`]: request validation and the definitions behind the answers (no SQL, no Redis).
+//! - [`projection`]: the event-feed consumer that keeps the read model current.
+//! - [`store`]: SQL of its own database: applying events, the read queries.
+//! - [`cache`]: the Redis query cache (cache-aside, single-flight, locks, membership filter).
+//! - [`stats`]: counters behind the metrics.
+//! - [`datagen`]: realistic data volumes for tests and benchmarks (`mes-datagen`).
 //! - [`error`]: the service's errors and their gRPC status.
 //!
 //! Migrations of its own database are in `migrations/` and run at start-up.
 
 pub mod api;
+pub mod cache;
 pub mod config;
+pub mod datagen;
+pub mod domain;
 pub mod error;
+pub mod projection;
+pub mod reads;
+pub mod stats;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use mes_common::cache::Redis;
-use mes_common::health::Probe;
 use mes_common::{Shutdown, db, grpc};
 use mes_proto::v1::trace_query_server::TraceQueryServer;
 use sqlx::PgPool;
@@ -26,12 +39,45 @@ pub use config::Settings;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
+/// The gRPC health service name that reports the query cache: SERVING while Redis is in use,
+/// NOT_SERVING while answers come from PostgreSQL only (degraded; the service itself stays
+/// SERVING).
+pub const REDIS_HEALTH: &str = "redis";
+
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
     pub redis: Redis,
+    pub cache: cache::QueryCache,
+    pub projection: projection::Projection,
+    pub stats: Arc<stats::Stats>,
     pub settings: Arc<Settings>,
+}
+
+/// Mirrors the query cache's state as the health service [`REDIS_HEALTH`].
+async fn cache_health(
+    reporter: tonic_health::server::HealthReporter,
+    cache: cache::QueryCache,
+    shutdown: Shutdown,
+) {
+    let mut last = None;
+    loop {
+        let up = cache.redis_available();
+        if last != Some(up) {
+            let status = if up {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status(REDIS_HEALTH, status).await;
+            last = Some(up);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
 }
 
 pub struct Application {
@@ -60,13 +106,22 @@ impl Application {
         } else {
             Some(grpc::bind(&s.metrics_addr).await?)
         };
+        let settings = Arc::new(settings);
+        let stats = Arc::new(stats::Stats::default());
+        let cache =
+            cache::QueryCache::new(redis.clone(), pool.clone(), stats.clone(), settings.clone());
+        let projection =
+            projection::Projection::new(pool.clone(), cache.clone(), settings.clone())?;
         Ok(Self {
             listener,
             metrics_listener,
             state: AppState {
                 pool,
                 redis,
-                settings: Arc::new(settings),
+                cache,
+                projection,
+                stats,
+                settings,
             },
         })
     }
@@ -97,46 +152,25 @@ impl Application {
         tracing::info!(addr = %listener.local_addr()?, "trace-query listening");
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let pool = state.pool.clone();
-        let redis = state.redis.clone();
-        let probes = vec![
-            Probe::new("database", true, move || {
-                let pool = pool.clone();
-                async move { db::ping(&pool).await }
-            }),
-            // The query cache is optional: without Redis the service answers from PostgreSQL.
-            Probe::new("redis", false, move || {
-                let redis = redis.clone();
-                async move { redis.ping().await }
-            }),
-        ];
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(mes_common::health::watch(
-            reporter,
-            vec!["mes.v1.TraceQuery"],
-            probes,
-            Duration::from_secs(2),
+        tasks.spawn(cache_health(
+            reporter.clone(),
+            state.cache.clone(),
             shutdown.clone(),
         ));
-        let pool = state.pool.clone();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            loop {
-                db::record_pool_metrics(&pool);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.wait() => return,
-                }
-            }
-        });
-        if let Some(l) = metrics_listener {
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = mes_common::metrics::serve(l, stop).await {
-                    tracing::error!(error = %e, "metrics endpoint failed");
-                }
-            });
-        }
+        // Database (decides SERVING) and Redis (reported only: without it the service answers
+        // from PostgreSQL), pool gauges, `/metrics`.
+        mes_common::service::spawn_common_tasks(
+            &mut tasks,
+            reporter,
+            vec!["mes.v1.TraceQuery"],
+            mes_common::service::core_probes(&state.pool, &state.redis),
+            &state.pool,
+            metrics_listener,
+            &shutdown,
+        );
+        tasks.spawn(state.projection.clone().follow(shutdown.clone()));
+        tasks.spawn(state.cache.clone().watchdog(shutdown.clone()));
 
         let api = api::Api::new(state.clone());
         let result = grpc::server("trace-query")
@@ -145,12 +179,19 @@ impl Application {
             .add_service(TraceQueryServer::new(api))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
             .await;
+        // The consumer finishes its batch (and its cache deletions), the delayed second
+        // deletions run, then Redis and the pool close.
         shutdown.trigger();
-        let drain = Duration::from_secs(settings.service.shutdown_grace_seconds);
+        let grace = Duration::from_secs(settings.service.shutdown_grace_seconds);
         let _ =
-            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
-        state.redis.quit().await;
-        state.pool.close().await;
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let second_delete = Duration::from_millis(settings.cache_second_delete_ms + 200);
+        let deadline = tokio::time::Instant::now() + second_delete.min(grace);
+        while !state.cache.settled() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        state.cache.close();
+        mes_common::service::stop(tasks, grace, &shutdown, &state.redis, &state.pool).await;
         tracing::info!("trace-query stopped");
         Ok(result?)
     }

@@ -1,0 +1,883 @@
+//! The query cache (Redis, cache-aside), as DESIGN.md's read path asks:
+//!
+//! - **Reads**: one round trip asks the membership filter (for lot queries), the cached
+//!   "not found" and the cached answer together. A miss goes through single-flight (identical
+//!   concurrent misses of this replica share one computation, [`flight`]) and a Redis lock
+//!   (`SET NX PX`) across replicas: a replica that finds the lock held waits a bounded time for
+//!   the holder's answer to appear, then asks the database itself (never hangs).
+//! - **Writes**: answers get a TTL with random jitter (no synchronized expiry); "not found" a
+//!   short one.
+//! - **Invalidation**: the projection commits, then deletes the keys its events made stale
+//!   (computed by the store, [`crate::store::apply`]), and deletes them again
+//!   `cache_second_delete_ms` later, against a reader that refilled a key from an older
+//!   snapshot. Every cached answer thus reflects an applied event within about that delay.
+//! - **Penetration**: the membership filter ([`filter`]) and short-lived "not found" entries.
+//! - **Pre-warming**: the backward genealogy of freshly produced lots is computed in the
+//!   background (after the second delete, so it is not thrown away).
+//! - **Redis down**: every Redis call has a short timeout; a failure closes the gate and
+//!   requests go straight to PostgreSQL. A watchdog reopens it once Redis answers again and the
+//!   deletions that failed meanwhile were replayed (or, if too many, the whole cache purged), so
+//!   a recovered Redis never serves an answer the projection meanwhile made stale. A Redis that
+//!   restarted empty is detected by the filter's sentinel bit, and the filter rebuilt.
+
+pub mod filter;
+pub mod flight;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::bytes::Bytes;
+use fred::interfaces::{ClientLike, KeysInterface};
+use fred::types::{Expiration, SetOptions, Value};
+use mes_common::Shutdown;
+use mes_common::cache::Redis;
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::config::Settings;
+use crate::domain::Invalidation;
+use crate::error::Error;
+use crate::stats::{CacheResult, Query, Stats};
+use filter::BloomParams;
+use flight::Flights;
+
+/// Pending deletions kept while Redis is unreachable; beyond this the whole cache is purged on
+/// recovery instead.
+const MAX_PENDING_KEYS: usize = 100_000;
+/// Keys per DEL command.
+const DELETE_CHUNK: usize = 500;
+const RELEASE_LOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+const HSET_WITH_TTL: &str =
+    "redis.call('hset', KEYS[1], ARGV[1], ARGV[2]); return redis.call('pexpire', KEYS[1], ARGV[3])";
+
+/// Where an answer is cached.
+#[derive(Debug, Clone)]
+pub enum Slot {
+    /// A string key.
+    Key(String),
+    /// A field of a hash (all depths of a lot's genealogy in one key, deleted together).
+    Field { key: String, field: String },
+}
+
+/// One cacheable request.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub query: Query,
+    pub slot: Slot,
+    /// Key of the cached "not found", if the answer can be one.
+    pub negative: Option<String>,
+    /// The lot to ask the membership filter about.
+    pub filter_lot: Option<String>,
+    /// Identity of the computation (single-flight, cross-replica lock).
+    pub flight: String,
+    /// What is not found (`lot X`).
+    pub what: String,
+}
+
+/// A loader's answer: the encoded response, or `None` for "not found".
+pub type Loaded = Result<Option<Vec<u8>>, Error>;
+
+type Shared = Result<Option<Bytes>, Arc<Error>>;
+
+struct Inner {
+    redis: Redis,
+    stats: Arc<Stats>,
+    pool: PgPool,
+    settings: Arc<Settings>,
+    up: AtomicBool,
+    /// Set when the service stopped: background work (second deletes, pre-warming) ends.
+    closed: AtomicBool,
+    wake: Notify,
+    flights: Flights<(Shared, CacheResult)>,
+    bloom: BloomParams,
+    filter_key: String,
+    /// Deletions that failed (replayed when Redis is back).
+    pending: Mutex<Pending>,
+    prewarm: Arc<Semaphore>,
+    /// Delayed deletes and pre-warmings not finished yet.
+    background: Arc<AtomicUsize>,
+}
+
+/// Counts a background task while it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    keys: BTreeSet<String>,
+    lots: BTreeSet<String>,
+    overflow: bool,
+}
+
+#[derive(Clone)]
+pub struct QueryCache {
+    inner: Arc<Inner>,
+}
+
+fn bytes_of(v: Value) -> Option<Bytes> {
+    match v {
+        Value::Bytes(b) => Some(b),
+        Value::String(s) => Some(s.inner().clone()),
+        _ => None,
+    }
+}
+
+impl QueryCache {
+    pub fn new(redis: Redis, pool: PgPool, stats: Arc<Stats>, settings: Arc<Settings>) -> Self {
+        let bloom = BloomParams::for_capacity(
+            settings.lot_filter_capacity,
+            settings.lot_filter_false_positive_rate,
+        );
+        let filter_key = redis.key(&format!("lots:filter:{}:{}", bloom.bits, bloom.hashes));
+        Self {
+            inner: Arc::new(Inner {
+                redis,
+                stats,
+                pool,
+                settings,
+                up: AtomicBool::new(true),
+                closed: AtomicBool::new(false),
+                wake: Notify::new(),
+                flights: Flights::default(),
+                bloom,
+                filter_key,
+                pending: Mutex::new(Pending::default()),
+                prewarm: Arc::new(Semaphore::new(2)),
+                background: Arc::new(AtomicUsize::new(0)),
+            }),
+        }
+    }
+
+    pub fn key(&self, k: &str) -> String {
+        self.inner.redis.key(k)
+    }
+
+    /// Stops every Redis call of this instance (at shutdown: late background work must not
+    /// write after the service stopped).
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+    }
+
+    /// Whether Redis is in use right now (false: answering from PostgreSQL only).
+    pub fn redis_available(&self) -> bool {
+        self.inner.up.load(Ordering::Acquire)
+    }
+
+    /// Whether no delayed delete or pre-warming is pending (tests wait for it before they
+    /// count cache hits).
+    pub fn settled(&self) -> bool {
+        self.inner.background.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether the membership filter is built and readable (tests wait for it).
+    pub async fn filter_ready(&self) -> bool {
+        self.inner.filter_sentinel().await == Some(true)
+    }
+
+    /// Answers `lookup` from the cache, or from `load` (the database) on a miss.
+    pub async fn fetch<F, Fut>(&self, lookup: Lookup, load: F) -> Result<Bytes, Arc<Error>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Loaded> + Send + 'static,
+    {
+        let inner = &self.inner;
+        match inner.probe(&lookup).await {
+            Probe::Found(b) => {
+                inner.stats.cache(CacheResult::Hit);
+                return Ok(b);
+            }
+            Probe::Negative => {
+                inner.stats.cache(CacheResult::NegativeHit);
+                return Err(Arc::new(Error::NotFound(lookup.what)));
+            }
+            Probe::Rejected => {
+                inner.stats.cache(CacheResult::FilterRejected);
+                return Err(Arc::new(Error::NotFound(lookup.what)));
+            }
+            Probe::Miss => {}
+        }
+        let what = lookup.what.clone();
+        let flight = lookup.flight.clone();
+        let leader_inner = inner.clone();
+        let (out, leader) = inner
+            .flights
+            .run(&flight, move || async move {
+                leader_inner.lead(lookup, load).await
+            })
+            .await;
+        let (result, outcome) = out.unwrap_or_else(|| {
+            (
+                Err(Arc::new(Error::Internal(anyhow::anyhow!(
+                    "query computation panicked"
+                )))),
+                CacheResult::Miss,
+            )
+        });
+        inner.stats.cache(if leader {
+            outcome
+        } else {
+            CacheResult::Coalesced
+        });
+        match result {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(Arc::new(Error::NotFound(what))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After the projection committed a batch: known lots into the filter, stale keys deleted
+    /// now and once more after `cache_second_delete_ms`, pre-warming of produced lots when the
+    /// consumer is caught up (`warm`).
+    pub async fn applied(&self, inv: &Invalidation, warm: bool) {
+        let inner = &self.inner;
+        let c = &inv.changes;
+        if !c.new_lots.is_empty() {
+            inner.filter_add(c.new_lots.iter().cloned().collect()).await;
+        }
+        let mut keys: Vec<String> = Vec::new();
+        keys.extend(inv.backward.iter().map(|l| self.key(&format!("g:b:{l}"))));
+        keys.extend(inv.forward.iter().map(|l| self.key(&format!("g:f:{l}"))));
+        keys.extend(c.history.iter().map(|l| self.key(&format!("h:{l}"))));
+        keys.extend(c.new_lots.iter().map(|l| self.key(&format!("nf:lot:{l}"))));
+        for wo in &c.work_orders {
+            keys.push(self.key(&format!("wo:{wo}")));
+            keys.push(self.key(&format!("nf:wo:{wo}")));
+        }
+        if c.reports {
+            keys.push(self.key("reports"));
+        }
+        if keys.is_empty() {
+            return;
+        }
+        keys.sort();
+        keys.dedup();
+        inner.delete(keys.clone()).await;
+        let delayed = inner.clone();
+        let delay = Duration::from_millis(inner.settings.cache_second_delete_ms);
+        let busy = Busy::new(&inner.background);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            delayed.delete(keys).await;
+            drop(busy);
+        });
+        if warm && inner.settings.prewarm {
+            for lot in c.produced.iter().take(64) {
+                self.prewarm(lot.clone(), delay + Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn prewarm(&self, lot: String, after: Duration) {
+        // At most two pre-warmings at a time: a burst of produce scans cannot pile up tasks.
+        let Ok(permit) = self.inner.prewarm.clone().try_acquire_owned() else {
+            metrics::counter!("trace_prewarm_skipped_total").increment(1);
+            return;
+        };
+        let cache = self.clone();
+        let busy = Busy::new(&self.inner.background);
+        tokio::spawn(async move {
+            let _busy = busy;
+            tokio::time::sleep(after).await;
+            if cache.inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let depth = crate::domain::depth(cache.inner.settings.prewarm_depth)
+                .unwrap_or(crate::domain::DEFAULT_DEPTH);
+            let result = crate::reads::genealogy(
+                &cache,
+                &cache.inner.pool,
+                &lot,
+                crate::domain::Direction::Backward,
+                depth,
+            )
+            .await;
+            match result {
+                Ok(_) => metrics::counter!("trace_prewarmed_total").increment(1),
+                Err(e) => tracing::debug!(lot, error = %e, "pre-warming failed"),
+            }
+            drop(permit);
+        });
+    }
+
+    /// Deletes every cached answer (not the filter): after a rebuild, or when too many
+    /// deletions failed while Redis was down.
+    pub async fn purge_answers(&self) -> bool {
+        self.inner.purge_answers().await
+    }
+
+    /// Rebuilds the membership filter from the read model.
+    pub async fn rebuild_filter(&self) -> anyhow::Result<u64> {
+        self.inner.rebuild_filter().await
+    }
+
+    /// Watches Redis: reopens the gate when it answers again (after replaying failed deletions),
+    /// rebuilds the filter at start and whenever Redis lost it.
+    pub async fn watchdog(self, shutdown: Shutdown) {
+        let inner = &self.inner;
+        let mut filter_built = false;
+        loop {
+            if !inner.up.load(Ordering::Acquire) {
+                inner.try_recover().await;
+            }
+            if inner.up.load(Ordering::Acquire) {
+                let sentinel = inner.filter_sentinel().await;
+                if !filter_built || sentinel == Some(false) {
+                    match inner.rebuild_filter().await {
+                        Ok(n) => {
+                            filter_built = true;
+                            tracing::info!(lots = n, "lot membership filter built");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "lot membership filter rebuild failed")
+                        }
+                    }
+                }
+            }
+            let wait = if inner.up.load(Ordering::Acquire) && filter_built {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(200)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = inner.wake.notified() => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+}
+
+enum Probe {
+    Found(Bytes),
+    Negative,
+    Rejected,
+    Miss,
+}
+
+impl Inner {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.cache_command_timeout_ms.max(1))
+    }
+
+    fn ttl_ms(&self, base_ms: u64) -> i64 {
+        let pct = self.settings.cache_ttl_jitter_percent.min(90);
+        let spread = base_ms * pct / 100;
+        let ms = if spread == 0 {
+            base_ms
+        } else {
+            rand::rng().random_range(base_ms - spread..=base_ms + spread)
+        };
+        i64::try_from(ms.max(1)).unwrap_or(i64::MAX)
+    }
+
+    /// Runs a Redis call unless the gate is closed; a failure or timeout closes it.
+    async fn call<T, Fut>(&self, fut: Fut) -> Option<T>
+    where
+        Fut: Future<Output = Result<T, fred::error::Error>>,
+    {
+        if !self.up.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        match tokio::time::timeout(self.timeout(), fut).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("timed out");
+                None
+            }
+        }
+    }
+
+    fn failed(&self, error: &str) {
+        self.stats.redis_error();
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error, "redis unavailable; answering from the database");
+            metrics::gauge!("trace_cache_available").set(0.0);
+        }
+        self.wake.notify_one();
+    }
+
+    fn bitfield_args(&self, offsets: &[u64], set: bool) -> Vec<Value> {
+        let mut args: Vec<Value> = vec![self.filter_key.clone().into()];
+        for o in offsets {
+            args.push(if set { "SET" } else { "GET" }.into());
+            args.push("u1".into());
+            args.push(Value::Integer(i64::try_from(*o).unwrap_or(0)));
+            if set {
+                args.push(Value::Integer(1));
+            }
+        }
+        args
+    }
+
+    /// Filter, "not found" and answer in one pipelined round trip.
+    async fn probe(&self, lookup: &Lookup) -> Probe {
+        if !self.up.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire) {
+            return Probe::Miss;
+        }
+        let client = self.redis.client();
+        let pipe = client.pipeline();
+        let mut queued: Result<(), fred::error::Error> = Ok(());
+        let has_filter = lookup.filter_lot.is_some();
+        if let Some(lot) = &lookup.filter_lot {
+            let mut offsets = vec![0];
+            offsets.extend(self.bloom.positions(lot));
+            queued = queued.and(
+                pipe.custom::<(), Value>(
+                    fred::cmd!("BITFIELD"),
+                    self.bitfield_args(&offsets, false),
+                )
+                .await,
+            );
+        }
+        if let Some(neg) = &lookup.negative {
+            queued = queued.and(pipe.get::<(), _>(neg.as_str()).await);
+        }
+        queued = queued.and(match &lookup.slot {
+            Slot::Key(k) => pipe.get::<(), _>(k.as_str()).await,
+            Slot::Field { key, field } => {
+                fred::interfaces::HashesInterface::hget::<(), _, _>(
+                    &pipe,
+                    key.as_str(),
+                    field.as_str(),
+                )
+                .await
+            }
+        });
+        if let Err(e) = queued {
+            self.failed(&e.to_string());
+            return Probe::Miss;
+        }
+        let Some(values) = self.call(pipe.all::<Vec<Value>>()).await else {
+            return Probe::Miss;
+        };
+        let mut values = values.into_iter();
+        if has_filter {
+            let bits: Vec<i64> = values
+                .next()
+                .map(|v| {
+                    v.into_array()
+                        .into_iter()
+                        .map(|b| b.as_i64().unwrap_or(0))
+                        .collect()
+                })
+                .unwrap_or_default();
+            // bits[0] is the sentinel: a filter not (re)built yet is bypassed.
+            if bits.first() == Some(&1) && bits.contains(&0) {
+                return Probe::Rejected;
+            }
+        }
+        if lookup.negative.is_some() && values.next().is_some_and(|v| !v.is_null()) {
+            return Probe::Negative;
+        }
+        match values.next().and_then(bytes_of) {
+            Some(b) => Probe::Found(b),
+            None => Probe::Miss,
+        }
+    }
+
+    /// The answer or a cached "not found", if either is there now.
+    async fn peek(&self, lookup: &Lookup) -> Option<Option<Bytes>> {
+        if let Some(neg) = &lookup.negative
+            && self
+                .call(self.redis.client().exists::<i64, _>(neg.as_str()))
+                .await
+                .unwrap_or(0)
+                > 0
+        {
+            return Some(None);
+        }
+        let v: Option<Value> = match &lookup.slot {
+            Slot::Key(k) => self.call(self.redis.client().get(k.as_str())).await,
+            Slot::Field { key, field } => {
+                self.call(fred::interfaces::HashesInterface::hget(
+                    self.redis.client(),
+                    key.as_str(),
+                    field.as_str(),
+                ))
+                .await
+            }
+        };
+        v.and_then(bytes_of).map(Some)
+    }
+
+    /// The single-flight leader: checks again (a previous flight may just have filled the key),
+    /// takes the cross-replica lock or waits a bounded time for its holder, asks the database,
+    /// stores the answer.
+    async fn lead<F, Fut>(self: Arc<Self>, lookup: Lookup, load: F) -> (Shared, CacheResult)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Loaded> + Send + 'static,
+    {
+        if let Some(found) = self.peek(&lookup).await {
+            return (Ok(found), CacheResult::Hit);
+        }
+        let lock_key = self.redis.key(&format!("lock:{}", lookup.flight));
+        let token = uuid::Uuid::new_v4().to_string();
+        let lock_ttl = i64::try_from(self.settings.cache_lock_ttl_ms.max(1)).unwrap_or(5_000);
+        let acquired: Option<Option<String>> = self
+            .call(self.redis.client().set(
+                lock_key.as_str(),
+                token.as_str(),
+                Some(Expiration::PX(lock_ttl)),
+                Some(SetOptions::NX),
+                false,
+            ))
+            .await;
+        let holds_lock = matches!(acquired, Some(Some(_)));
+        if holds_lock {
+            // The previous holder may have stored the answer between our check and the lock.
+            if let Some(found) = self.peek(&lookup).await {
+                self.release(&lock_key, &token).await;
+                return (Ok(found), CacheResult::Hit);
+            }
+        } else if acquired == Some(None) {
+            // Another replica is computing it: wait (bounded) for its answer.
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(self.settings.cache_lock_wait_ms);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                if let Some(found) = self.peek(&lookup).await {
+                    return (Ok(found), CacheResult::Coalesced);
+                }
+                if !self.up.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        self.stats.db_query(lookup.query);
+        let loaded = load().await;
+        metrics::histogram!("trace_db_query_duration_seconds", "query" => lookup.query.as_str())
+            .record(started.elapsed().as_secs_f64());
+        let result = match loaded {
+            Ok(Some(bytes)) => {
+                let bytes = Bytes::from(bytes);
+                let ttl = self.ttl_ms(self.settings.cache_ttl_seconds.saturating_mul(1000));
+                self.store(&lookup.slot, bytes.clone(), ttl).await;
+                Ok(Some(bytes))
+            }
+            Ok(None) => {
+                if let Some(neg) = &lookup.negative {
+                    let ttl = self.ttl_ms(self.settings.cache_negative_ttl_ms);
+                    let _: Option<()> = self
+                        .call(self.redis.client().set(
+                            neg.as_str(),
+                            "1",
+                            Some(Expiration::PX(ttl)),
+                            None,
+                            false,
+                        ))
+                        .await;
+                }
+                Ok(None)
+            }
+            Err(e) => Err(Arc::new(e)),
+        };
+        if holds_lock {
+            self.release(&lock_key, &token).await;
+        }
+        (result, CacheResult::Miss)
+    }
+
+    /// Releases the lock if it is still ours (compare and delete, atomically).
+    async fn release(&self, lock_key: &str, token: &str) {
+        let _: Option<i64> = self
+            .call(self.redis.client().custom(
+                fred::cmd!("EVAL"),
+                vec![
+                    Value::from(RELEASE_LOCK),
+                    Value::Integer(1),
+                    Value::from(lock_key),
+                    Value::from(token),
+                ],
+            ))
+            .await;
+    }
+
+    async fn store(&self, slot: &Slot, bytes: Bytes, ttl_ms: i64) {
+        match slot {
+            Slot::Key(k) => {
+                let _: Option<()> = self
+                    .call(self.redis.client().set(
+                        k.as_str(),
+                        Value::Bytes(bytes),
+                        Some(Expiration::PX(ttl_ms)),
+                        None,
+                        false,
+                    ))
+                    .await;
+            }
+            Slot::Field { key, field } => {
+                let _: Option<Value> = self
+                    .call(self.redis.client().custom(
+                        fred::cmd!("EVAL"),
+                        vec![
+                            Value::from(HSET_WITH_TTL),
+                            Value::Integer(1),
+                            Value::from(key.as_str()),
+                            Value::from(field.as_str()),
+                            Value::Bytes(bytes),
+                            Value::Integer(ttl_ms),
+                        ],
+                    ))
+                    .await;
+            }
+        }
+    }
+
+    /// Deletes `keys`; what cannot be deleted now is kept for the watchdog to replay.
+    async fn delete(&self, keys: Vec<String>) {
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            let done: Option<i64> = self
+                .call(self.redis.client().unlink::<i64, _>(chunk.to_vec()))
+                .await;
+            if done.is_none() {
+                let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if !p.overflow {
+                    p.keys.extend(chunk.iter().cloned());
+                    if p.keys.len() > MAX_PENDING_KEYS {
+                        p.keys.clear();
+                        p.overflow = true;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn filter_add(&self, lots: Vec<String>) {
+        for chunk in lots.chunks(64) {
+            let offsets: Vec<u64> = chunk.iter().flat_map(|l| self.bloom.positions(l)).collect();
+            let done: Option<Value> = self
+                .call(
+                    self.redis
+                        .client()
+                        .custom(fred::cmd!("BITFIELD"), self.bitfield_args(&offsets, true)),
+                )
+                .await;
+            if done.is_none() {
+                let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                p.lots.extend(chunk.iter().cloned());
+            }
+        }
+    }
+
+    /// `Some(true)` when the filter is built, `Some(false)` when not (e.g. Redis restarted
+    /// empty), `None` when Redis does not answer.
+    async fn filter_sentinel(&self) -> Option<bool> {
+        let v: Value = self
+            .call(self.redis.client().custom(
+                fred::cmd!("GETBIT"),
+                vec![self.filter_key.clone(), "0".into()],
+            ))
+            .await?;
+        Some(v.as_i64() == Some(1))
+    }
+
+    async fn rebuild_filter(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(!self.closed.load(Ordering::Acquire), "stopped");
+        let mut bitmap = self.bloom.empty_bitmap();
+        let n = crate::store::queries::each_lot(&self.pool, |lot| {
+            for o in self.bloom.positions(lot) {
+                filter::set_bit(&mut bitmap, o);
+            }
+        })
+        .await?;
+        filter::set_bit(&mut bitmap, 0);
+        let tmp = self.redis.key(&format!(
+            "lots:filter:build:{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let client = self.redis.client();
+        let slow = Duration::from_secs(10);
+        let result: anyhow::Result<()> = async {
+            tokio::time::timeout(
+                slow,
+                client.set::<(), _, _>(
+                    tmp.as_str(),
+                    Value::Bytes(Bytes::from(bitmap)),
+                    Some(Expiration::EX(300)),
+                    None,
+                    false,
+                ),
+            )
+            .await??;
+            // OR, never overwrite: bits the projection set meanwhile stay set.
+            tokio::time::timeout(
+                slow,
+                client.custom::<Value, Value>(
+                    fred::cmd!("BITOP"),
+                    vec![
+                        "OR".into(),
+                        self.filter_key.clone().into(),
+                        self.filter_key.clone().into(),
+                        tmp.clone().into(),
+                    ],
+                ),
+            )
+            .await??;
+            Ok(())
+        }
+        .await;
+        let _ = tokio::time::timeout(slow, client.unlink::<i64, _>(tmp.as_str())).await;
+        result?;
+        Ok(n)
+    }
+
+    async fn try_recover(&self) {
+        let ping = tokio::time::timeout(self.timeout(), self.redis.ping()).await;
+        if !matches!(ping, Ok(Ok(_))) {
+            return;
+        }
+        let (keys, lots, overflow) = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut p.keys),
+                std::mem::take(&mut p.lots),
+                std::mem::replace(&mut p.overflow, false),
+            )
+        };
+        let client = self.redis.client();
+        let restore = |keys: BTreeSet<String>, lots: BTreeSet<String>, overflow: bool| {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.keys.extend(keys);
+            p.lots.extend(lots);
+            p.overflow |= overflow;
+        };
+        if overflow && !self.purge_answers_unchecked().await {
+            restore(keys, lots, overflow);
+            return;
+        }
+        let keys_v: Vec<String> = keys.iter().cloned().collect();
+        for chunk in keys_v.chunks(DELETE_CHUNK) {
+            let r =
+                tokio::time::timeout(self.timeout(), client.unlink::<i64, _>(chunk.to_vec())).await;
+            if !matches!(r, Ok(Ok(_))) {
+                restore(keys, lots, false);
+                return;
+            }
+        }
+        let lots_v: Vec<String> = lots.iter().cloned().collect();
+        for chunk in lots_v.chunks(64) {
+            let offsets: Vec<u64> = chunk.iter().flat_map(|l| self.bloom.positions(l)).collect();
+            let r = tokio::time::timeout(
+                self.timeout(),
+                client.custom::<Value, Value>(
+                    fred::cmd!("BITFIELD"),
+                    self.bitfield_args(&offsets, true),
+                ),
+            )
+            .await;
+            if !matches!(r, Ok(Ok(_))) {
+                restore(BTreeSet::new(), lots, false);
+                return;
+            }
+        }
+        self.up.store(true, Ordering::Release);
+        metrics::gauge!("trace_cache_available").set(1.0);
+        tracing::info!("redis available again; cache in use");
+    }
+
+    async fn purge_answers(&self) -> bool {
+        if !self.up.load(Ordering::Acquire) {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.overflow = true;
+            return false;
+        }
+        self.purge_answers_unchecked().await
+    }
+
+    /// SCANs this service's keys and deletes every cached answer (the filter stays).
+    async fn purge_answers_unchecked(&self) -> bool {
+        let client = self.redis.client();
+        let pattern = format!("{}*", glob_escape(self.redis.prefix()));
+        let filter_prefix = self.redis.key("lots:filter:");
+        let mut cursor = "0".to_owned();
+        loop {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.custom::<Value, Value>(
+                    fred::cmd!("SCAN"),
+                    vec![
+                        cursor.clone().into(),
+                        "MATCH".into(),
+                        pattern.clone().into(),
+                        "COUNT".into(),
+                        Value::Integer(1000),
+                    ],
+                ),
+            )
+            .await;
+            let Ok(Ok(v)) = r else {
+                return false;
+            };
+            let mut parts = v.into_array().into_iter();
+            let next = parts
+                .next()
+                .and_then(|c| c.as_bytes_str().map(|s| s.to_string()))
+                .unwrap_or_else(|| "0".into());
+            let keys: Vec<String> = parts
+                .next()
+                .map(|k| k.into_array())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|k| k.as_bytes_str().map(|s| s.to_string()))
+                .filter(|k| !k.starts_with(&filter_prefix))
+                .collect();
+            if !keys.is_empty()
+                && !matches!(
+                    tokio::time::timeout(Duration::from_secs(5), client.unlink::<i64, _>(keys))
+                        .await,
+                    Ok(Ok(_))
+                )
+            {
+                return false;
+            }
+            if next == "0" {
+                return true;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Escapes Redis glob characters.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("test:a*b?[c]\\"), "test:a\\*b\\?\\[c\\]\\\\");
+    }
+}

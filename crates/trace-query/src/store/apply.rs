@@ -1,0 +1,813 @@
+//! The projection: applies events of scan-ingest's feed to the read model.
+//!
+//! A batch of events is applied in one transaction together with the cursor that covers it, so
+//! each event takes effect exactly once however often the feed is replayed: events at or before
+//! the stored cursor are skipped, a hole in the positions is refused (the consumer then
+//! resubscribes from the stored cursor).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use mes_proto::v1 as pb;
+use mes_proto::v1::event::Payload;
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{self, Changes, Invalidation, MAX_DEPTH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("feed gap: expected position {expected}, got {got}")]
+    Gap { expected: i64, got: i64 },
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The result of applying a batch.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Applied {
+    /// The cursor after the batch.
+    pub position: i64,
+    /// Events applied (not counting replays skipped).
+    pub events: usize,
+    /// Occurrence time of the last applied event.
+    pub last_occurred_at: Option<DateTime<Utc>>,
+    /// The cached answers the batch made stale.
+    pub invalidation: Invalidation,
+}
+
+/// The stored cursor of `consumer` (0: nothing applied yet).
+pub async fn cursor(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
+}
+
+/// Empties the read model and sets the cursor of `consumer` back to 0, in one transaction: the
+/// consumer then replays the feed from the start.
+pub async fn reset(pool: &PgPool, consumer: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "TRUNCATE materials, stations, work_orders, work_order_operations, lots, scans,
+                  genealogy_edges, production_hourly",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0)
+         ON CONFLICT (consumer) DO UPDATE SET position = 0, updated_at = now()",
+    )
+    .bind(consumer)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Applies `events` (in position order) and moves the cursor, in one transaction.
+pub async fn apply(
+    pool: &PgPool,
+    consumer: &str,
+    events: &[pb::Event],
+) -> Result<Applied, ApplyError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .execute(&mut *tx)
+    .await?;
+    let start: i64 =
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE")
+            .bind(consumer)
+            .fetch_one(&mut *tx)
+            .await?;
+    let mut applied = Applied {
+        position: start,
+        ..Default::default()
+    };
+    let mut st = BatchState::default();
+    for e in events {
+        let position = i64::try_from(e.position).unwrap_or(i64::MAX);
+        if position <= applied.position {
+            continue;
+        }
+        if position != applied.position + 1 {
+            return Err(ApplyError::Gap {
+                expected: applied.position + 1,
+                got: position,
+            });
+        }
+        apply_event(&mut tx, e, position, &mut st).await?;
+        applied.position = position;
+        applied.events += 1;
+        applied.last_occurred_at = domain::time_of(e.occurred_at.as_ref());
+    }
+    if applied.events == 0 {
+        tx.rollback().await?;
+        return Ok(applied);
+    }
+    write_rollup(&mut tx, &st.rollup).await?;
+    applied.invalidation = expand(&mut tx, st.changes).await?;
+    sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
+        .bind(consumer)
+        .bind(applied.position)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match pb::ScanKind::try_from(kind) {
+        Ok(pb::ScanKind::StartOperation) => "start_operation",
+        Ok(pb::ScanKind::Consume) => "consume",
+        Ok(pb::ScanKind::Produce) => "produce",
+        Ok(pb::ScanKind::CompleteOperation) => "complete_operation",
+        Ok(pb::ScanKind::Scrap) => "scrap",
+        Ok(pb::ScanKind::Move) => "move",
+        Ok(pb::ScanKind::Inspect) => "inspect",
+        Ok(pb::ScanKind::Void) => "void",
+        _ => "",
+    }
+}
+
+const KINDS: [&str; 8] = [
+    "start_operation",
+    "consume",
+    "produce",
+    "complete_operation",
+    "scrap",
+    "move",
+    "inspect",
+    "void",
+];
+
+/// The stored kind name as a `'static` one ("" when unknown).
+fn static_kind(kind: &str) -> &'static str {
+    KINDS.into_iter().find(|k| *k == kind).unwrap_or("")
+}
+
+fn quantity(s: &str) -> Option<Decimal> {
+    if s.is_empty() { None } else { s.parse().ok() }
+}
+
+/// A scan of the feed, as stored in the read model.
+struct ScanRow {
+    scan_id: Uuid,
+    kind: &'static str,
+    work_order: String,
+    operation: i32,
+    station: String,
+    lot: String,
+    into_lot: String,
+    material: String,
+    quantity: Option<Decimal>,
+    result: String,
+    defect_code: String,
+    operator: String,
+    scanned_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    trace_id: String,
+    voids: Option<Uuid>,
+}
+
+impl ScanRow {
+    fn from_stored(stored: &pb::StoredScan, occurred_at: DateTime<Utc>) -> Option<Self> {
+        let s = stored.scan.as_ref()?;
+        let scan_id = Uuid::parse_str(&s.scan_id).ok()?;
+        let kind = kind_name(s.kind);
+        if kind.is_empty() {
+            return None;
+        }
+        let received_at = domain::time_of(stored.received_at.as_ref()).unwrap_or(occurred_at);
+        Some(Self {
+            scan_id,
+            kind,
+            work_order: s.work_order.clone(),
+            operation: i32::try_from(s.operation).unwrap_or(0),
+            station: s.station.clone(),
+            lot: s.lot.clone(),
+            into_lot: s.into_lot.clone(),
+            material: if stored.material.is_empty() {
+                s.material.clone()
+            } else {
+                stored.material.clone()
+            },
+            quantity: quantity(&s.quantity),
+            result: match pb::InspectResult::try_from(s.result) {
+                Ok(pb::InspectResult::Pass) => "pass".into(),
+                Ok(pb::InspectResult::Fail) => "fail".into(),
+                _ => String::new(),
+            },
+            defect_code: s.defect_code.clone(),
+            operator: stored.operator.clone(),
+            scanned_at: domain::time_of(s.scanned_at.as_ref()).unwrap_or(received_at),
+            received_at,
+            trace_id: domain::trace_id_of(&stored.traceparent),
+            voids: Uuid::parse_str(&stored.voids).ok(),
+        })
+    }
+}
+
+async fn apply_event(
+    tx: &mut Transaction<'_, Postgres>,
+    e: &pb::Event,
+    position: i64,
+    st: &mut BatchState,
+) -> Result<(), sqlx::Error> {
+    let occurred_at = domain::time_of(e.occurred_at.as_ref()).unwrap_or_else(Utc::now);
+    match &e.payload {
+        Some(Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) })) => {
+            match ScanRow::from_stored(stored, occurred_at) {
+                Some(row) => scan_accepted(tx, row, position, st).await?,
+                None => tracing::warn!(position, "unreadable scan.accepted event skipped"),
+            }
+        }
+        Some(Payload::ScanVoided(v)) => {
+            let void = v
+                .void_scan
+                .as_ref()
+                .and_then(|s| ScanRow::from_stored(s, occurred_at));
+            let original = v
+                .original
+                .as_ref()
+                .and_then(|s| ScanRow::from_stored(s, occurred_at));
+            match (void, original) {
+                (Some(void), original) => {
+                    scan_voided(tx, void, original, position, st).await?;
+                }
+                _ => tracing::warn!(position, "unreadable scan.voided event skipped"),
+            }
+        }
+        Some(Payload::LotReceived(l)) => lot_received(tx, l, occurred_at, st).await?,
+        Some(Payload::WorkOrder(w)) => work_order_upserted(tx, w, st).await?,
+        Some(Payload::Material(m)) => {
+            sqlx::query(
+                "INSERT INTO materials (number, description, tracking, unit) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (number) DO UPDATE SET description = EXCLUDED.description,
+                     tracking = EXCLUDED.tracking, unit = EXCLUDED.unit",
+            )
+            .bind(&m.number)
+            .bind(&m.description)
+            .bind(&m.tracking)
+            .bind(&m.unit)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Some(Payload::Station(s)) => {
+            sqlx::query(
+                "INSERT INTO stations (id, name) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+            )
+            .bind(&s.id)
+            .bind(&s.name)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // Holds and releases do not change any answer of trace-query.
+        Some(Payload::LotStatusChanged(_)) => {}
+        _ => tracing::debug!(position, kind = %e.kind, "event without effect on the read model"),
+    }
+    Ok(())
+}
+
+/// The routing step of a scan: the one scan-ingest published (it resolves a scan that named
+/// none); for events without it, resolved here the same way — the first unfinished operation
+/// at the scan's station, else the last one there.
+async fn resolve_step(
+    tx: &mut Transaction<'_, Postgres>,
+    row: &ScanRow,
+) -> Result<i32, sqlx::Error> {
+    if row.operation != 0 || row.work_order.is_empty() {
+        return Ok(row.operation);
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT step FROM work_order_operations WHERE work_order = $1 AND station = $2
+         ORDER BY completed, CASE WHEN completed THEN -step ELSE step END LIMIT 1",
+    )
+    .bind(&row.work_order)
+    .bind(&row.station)
+    .fetch_optional(&mut **tx)
+    .await?
+    .unwrap_or(0))
+}
+
+async fn insert_scan(
+    tx: &mut Transaction<'_, Postgres>,
+    row: &ScanRow,
+    position: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO scans (scan_id, position, kind, work_order, operation, station, lot, into_lot,
+                            material, quantity, result, defect_code, operator, scanned_at,
+                            received_at, trace_id, voids)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+         ON CONFLICT (scan_id) DO NOTHING",
+    )
+    .bind(row.scan_id)
+    .bind(position)
+    .bind(row.kind)
+    .bind(&row.work_order)
+    .bind(row.operation)
+    .bind(&row.station)
+    .bind(&row.lot)
+    .bind(&row.into_lot)
+    .bind(&row.material)
+    .bind(row.quantity)
+    .bind(&row.result)
+    .bind(&row.defect_code)
+    .bind(&row.operator)
+    .bind(row.scanned_at)
+    .bind(row.received_at)
+    .bind(&row.trace_id)
+    .bind(row.voids)
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// The hourly rollup of a batch: (hour, station, material, work order) → (good, scrap, scans).
+type Rollup = BTreeMap<(DateTime<Utc>, String, String, String), (Decimal, Decimal, i64)>;
+
+/// What a batch changed: for the cache, and the production rollup (summed in memory, written
+/// once per batch).
+#[derive(Default)]
+struct BatchState {
+    changes: Changes,
+    rollup: Rollup,
+}
+
+impl BatchState {
+    /// Adds (`sign` = 1) or removes (`sign` = -1) a scan's share of the hourly production rollup.
+    fn rollup(&mut self, row: &ScanRow, sign: i64) {
+        let q = row.quantity.unwrap_or_default() * Decimal::from(sign);
+        let (good, scrap) = match row.kind {
+            "produce" => (q, Decimal::ZERO),
+            "scrap" => (Decimal::ZERO, q),
+            _ => (Decimal::ZERO, Decimal::ZERO),
+        };
+        let hour = row
+            .scanned_at
+            .duration_trunc(TimeDelta::hours(1))
+            .unwrap_or(row.scanned_at);
+        let e = self
+            .rollup
+            .entry((
+                hour,
+                row.station.clone(),
+                row.material.clone(),
+                row.work_order.clone(),
+            ))
+            .or_default();
+        e.0 += good;
+        e.1 += scrap;
+        e.2 += sign;
+    }
+}
+
+async fn write_rollup(
+    tx: &mut Transaction<'_, Postgres>,
+    rollup: &Rollup,
+) -> Result<(), sqlx::Error> {
+    if rollup.is_empty() {
+        return Ok(());
+    }
+    let n = rollup.len();
+    let (mut hours, mut stations, mut materials, mut wos) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut goods, mut scraps, mut counts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((hour, station, material, wo), (good, scrap, scans)) in rollup {
+        hours.push(*hour);
+        stations.push(station.as_str());
+        materials.push(material.as_str());
+        wos.push(wo.as_str());
+        goods.push(*good);
+        scraps.push(*scrap);
+        counts.push(*scans);
+    }
+    sqlx::query(
+        "INSERT INTO production_hourly (hour, station, material, work_order, good, scrap, scans)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::numeric[],
+                              $6::numeric[], $7::bigint[])
+         ON CONFLICT (hour, station, material, work_order) DO UPDATE SET
+             good = production_hourly.good + EXCLUDED.good,
+             scrap = production_hourly.scrap + EXCLUDED.scrap,
+             scans = production_hourly.scans + EXCLUDED.scans",
+    )
+    .bind(&hours)
+    .bind(&stations)
+    .bind(&materials)
+    .bind(&wos)
+    .bind(&goods)
+    .bind(&scraps)
+    .bind(&counts)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn touched(changes: &mut Changes, row: &ScanRow) {
+    for lot in [&row.lot, &row.into_lot] {
+        if !lot.is_empty() {
+            changes.history.insert(lot.clone());
+        }
+    }
+    if !row.work_order.is_empty() {
+        changes.work_orders.insert(row.work_order.clone());
+    }
+    changes.reports = true;
+}
+
+async fn scan_accepted(
+    tx: &mut Transaction<'_, Postgres>,
+    mut row: ScanRow,
+    position: i64,
+    st: &mut BatchState,
+) -> Result<(), sqlx::Error> {
+    row.operation = resolve_step(tx, &row).await?;
+    if !insert_scan(tx, &row, position).await? {
+        return Ok(());
+    }
+    touched(&mut st.changes, &row);
+    st.rollup(&row, 1);
+    match row.kind {
+        "produce" => {
+            let q = row.quantity.unwrap_or_default();
+            let created: bool = sqlx::query_scalar(
+                "INSERT INTO lots (lot, material, origin, work_order, quantity, produced_at)
+                 VALUES ($1, $2, 'produced', $3, $4, $5)
+                 ON CONFLICT (lot) DO UPDATE SET
+                     quantity = lots.quantity + EXCLUDED.quantity,
+                     produced_at = LEAST(lots.produced_at, EXCLUDED.produced_at),
+                     material = CASE WHEN lots.material = '' THEN EXCLUDED.material ELSE lots.material END
+                 RETURNING (xmax = 0)",
+            )
+            .bind(&row.lot)
+            .bind(&row.material)
+            .bind(&row.work_order)
+            .bind(q)
+            .bind(row.scanned_at)
+            .fetch_one(&mut **tx)
+            .await?;
+            if created {
+                st.changes.new_lots.insert(row.lot.clone());
+            }
+            st.changes.node_changed(&row.lot);
+            st.changes.produced.insert(row.lot.clone());
+            // Every lot the work order consumed (without into_lot) went into this one.
+            let inputs: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
+                                              quantity, station, operator, at)
+                 SELECT c.scan_id, c.lot, $2, false, c.work_order, COALESCE(c.quantity, 0),
+                        c.station, c.operator, c.scanned_at
+                 FROM scans c
+                 WHERE c.work_order = $1 AND c.kind = 'consume' AND c.into_lot = ''
+                   AND c.voided_by IS NULL
+                 ON CONFLICT DO NOTHING
+                 RETURNING from_lot",
+            )
+            .bind(&row.work_order)
+            .bind(&row.lot)
+            .fetch_all(&mut **tx)
+            .await?;
+            for from in inputs {
+                st.changes.edge_added(&from, &row.lot);
+            }
+        }
+        "consume" if !row.into_lot.is_empty() => {
+            sqlx::query(
+                "INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
+                                              quantity, station, operator, at)
+                 VALUES ($1, $2, $3, true, $4, $5, $6, $7, $8)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(row.scan_id)
+            .bind(&row.lot)
+            .bind(&row.into_lot)
+            .bind(&row.work_order)
+            .bind(row.quantity.unwrap_or_default())
+            .bind(&row.station)
+            .bind(&row.operator)
+            .bind(row.scanned_at)
+            .execute(&mut **tx)
+            .await?;
+            st.changes.edge_added(&row.lot, &row.into_lot);
+        }
+        "consume" => {
+            // Into every lot the work order produced so far (later ones: see produce).
+            let outputs: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
+                                              quantity, station, operator, at)
+                 SELECT $2, $3, p.lot, false, $1, $4, $5, $6, $7
+                 FROM (SELECT DISTINCT lot FROM scans
+                       WHERE work_order = $1 AND kind = 'produce' AND voided_by IS NULL) p
+                 ON CONFLICT DO NOTHING
+                 RETURNING to_lot",
+            )
+            .bind(&row.work_order)
+            .bind(row.scan_id)
+            .bind(&row.lot)
+            .bind(row.quantity.unwrap_or_default())
+            .bind(&row.station)
+            .bind(&row.operator)
+            .bind(row.scanned_at)
+            .fetch_all(&mut **tx)
+            .await?;
+            for to in outputs {
+                st.changes.edge_added(&row.lot, &to);
+            }
+        }
+        "complete_operation" => {
+            sqlx::query(
+                "UPDATE work_order_operations SET completed = true WHERE work_order = $1 AND step = $2",
+            )
+            .bind(&row.work_order)
+            .bind(row.operation)
+            .execute(&mut **tx)
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn scan_voided(
+    tx: &mut Transaction<'_, Postgres>,
+    void: ScanRow,
+    original: Option<ScanRow>,
+    position: i64,
+    st: &mut BatchState,
+) -> Result<(), sqlx::Error> {
+    let Some(original_id) = void.voids.or(original.as_ref().map(|o| o.scan_id)) else {
+        tracing::warn!(position, "scan.voided event without the voided scan's id");
+        return Ok(());
+    };
+    let mut void = void;
+    void.voids = Some(original_id);
+    void.kind = "void";
+    if !insert_scan(tx, &void, position).await? {
+        return Ok(());
+    }
+    touched(&mut st.changes, &void);
+    let row = sqlx::query(
+        "UPDATE scans SET voided_by = $2 WHERE scan_id = $1 AND voided_by IS NULL
+         RETURNING kind, work_order, operation, station, lot, into_lot, material, quantity, scanned_at",
+    )
+    .bind(original_id)
+    .bind(void.scan_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(r) = row else {
+        tracing::warn!(position, scan_id = %original_id, "void of a scan the read model does not know");
+        return Ok(());
+    };
+    let kind: String = r.get("kind");
+    let original = ScanRow {
+        scan_id: original_id,
+        kind: static_kind(&kind),
+        work_order: r.get("work_order"),
+        operation: r.get("operation"),
+        station: r.get("station"),
+        lot: r.get("lot"),
+        into_lot: r.get("into_lot"),
+        material: r.get("material"),
+        quantity: r.get("quantity"),
+        result: String::new(),
+        defect_code: String::new(),
+        operator: String::new(),
+        scanned_at: r.get("scanned_at"),
+        received_at: void.received_at,
+        trace_id: String::new(),
+        voids: None,
+    };
+    touched(&mut st.changes, &original);
+    st.rollup(&original, -1);
+    match original.kind {
+        "consume" => {
+            let removed: Vec<(String, String)> = sqlx::query_as(
+                "DELETE FROM genealogy_edges WHERE consume_scan = $1 RETURNING from_lot, to_lot",
+            )
+            .bind(original_id)
+            .fetch_all(&mut **tx)
+            .await?;
+            for (from, to) in removed {
+                st.changes.edge_removed(&from, &to);
+            }
+        }
+        "produce" => {
+            sqlx::query(
+                "UPDATE lots SET quantity = quantity - $2,
+                     produced_at = COALESCE((SELECT min(scanned_at) FROM scans
+                                             WHERE lot = $1 AND kind = 'produce' AND voided_by IS NULL),
+                                            produced_at)
+                 WHERE lot = $1",
+            )
+            .bind(&original.lot)
+            .bind(original.quantity.unwrap_or_default())
+            .execute(&mut **tx)
+            .await?;
+            st.changes.node_changed(&original.lot);
+            // The work order's inputs went into this lot only while one of its produce scans stands.
+            let removed: Vec<String> = sqlx::query_scalar(
+                "DELETE FROM genealogy_edges e
+                 WHERE e.to_lot = $1 AND e.work_order = $2 AND NOT e.exact
+                   AND NOT EXISTS (SELECT 1 FROM scans p WHERE p.work_order = $2 AND p.kind = 'produce'
+                                     AND p.lot = $1 AND p.voided_by IS NULL)
+                 RETURNING e.from_lot",
+            )
+            .bind(&original.lot)
+            .bind(&original.work_order)
+            .fetch_all(&mut **tx)
+            .await?;
+            for from in removed {
+                st.changes.edge_removed(&from, &original.lot);
+            }
+        }
+        "complete_operation" => {
+            sqlx::query(
+                "UPDATE work_order_operations SET completed = false WHERE work_order = $1 AND step = $2",
+            )
+            .bind(&original.work_order)
+            .bind(original.operation)
+            .execute(&mut **tx)
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn lot_received(
+    tx: &mut Transaction<'_, Postgres>,
+    l: &pb::ReceivedLot,
+    occurred_at: DateTime<Utc>,
+    st: &mut BatchState,
+) -> Result<(), sqlx::Error> {
+    if l.lot.is_empty() {
+        return Ok(());
+    }
+    let received_at = domain::time_of(l.received_at.as_ref()).unwrap_or(occurred_at);
+    let created: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO lots (lot, material, origin, supplier, supplier_lot, quantity, produced_at)
+         VALUES ($1, $2, 'received', $3, $4, $5, $6)
+         ON CONFLICT (lot) DO UPDATE SET material = EXCLUDED.material, supplier = EXCLUDED.supplier,
+             supplier_lot = EXCLUDED.supplier_lot, quantity = EXCLUDED.quantity,
+             produced_at = COALESCE(lots.produced_at, EXCLUDED.produced_at)
+         WHERE lots.origin = 'received'
+         RETURNING (xmax = 0)",
+    )
+    .bind(&l.lot)
+    .bind(&l.material)
+    .bind(&l.supplier)
+    .bind(&l.supplier_lot)
+    .bind(quantity(&l.quantity).unwrap_or_default())
+    .bind(received_at)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match created {
+        Some(created) => {
+            if created {
+                st.changes.new_lots.insert(l.lot.clone());
+            }
+            st.changes.node_changed(&l.lot);
+        }
+        None => tracing::warn!(lot = %l.lot, "received lot already known as produced; kept"),
+    }
+    Ok(())
+}
+
+async fn work_order_upserted(
+    tx: &mut Transaction<'_, Postgres>,
+    w: &pb::WorkOrderSpec,
+    st: &mut BatchState,
+) -> Result<(), sqlx::Error> {
+    if w.number.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO work_orders (number, material, planned_quantity, status) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (number) DO UPDATE SET material = EXCLUDED.material,
+             planned_quantity = EXCLUDED.planned_quantity, status = EXCLUDED.status",
+    )
+    .bind(&w.number)
+    .bind(&w.material)
+    .bind(quantity(&w.planned_quantity).unwrap_or_default())
+    .bind(&w.status)
+    .execute(&mut **tx)
+    .await?;
+    let steps: Vec<i32> = w
+        .operations
+        .iter()
+        .map(|o| i32::try_from(o.step).unwrap_or(0))
+        .collect();
+    sqlx::query("DELETE FROM work_order_operations WHERE work_order = $1 AND NOT (step = ANY($2))")
+        .bind(&w.number)
+        .bind(&steps)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO work_order_operations (work_order, step, station, description)
+         SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::text[])
+         ON CONFLICT (work_order, step) DO UPDATE SET station = EXCLUDED.station,
+             description = EXCLUDED.description",
+    )
+    .bind(&w.number)
+    .bind(&steps)
+    .bind(
+        w.operations
+            .iter()
+            .map(|o| o.station.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        w.operations
+            .iter()
+            .map(|o| o.description.clone())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut **tx)
+    .await?;
+    st.changes.work_orders.insert(w.number.clone());
+    Ok(())
+}
+
+/// Descendants (`down`) of the roots, the roots included, over the current edges and the ones
+/// removed in this batch, to the deepest depth any answer shows.
+const DESCENDANTS: &str = "
+WITH RECURSIVE removed(from_lot, to_lot) AS MATERIALIZED (
+    SELECT * FROM UNNEST($2::text[], $3::text[])
+),
+walk(lot, depth) AS (
+    SELECT DISTINCT r, 0 FROM UNNEST($1::text[]) AS r
+  UNION
+    SELECT n.lot, w.depth + 1
+    FROM walk w
+    CROSS JOIN LATERAL (
+        SELECT e.to_lot AS lot FROM genealogy_edges e WHERE e.from_lot = w.lot
+        UNION ALL
+        SELECT r.to_lot FROM removed r WHERE r.from_lot = w.lot
+    ) n
+    WHERE w.depth < $4
+)
+SELECT DISTINCT lot FROM walk";
+
+/// Ancestors of the roots, the roots included (see [`DESCENDANTS`]).
+const ANCESTORS: &str = "
+WITH RECURSIVE removed(from_lot, to_lot) AS MATERIALIZED (
+    SELECT * FROM UNNEST($2::text[], $3::text[])
+),
+walk(lot, depth) AS (
+    SELECT DISTINCT r, 0 FROM UNNEST($1::text[]) AS r
+  UNION
+    SELECT n.lot, w.depth + 1
+    FROM walk w
+    CROSS JOIN LATERAL (
+        SELECT e.from_lot AS lot FROM genealogy_edges e WHERE e.to_lot = w.lot
+        UNION ALL
+        SELECT r.from_lot FROM removed r WHERE r.to_lot = w.lot
+    ) n
+    WHERE w.depth < $4
+)
+SELECT DISTINCT lot FROM walk";
+
+/// Expands a batch's [`Changes`] into the lots whose cached genealogy answers are stale.
+async fn expand(
+    tx: &mut Transaction<'_, Postgres>,
+    changes: Changes,
+) -> Result<Invalidation, sqlx::Error> {
+    let (removed_from, removed_to): (Vec<String>, Vec<String>) =
+        changes.removed_edges.iter().cloned().unzip();
+    let mut walk = async |sql: &'static str, roots: Vec<String>| {
+        if roots.is_empty() {
+            return Ok::<_, sqlx::Error>(Vec::new());
+        }
+        sqlx::query_scalar(sql)
+            .bind(roots)
+            .bind(&removed_from)
+            .bind(&removed_to)
+            .bind(MAX_DEPTH as i32)
+            .fetch_all(&mut **tx)
+            .await
+    };
+    let backward = walk(DESCENDANTS, changes.back_roots.iter().cloned().collect()).await?;
+    let forward = walk(ANCESTORS, changes.fwd_roots.iter().cloned().collect()).await?;
+    Ok(Invalidation {
+        backward,
+        forward,
+        changes,
+    })
+}
