@@ -222,6 +222,64 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
     assert_eq!(stored["status"], "active", "{stored}");
     assert_eq!(stored["quantity"], "25", "{stored}");
 
+    // Step 3: qa1 traces the bike backward to the steel's supplier lot, and the steel forward.
+    let qa = sys.token("qa1", None).await;
+    let mut backward = Value::Null;
+    for _ in 0..100 {
+        // The read model is eventually consistent: until the projection applied step 2 the bike
+        // may still be unknown there (404).
+        let r = reqwest::Client::new()
+            .get(format!(
+                "{}/api/v1/lots/BIKE-S0001/genealogy?direction=backward",
+                sys.gateway
+            ))
+            .bearer_auth(&qa)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(r.status(), 200);
+        backward = r.json().await.unwrap();
+        let reached = backward["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["lot"] == "STEEL-L1"));
+        if reached {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nodes = backward["nodes"].as_array().expect("nodes");
+    let node = |lot: &str| {
+        nodes
+            .iter()
+            .find(|n| n["lot"] == lot)
+            .unwrap_or_else(|| panic!("{lot} missing: {backward}"))
+    };
+    assert_eq!(node("STEEL-L1")["depth"], 2, "{backward}");
+    assert_eq!(node("STEEL-L1")["supplier_lot"], "AS-7781");
+    for lot in ["FRAME-L1", "WHEEL-L1", "BOLT-L1"] {
+        assert_eq!(node(lot)["depth"], 1, "{backward}");
+    }
+    let forward = get(
+        &sys,
+        &qa,
+        "/api/v1/lots/STEEL-L1/genealogy?direction=forward",
+    )
+    .await;
+    let lots: Vec<&str> = forward["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["lot"].as_str())
+        .collect();
+    assert!(
+        lots.contains(&"FRAME-L1") && lots.contains(&"BIKE-S0001"),
+        "{forward}"
+    );
+
     // Step 4: the confirmation of WO-1000 reaches the file adapter's outbound file, once.
     let mut confirmations = Vec::new();
     for _ in 0..100 {
