@@ -123,6 +123,7 @@ impl Application {
         tracing::info!(addr = %listener.local_addr()?, "scan-ingest listening");
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
+        let ledger_reporter = reporter.clone();
         let mut tasks = tokio::task::JoinSet::new();
         mes_common::service::spawn_common_tasks(
             &mut tasks,
@@ -142,6 +143,7 @@ impl Application {
             tasks.spawn(store::ledger::run_periodically(
                 state.pool.clone(),
                 Duration::from_secs(settings.ledger_check_interval_seconds),
+                ledger_reporter,
                 shutdown.clone(),
             ));
         }

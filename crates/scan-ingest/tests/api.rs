@@ -958,3 +958,42 @@ async fn group_commit_coalesces_concurrent_requests_and_acknowledges_after_commi
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_mismatch_shows_in_health() {
+    let app = spawn_app_with(|s| s.ledger_check_interval_seconds = 1).await;
+    load_demo_plant(&app).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    let ledger = || tonic_health::pb::HealthCheckRequest {
+        service: "ledger".into(),
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let mut wait_for = async |want_serving: bool| {
+        for _ in 0..50 {
+            if let Ok(r) = health.check(ledger()).await
+                && (r.into_inner().status == serving) == want_serving
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(wait_for(true).await, "ledger never reported healthy");
+    sqlx::query("UPDATE lots SET quantity_on_hand = quantity_on_hand - 1 WHERE lot = 'WHEEL-L1'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert!(wait_for(false).await, "the mismatch never showed in health");
+    // The service itself keeps serving.
+    let overall = tonic_health::pb::health_client::HealthClient::new(app.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(overall, serving);
+    app.stop().await;
+}

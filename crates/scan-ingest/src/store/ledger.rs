@@ -93,14 +93,31 @@ pub async fn check_and_report(pool: &PgPool) -> Result<Vec<Mismatch>, sqlx::Erro
     Ok(found)
 }
 
-pub async fn run_periodically(pool: PgPool, every: Duration, shutdown: mes_common::Shutdown) {
+/// The gRPC health service name under which the ledger check reports: SERVING while the last
+/// check found no mismatch, NOT_SERVING otherwise (the service itself keeps serving).
+pub const HEALTH_NAME: &str = "ledger";
+
+pub async fn run_periodically(
+    pool: PgPool,
+    every: Duration,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: mes_common::Shutdown,
+) {
     loop {
+        match check_and_report(&pool).await {
+            Ok(found) => {
+                let status = if found.is_empty() {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(HEALTH_NAME, status).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "ledger check failed"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait() => return,
-        }
-        if let Err(e) = check_and_report(&pool).await {
-            tracing::warn!(error = %e, "ledger check failed");
         }
     }
 }
