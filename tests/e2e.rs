@@ -380,6 +380,7 @@ async fn every_service_answers_health_and_reflection() {
         assert_eq!(body["components"][c]["status"], "up", "{c}: {body}");
     }
     assert_eq!(body["status"], "ok", "{body}");
+    assert_eq!(body["components"]["ledger"]["status"], "up", "{body}");
 }
 
 async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {

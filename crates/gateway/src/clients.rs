@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
+
+/// The answer of [`Backends::health_of`] for a health name the service does not report.
+pub const NOT_REPORTED: &str = "not reported";
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tracing::Instrument;
@@ -119,13 +122,24 @@ impl Backends {
 
     /// grpc.health.v1 Check of a service: `Ok(latency)` when SERVING.
     pub async fn health(&self, service: &str, timeout: Duration) -> Result<Duration, String> {
+        self.health_of(service, "", timeout).await
+    }
+
+    /// grpc.health.v1 Check of one health name a service reports (`""`: the service itself);
+    /// a name the service does not report is `Err("not reported")`.
+    pub async fn health_of(
+        &self,
+        service: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
         let channel = self
             .channel_of(service)
             .ok_or_else(|| "unknown service".to_owned())?;
         let mut client = HealthClient::new(InterceptedService::new(channel, TracePropagation));
         let start = Instant::now();
         let check = client.check(HealthCheckRequest {
-            service: String::new(),
+            service: name.to_owned(),
         });
         match tokio::time::timeout(timeout, check).await {
             Ok(Ok(res)) => {
@@ -139,6 +153,7 @@ impl Backends {
             Ok(Err(status)) => Err(match status.code() {
                 tonic::Code::Unavailable => "unreachable".to_owned(),
                 tonic::Code::DeadlineExceeded => "no answer in time".to_owned(),
+                tonic::Code::NotFound => NOT_REPORTED.to_owned(),
                 c => format!("health check failed ({c:?})"),
             }),
             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),

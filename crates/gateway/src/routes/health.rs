@@ -129,7 +129,7 @@ pub struct HealthReport {
     /// `ok` (everything up), `degraded` (scans are taken but something is impaired), `down`
     /// (scans cannot be taken: the gateway database or scan-ingest is down).
     pub status: String,
-    /// `scan-ingest`, `trace-query`, `erp-sync`, `database`, `redis`, `erp`, `disk`, `memory`.
+    /// `scan-ingest`, `trace-query`, `erp-sync`, `database`, `redis`, `erp`, `ledger` (scan-ingest's ledger check), `disk`, `memory`.
     pub components: BTreeMap<String, Component>,
 }
 
@@ -247,16 +247,41 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthReport> {
             },
         }
     };
+    // scan-ingest's ledger check (on-hand = sum of scan effects), as its "ledger" health name.
+    let ledger = async {
+        match state.backends.health_of(SCAN_INGEST, "ledger", timeout).await {
+            Ok(_) => Component {
+                status: "up".into(),
+                ..Default::default()
+            },
+            Err(e) if e == crate::clients::NOT_REPORTED => Component {
+                status: "unknown".into(),
+                error: Some("the ledger check is off or has not run yet".into()),
+                ..Default::default()
+            },
+            Err(e) if e == "not_serving" => Component {
+                status: "down".into(),
+                error: Some("the ledger check found mismatches (see scan-ingest's ledger_mismatches metric and logs)".into()),
+                ..Default::default()
+            },
+            Err(e) => Component {
+                status: "unknown".into(),
+                error: Some(e),
+                ..Default::default()
+            },
+        }
+    };
     let min_free = state.settings.disk_min_free_bytes;
     let figures =
         tokio::task::spawn_blocking(move || (disk_component(min_free), memory_component()));
-    let (scan, trace, sync, database, redis, erp, figures) = tokio::join!(
+    let (scan, trace, sync, database, redis, erp, ledger, figures) = tokio::join!(
         service(SCAN_INGEST),
         service(TRACE_QUERY),
         service(ERP_SYNC),
         database,
         redis,
         erp,
+        ledger,
         figures
     );
     let (disk, memory) = figures.unwrap_or_else(|_| {
@@ -272,6 +297,7 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthReport> {
         .any(|c| !c.is_up())
         || erp.status == "down"
         || erp.status == "degraded"
+        || ledger.status == "down"
     {
         "degraded"
     } else {
@@ -297,6 +323,7 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthReport> {
         ("database".to_owned(), database),
         ("redis".to_owned(), redis),
         ("erp".to_owned(), erp),
+        ("ledger".to_owned(), ledger),
         ("disk".to_owned(), disk),
         ("memory".to_owned(), memory),
     ]);
