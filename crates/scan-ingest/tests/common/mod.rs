@@ -23,6 +23,7 @@ pub struct TestApp {
     pub channel: Channel,
     shutdown: Shutdown,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    dropped: bool,
 }
 
 impl TestApp {
@@ -79,6 +80,28 @@ impl TestApp {
         mes_common::db::drop_database(&self.db_url)
             .await
             .expect("drop test database");
+        self.dropped = true;
+    }
+}
+
+impl Drop for TestApp {
+    /// A test that failed before `stop` still drops its database (from a runtime of its own:
+    /// the test's runtime may be gone or busy).
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        self.shutdown.trigger();
+        let url = self.db_url.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = rt.block_on(mes_common::db::drop_database(&url));
+            }
+        })
+        .join();
     }
 }
 
@@ -146,6 +169,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         channel,
         shutdown,
         handle: Some(handle),
+        dropped: false,
     }
 }
 
