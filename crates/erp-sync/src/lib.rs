@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use mes_common::cache::Redis;
 use mes_common::health::Probe;
-use mes_common::{Shutdown, db, grpc};
+use mes_common::{Shutdown, grpc};
 use mes_proto::v1::erp_sync_server::ErpSyncServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -78,14 +78,12 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         mes_common::metrics::install();
         let s = &settings.service;
-        let pool = db::prepare(
-            &s.database_url,
-            s.database_max_connections,
-            &MIGRATOR,
-            Duration::from_secs(60),
-        )
-        .await?;
-        let redis = Redis::connect(&s.redis_url, &s.redis_prefix, Duration::from_secs(2)).await?;
+        let mes_common::service::Infra {
+            pool,
+            redis,
+            listener,
+            metrics_listener,
+        } = mes_common::service::Infra::connect(s, &MIGRATOR).await?;
         let adapter = adapter::from_settings(&settings.erp)?;
         let mes = mes::Mes::new(
             &settings.scan_ingest_url,
@@ -109,12 +107,6 @@ impl Application {
             settings.erp.breaker_failure_threshold,
             Duration::from_millis(settings.erp.breaker_open_ms),
         )));
-        let listener = grpc::bind(&s.listen_addr).await?;
-        let metrics_listener = if s.metrics_addr.is_empty() {
-            None
-        } else {
-            Some(grpc::bind(&s.metrics_addr).await?)
-        };
         Ok(Self {
             listener,
             metrics_listener,

@@ -82,3 +82,41 @@ pub async fn stop(
     redis.quit().await;
     pool.close().await;
 }
+
+/// What every gRPC service connects and binds at start-up.
+pub struct Infra {
+    pub pool: PgPool,
+    pub redis: Redis,
+    pub listener: TcpListener,
+    pub metrics_listener: Option<TcpListener>,
+}
+
+impl Infra {
+    /// Creates and migrates the service's database (waiting up to a minute for PostgreSQL),
+    /// connects Redis (without waiting for it) and binds the listeners (port 0 picks a free one).
+    pub async fn connect(
+        s: &crate::ServiceSettings,
+        migrator: &sqlx::migrate::Migrator,
+    ) -> anyhow::Result<Self> {
+        let pool = db::prepare(
+            &s.database_url,
+            s.database_max_connections,
+            migrator,
+            Duration::from_secs(60),
+        )
+        .await?;
+        let redis = Redis::connect(&s.redis_url, &s.redis_prefix, Duration::from_secs(2)).await?;
+        let listener = crate::grpc::bind(&s.listen_addr).await?;
+        let metrics_listener = if s.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(crate::grpc::bind(&s.metrics_addr).await?)
+        };
+        Ok(Self {
+            pool,
+            redis,
+            listener,
+            metrics_listener,
+        })
+    }
+}

@@ -23,6 +23,19 @@ impl Api {
     pub fn new(state: AppState, shutdown: Shutdown) -> Self {
         Self { state, shutdown }
     }
+
+    /// Holds (`hold = true`) or releases a lot for the calling quality engineer or supervisor.
+    async fn set_hold(
+        &self,
+        req: Request<pb::LotStatusRequest>,
+        hold: bool,
+    ) -> Result<Response<pb::Lot>, Status> {
+        let caller = caller(&req)?;
+        let r = req.get_ref();
+        let lot = corrections::set_hold(&self.state.pool, &r.lot, &r.reason, hold, &caller).await?;
+        self.state.feed.committed();
+        Ok(Response::new(lot))
+    }
 }
 
 fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
@@ -88,17 +101,7 @@ impl ScanIngest for Api {
         &self,
         req: Request<pb::LotStatusRequest>,
     ) -> Result<Response<pb::Lot>, Status> {
-        let caller = caller(&req)?;
-        let lot = corrections::set_hold(
-            &self.state.pool,
-            &req.get_ref().lot,
-            &req.get_ref().reason,
-            true,
-            &caller,
-        )
-        .await?;
-        self.state.feed.committed();
-        Ok(Response::new(lot))
+        self.set_hold(req, true).await
     }
 
     #[tracing::instrument(skip_all, fields(lot = %req.get_ref().lot))]
@@ -106,17 +109,7 @@ impl ScanIngest for Api {
         &self,
         req: Request<pb::LotStatusRequest>,
     ) -> Result<Response<pb::Lot>, Status> {
-        let caller = caller(&req)?;
-        let lot = corrections::set_hold(
-            &self.state.pool,
-            &req.get_ref().lot,
-            &req.get_ref().reason,
-            false,
-            &caller,
-        )
-        .await?;
-        self.state.feed.committed();
-        Ok(Response::new(lot))
+        self.set_hold(req, false).await
     }
 
     #[tracing::instrument(skip_all)]

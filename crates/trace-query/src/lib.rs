@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mes_common::cache::Redis;
-use mes_common::{Shutdown, db, grpc};
+use mes_common::{Shutdown, grpc};
 use mes_proto::v1::trace_query_server::TraceQueryServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -92,20 +92,12 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         mes_common::metrics::install();
         let s = &settings.service;
-        let pool = db::prepare(
-            &s.database_url,
-            s.database_max_connections,
-            &MIGRATOR,
-            Duration::from_secs(60),
-        )
-        .await?;
-        let redis = Redis::connect(&s.redis_url, &s.redis_prefix, Duration::from_secs(2)).await?;
-        let listener = grpc::bind(&s.listen_addr).await?;
-        let metrics_listener = if s.metrics_addr.is_empty() {
-            None
-        } else {
-            Some(grpc::bind(&s.metrics_addr).await?)
-        };
+        let mes_common::service::Infra {
+            pool,
+            redis,
+            listener,
+            metrics_listener,
+        } = mes_common::service::Infra::connect(s, &MIGRATOR).await?;
         let settings = Arc::new(settings);
         let stats = Arc::new(stats::Stats::default());
         let cache =
