@@ -425,9 +425,17 @@ async fn a_refused_reversal_is_a_dead_letter_that_replays_once_the_bridge_takes_
     let booked = double.confirmation(&reversal_key).unwrap();
     assert_eq!(booked["reverses"], confirmation_key.as_str());
     assert_eq!(booked["consumed_lots"][0]["quantity"], "-25");
+    // The double records the booking before erp-sync hears the answer and marks the
+    // outbox row done, so the queue empties a moment after.
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            let s = status(&app).await;
+            (s.dead_letters, s.queue_depth) == (0, 0)
+        })
+        .await,
+        "the replayed reversal leaves neither a dead letter nor a queued row"
+    );
     assert_eq!(double.confirmation_counts()[&reversal_key], 1);
-    let s = status(&app).await;
-    assert_eq!((s.dead_letters, s.queue_depth), (0, 0));
 
     app.stop().await;
     env.stop().await;
