@@ -54,6 +54,25 @@ async fn get(sys: &System, token: &str, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// Whether `spans` hold every span the trace test checks: a gateway span continuing the
+/// caller's, and scan-ingest's SubmitScans server span under a gateway span, with a child.
+fn trace_complete(spans: &[mes_e2e::ReceivedSpan], caller_span: &str) -> bool {
+    let gateway: Vec<_> = spans.iter().filter(|s| s.service == "gateway").collect();
+    let ingest: Vec<_> = spans
+        .iter()
+        .filter(|s| s.service == "scan-ingest")
+        .collect();
+    let gateway_ids: Vec<String> = gateway.iter().map(|s| s.span_id()).collect();
+    let Some(server) = ingest.iter().find(|s| s.span.name.contains("SubmitScans")) else {
+        return false;
+    };
+    gateway.iter().any(|s| s.parent_span_id() == caller_span)
+        && gateway_ids.contains(&server.parent_span_id())
+        && ingest
+            .iter()
+            .any(|s| s.parent_span_id() == server.span_id())
+}
+
 /// A REST scan sent with a `traceparent` yields spans from the gateway and scan-ingest under that
 /// trace id, with scan-ingest's server span a child of a gateway span, and log lines carrying it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,12 +100,13 @@ async fn one_trace_follows_a_scan_from_the_tablet_into_scan_ingest() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["results"][0]["status"], "accepted", "{body}");
 
-    // Spans arrive in batches: wait for both services' spans of this trace.
+    // Spans arrive in batches, and the spans of one request can be split over several (a span
+    // is exported when it ends, parents after their children): wait for every span checked
+    // below, not just for a first span of each service.
     let mut spans = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..200 {
         spans = sys.otlp.spans_of_trace(trace_id);
-        let has = |svc: &str| spans.iter().any(|s| s.service == svc);
-        if has("gateway") && has("scan-ingest") {
+        if trace_complete(&spans, caller_span) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

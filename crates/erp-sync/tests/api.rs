@@ -251,7 +251,20 @@ async fn of_two_instances_only_one_runs_the_scheduled_pull() {
     };
     let a = env.spawn_erp_sync(options.clone()).await;
     let b = env.spawn_erp_sync(options.clone()).await;
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // The lock is taken on a timer and the pulls run every second: wait (both instances
+    // running meanwhile) until the scheduler has run three pulls, rather than for a fixed time.
+    let ran = wait_for(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(max(n), 0) FROM (SELECT count(*) AS n FROM pull_runs
+             WHERE trigger IN ('startup', 'scheduled') GROUP BY instance) r",
+        )
+        .fetch_one(&a.pool)
+        .await
+        .unwrap_or(0)
+            >= 3
+    })
+    .await;
+    assert!(ran, "no scheduler ran three pulls within 20 s");
 
     let runners: Vec<(String, i64)> = sqlx::query_as(
         "SELECT instance, count(*) FROM pull_runs WHERE trigger IN ('startup', 'scheduled')
@@ -366,6 +379,12 @@ async fn a_completed_operation_is_confirmed_once_in_the_erp_across_restarts() {
         .await
     );
     second.stop().await;
+    // Where the feed was: the replay below must get at least this far before counting.
+    let replayed_to: i64 =
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = 'erp-sync'")
+            .fetch_one(&env.erp_pool().await)
+            .await
+            .unwrap();
     sqlx::query("UPDATE outbox SET status = 'pending', delivered_at = NULL")
         .execute(&env.erp_pool().await)
         .await
@@ -384,12 +403,11 @@ async fn a_completed_operation_is_confirmed_once_in_the_erp_across_restarts() {
             .fetch_one(&third.pool)
             .await
             .unwrap_or((1, 0));
-            pending == 0 && cursor > 0
+            // The replayed feed went past the completion again (not just started).
+            pending == 0 && cursor >= replayed_to
         })
         .await
     );
-    // Let the replayed feed reach its end before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(&third.pool)
         .await
@@ -440,7 +458,7 @@ async fn an_erp_outage_opens_the_breaker_and_the_queue_drains_when_it_returns() 
 
     let mut client = erp.client();
     let mut seen_open = false;
-    for _ in 0..100 {
+    for _ in 0..300 {
         let s = client
             .get_status(pb::GetErpStatusRequest {})
             .await
@@ -691,6 +709,12 @@ async fn a_void_after_the_confirmation_is_reversed_once_across_restarts() {
     );
     first.stop().await;
     let pool = env.erp_pool().await;
+    // Where the feed was: the replay below must get at least this far before counting.
+    let replayed_to: i64 =
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = 'erp-sync'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     sqlx::query(
         "UPDATE outbox SET status = 'pending', delivered_at = NULL WHERE kind = 'reversal'",
     )
@@ -711,11 +735,11 @@ async fn a_void_after_the_confirmation_is_reversed_once_across_restarts() {
             .fetch_one(&second.pool)
             .await
             .unwrap_or((1, 0));
-            pending == 0 && cursor > 0
+            // The replayed feed went past the void again (not just started).
+            pending == 0 && cursor >= replayed_to
         })
         .await
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT kind, idempotency_key FROM outbox ORDER BY id")
             .fetch_all(&second.pool)

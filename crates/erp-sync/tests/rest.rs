@@ -165,13 +165,15 @@ async fn no_confirmation_is_lost_or_duplicated_across_an_erp_outage() {
 async fn the_breaker_opens_stays_quiet_probes_half_open_and_closes() {
     let env = TestEnv::new().await;
     let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
-    let open_ms = 1_500;
+    // Wide enough that a loaded machine still checks "quiet" and switches the fault to `Slow`
+    // inside the open window (the probe must meet the slow erp, not the failing one).
+    let open_ms = 3_000;
     let erp = env
         .spawn_erp_sync(ErpOptions {
             breaker_failure_threshold: 2,
             breaker_open_ms: open_ms,
             retry_ms: (10, 30),
-            call_timeout_ms: 1_000,
+            call_timeout_ms: 2_000,
             ..rest_options(&double)
         })
         .await;
@@ -202,8 +204,9 @@ async fn the_breaker_opens_stays_quiet_probes_half_open_and_closes() {
     );
     assert_eq!(status(&erp).await.breaker, "open");
 
-    // The ERP is back but slow: the half-open trial is visible while it runs.
-    double.set_fault(Fault::Slow(Duration::from_millis(400)));
+    // The ERP is back but slow: the half-open trial is visible while it runs (long enough for
+    // a status poll to land in it; still well within the call timeout).
+    double.set_fault(Fault::Slow(Duration::from_millis(800)));
     let deadline = Instant::now() + Duration::from_secs(10);
     while seen.last().map(String::as_str) != Some("closed") && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -18,6 +18,14 @@ pub struct RefCache {
 
 const MISSING: &str = "-";
 
+/// What [`RefCache::lookup`] found.
+pub struct Reference {
+    pub materials: HashMap<String, Option<String>>,
+    pub stations: HashMap<String, Option<String>>,
+    /// The invalidation generation at lookup time; `None` when Redis did not answer.
+    pub generation: Option<String>,
+}
+
 impl RefCache {
     pub fn new(redis: Redis, ttl: Duration) -> Self {
         Self { redis, ttl }
@@ -50,63 +58,104 @@ impl RefCache {
         }
     }
 
-    /// Tracking mode per material for those cached; `None` entries are misses.
-    pub async fn materials(&self, numbers: &[String]) -> HashMap<String, Option<String>> {
-        let keys = numbers.iter().map(|m| self.material_key(m)).collect();
-        self.lookup(numbers, keys).await
+    fn generation_key(&self) -> String {
+        self.redis.key("ref:generation")
     }
 
-    /// `Some("1")` known station, `Some("-")` known missing, `None` miss.
-    pub async fn stations(&self, ids: &[String]) -> HashMap<String, Option<String>> {
-        let keys = ids.iter().map(|s| self.station_key(s)).collect();
-        self.lookup(ids, keys).await
-    }
-
-    async fn lookup(&self, names: &[String], keys: Vec<String>) -> HashMap<String, Option<String>> {
-        let values = self
-            .get_many(keys)
-            .await
-            .unwrap_or_else(|| vec![None; names.len()]);
-        let mut out = HashMap::new();
-        for (name, v) in names.iter().zip(values) {
-            let label = if v.is_some() { "hit" } else { "miss" };
-            metrics::counter!("reference_cache_lookups_total", "result" => label).increment(1);
-            out.insert(name.clone(), v);
-        }
-        out
-    }
-
-    /// Stores what the database said (`None`: does not exist), with the TTL.
-    pub async fn fill_materials(&self, entries: &[(String, Option<String>)]) {
-        for (m, tracking) in entries {
-            self.set(
-                self.material_key(m),
-                tracking.clone().unwrap_or_else(|| MISSING.into()),
-            )
-            .await;
-        }
-    }
-
-    pub async fn fill_stations(&self, entries: &[(String, bool)]) {
-        for (s, exists) in entries {
-            self.set(
-                self.station_key(s),
-                if *exists { "1".into() } else { MISSING.into() },
-            )
-            .await;
+    /// Looks up materials (tracking mode) and stations (`"1"` known, `"-"` known missing);
+    /// `None` entries are misses. The answer carries the invalidation generation read in the
+    /// same round trip, which [`RefCache::fill`] needs.
+    pub async fn lookup(&self, materials: &[String], stations: &[String]) -> Reference {
+        let keys: Vec<String> = materials
+            .iter()
+            .map(|m| self.material_key(m))
+            .chain(stations.iter().map(|s| self.station_key(s)))
+            .chain([self.generation_key()])
+            .collect();
+        let mut values = self.get_many(keys).await;
+        let generation = values
+            .as_mut()
+            .and_then(Vec::pop)
+            .map(|g| g.unwrap_or_else(|| "0".into()));
+        let mut values = values
+            .unwrap_or_default()
+            .into_iter()
+            .chain(std::iter::repeat(None));
+        let mut take = |names: &[String]| -> HashMap<String, Option<String>> {
+            names
+                .iter()
+                .map(|name| {
+                    let v = values.next().flatten();
+                    let label = if v.is_some() { "hit" } else { "miss" };
+                    metrics::counter!("reference_cache_lookups_total", "result" => label)
+                        .increment(1);
+                    (name.clone(), v)
+                })
+                .collect()
+        };
+        let materials = take(materials);
+        let stations = take(stations);
+        Reference {
+            materials,
+            stations,
+            generation,
         }
     }
 
-    async fn set(&self, key: String, value: String) {
+    /// Stores what the database said after a [`RefCache::lookup`] (materials: tracking or
+    /// `None` for unknown; stations: whether known), with the TTL. The fill runs off the
+    /// commit path and may land after a master-data upsert invalidated these keys; the
+    /// upsert bumps the generation before it deletes, so a fill that sees the generation moved
+    /// since its lookup deletes what it just wrote instead of leaving an old answer for a TTL.
+    pub async fn fill(
+        &self,
+        generation: &str,
+        materials: &[(String, Option<String>)],
+        stations: &[(String, bool)],
+    ) {
+        let entries: Vec<(String, String)> = materials
+            .iter()
+            .map(|(m, t)| {
+                (
+                    self.material_key(m),
+                    t.clone().unwrap_or_else(|| MISSING.into()),
+                )
+            })
+            .chain(stations.iter().map(|(s, known)| {
+                (
+                    self.station_key(s),
+                    if *known { "1".into() } else { MISSING.into() },
+                )
+            }))
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
         let ttl = self.ttl.as_secs().max(1) as i64;
-        if let Err(e) = self
-            .redis
-            .client()
-            .set::<(), _, _>(key, value, Some(Expiration::EX(ttl)), None, false)
-            .await
-        {
-            metrics::counter!("reference_cache_errors_total").increment(1);
-            tracing::debug!(error = %e, "reference cache fill failed");
+        let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+        let client = self.redis.client();
+        let pipeline = client.pipeline();
+        for (k, v) in entries {
+            let _: () = pipeline
+                .set(k, v, Some(Expiration::EX(ttl)), None, false)
+                .await
+                .unwrap_or(());
+        }
+        let _: () = pipeline.get(self.generation_key()).await.unwrap_or(());
+        let now = match pipeline.all::<Vec<Option<String>>>().await {
+            Ok(mut replies) => replies.pop().flatten().unwrap_or_else(|| "0".into()),
+            Err(e) => {
+                metrics::counter!("reference_cache_errors_total").increment(1);
+                tracing::debug!(error = %e, "reference cache fill failed");
+                return;
+            }
+        };
+        if now != generation {
+            metrics::counter!("reference_cache_fills_discarded_total").increment(1);
+            if let Err(e) = client.del::<i64, _>(keys).await {
+                metrics::counter!("reference_cache_errors_total").increment(1);
+                tracing::warn!(error = %e, "reference cache: a stale fill could not be deleted; it expires with its TTL");
+            }
         }
     }
 
@@ -121,7 +170,13 @@ impl RefCache {
             return;
         }
         let client = self.redis.client().clone();
+        let generation = self.generation_key();
         tokio::spawn(async move {
+            // First the generation, so a fill racing with this sees it moved (see `fill`).
+            if let Err(e) = client.incr::<i64, _>(&generation).await {
+                metrics::counter!("reference_cache_errors_total").increment(1);
+                tracing::warn!(error = %e, "reference cache generation not bumped");
+            }
             for delay in [Duration::ZERO, Duration::from_millis(500)] {
                 tokio::time::sleep(delay).await;
                 if let Err(e) = client.del::<i64, _>(keys.clone()).await {

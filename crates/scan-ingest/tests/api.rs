@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
+use fred::interfaces::KeysInterface;
 use mes_proto::v1 as pb;
 use pb::ScanKind as K;
 use pb::ScanStatus as S;
@@ -880,7 +881,27 @@ async fn reference_cache_is_invalidated_by_master_data_upserts() {
         status(&app.submit(vec![mv]).await[0]),
         (S::Rejected, "unknown_station".into())
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The cache is filled off the commit path, and invalidated by a background task after the
+    // upsert: wait for each (instead of fixed sleeps) so the negative entry is really cached
+    // before the upsert, and really gone before the next scan.
+    let key = app.redis.key("ref:station:ST-40");
+    let cached = || {
+        let (client, key) = (app.redis.client().clone(), key.clone());
+        async move {
+            client
+                .get::<Option<String>, _>(key.as_str())
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            cached().await.as_deref() == Some("-")
+        })
+        .await,
+        "the unknown station is cached"
+    );
     app.master()
         .upsert_stations(pb::UpsertStationsRequest {
             items: vec![pb::Station {
@@ -890,10 +911,69 @@ async fn reference_cache_is_invalidated_by_master_data_upserts() {
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            cached().await.is_none()
+        })
+        .await,
+        "the upsert invalidates the cached station"
+    );
     let mut mv = at40();
     mv.location = "LINE-4".into();
     accepted(&app.submit(vec![mv]).await);
+    app.stop().await;
+}
+
+/// A reference-cache fill runs off the commit path, so it can land after the upsert that made
+/// its answer stale has already deleted the key (both deletes). It must not leave that answer
+/// cached for a whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reference_fill_never_outlives_the_invalidation() {
+    let app = spawn_app().await;
+    let cache = app.refcache.clone();
+    let key = app.redis.key("ref:station:ST-77");
+    let cached = || {
+        let (client, key) = (app.redis.client().clone(), key.clone());
+        async move {
+            client
+                .get::<Option<String>, _>(key.as_str())
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let stations = ["ST-77".to_owned()];
+
+    // A scan's lookup misses and reads "ST-77 does not exist" from the database...
+    let before = cache.lookup(&[], &stations).await;
+    assert_eq!(before.stations["ST-77"], None);
+    let generation = before.generation.expect("Redis answers");
+    // ...meanwhile ST-77 is created and the upsert's invalidation runs to the end...
+    cache.invalidate(vec![], stations.to_vec());
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            cache.lookup(&[], &stations).await.generation.as_ref() != Some(&generation)
+        })
+        .await,
+        "the invalidation bumps the generation"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await; // past the second delete
+    // ...and only then does the scan's fill arrive: it must not stay.
+    cache
+        .fill(&generation, &[], &[("ST-77".to_owned(), false)])
+        .await;
+    assert_eq!(cached().await, None, "a stale fill was left in the cache");
+
+    // A fill from a lookup after the invalidation is kept.
+    let after = cache.lookup(&[], &stations).await;
+    cache
+        .fill(
+            after.generation.as_deref().unwrap(),
+            &[],
+            &[("ST-77".to_owned(), true)],
+        )
+        .await;
+    assert_eq!(cached().await.as_deref(), Some("1"));
     app.stop().await;
 }
 

@@ -172,6 +172,7 @@ impl Projection {
                     mes_common::propagation::context_from_traceparent(tp),
                 );
             }
+            let in_progress = self.cache.batch_in_progress();
             let applied = apply::apply(&self.pool, &consumer, &batch)
                 .instrument(span.clone())
                 .await?;
@@ -195,6 +196,7 @@ impl Projection {
                     .instrument(span)
                     .await;
             }
+            drop(in_progress);
             if let Some(status) = broken {
                 return Err(status.into());
             }

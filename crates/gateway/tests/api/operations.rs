@@ -104,12 +104,20 @@ async fn the_openapi_document_is_3_1_and_covers_every_route_and_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_turns_false_first_on_shutdown_then_the_server_stops() {
     let mut settings = test_settings();
-    settings.shutdown_readiness_delay_ms = 1_500;
+    // Long enough for the checks below to run before the listener closes on a loaded machine.
+    settings.shutdown_readiness_delay_ms = 3_000;
     let mut app = spawn_with(settings).await;
     assert_eq!(app.get("/readyz", None).await.status(), 200);
     app.shutdown.trigger();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let res = app.get("/readyz", None).await;
+    // The server's shutdown task marks it draining: poll for it rather than sleep.
+    let deadline = std::time::Instant::now() + Duration::from_millis(2_000);
+    let res = loop {
+        let res = app.get("/readyz", None).await;
+        if res.status() != 200 || std::time::Instant::now() >= deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_problem(res, 503, "unavailable").await;
     assert_eq!(app.get("/healthz", None).await.status(), 200);
     app.stop().await;

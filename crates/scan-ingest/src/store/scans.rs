@@ -527,8 +527,9 @@ async fn load_reference(
     materials: Vec<String>,
     stations: Vec<String>,
 ) -> Result<(), sqlx::Error> {
+    let found_in_cache = cache.lookup(&materials, &stations).await;
     let mut missing_materials = Vec::new();
-    for (m, v) in cache.materials(&materials).await {
+    for (m, v) in found_in_cache.materials {
         match v {
             Some(t) if !RefCache::is_missing(&t) => {
                 world.materials.insert(m, t);
@@ -538,7 +539,7 @@ async fn load_reference(
         }
     }
     let mut missing_stations = Vec::new();
-    for (s, v) in cache.stations(&stations).await {
+    for (s, v) in found_in_cache.stations {
         match v {
             Some(t) if !RefCache::is_missing(&t) => {
                 world.stations.insert(s);
@@ -571,10 +572,9 @@ async fn load_reference(
         .collect();
     world.materials.extend(found);
     world.stations.extend(known);
-    let cache = cache.clone();
-    tokio::spawn(async move {
-        cache.fill_materials(&fill_m).await;
-        cache.fill_stations(&fill_s).await;
-    });
+    if let Some(generation) = found_in_cache.generation {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.fill(&generation, &fill_m, &fill_s).await });
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::time::Duration;
 
 use mes_common::Shutdown;
@@ -20,6 +21,10 @@ pub struct TestApp {
     pub db_url: String,
     pub pool: sqlx::PgPool,
     pub feed: scan_ingest::feed::FeedHub,
+    /// The service's own Redis client (its key prefix), to look at the reference cache.
+    pub redis: mes_common::cache::Redis,
+    /// The service's reference cache itself.
+    pub refcache: scan_ingest::refcache::RefCache,
     pub channel: Channel,
     shutdown: Shutdown,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -105,6 +110,24 @@ impl Drop for TestApp {
     }
 }
 
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn operator() -> Caller {
     Caller {
         user: "op1".into(),
@@ -153,6 +176,8 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     let port = app.port();
     let pool = app.state().pool.clone();
     let feed = app.state().feed.clone();
+    let redis = app.state().redis.clone();
+    let refcache = app.state().refcache.clone();
     let shutdown = Shutdown::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let channel = mes_common::grpc::channel(
@@ -166,6 +191,8 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         db_url,
         pool,
         feed,
+        redis,
+        refcache,
         channel,
         shutdown,
         handle: Some(handle),

@@ -103,7 +103,7 @@ struct Inner {
 }
 
 /// Counts a background task while it lives.
-struct Busy(Arc<AtomicUsize>);
+pub struct Busy(Arc<AtomicUsize>);
 
 impl Busy {
     fn new(counter: &Arc<AtomicUsize>) -> Self {
@@ -179,8 +179,15 @@ impl QueryCache {
         self.inner.up.load(Ordering::Acquire)
     }
 
-    /// Whether no delayed delete or pre-warming is pending (tests wait for it before they
-    /// count cache hits).
+    /// Marks a projection batch in progress until the guard drops: taken before the batch
+    /// commits and dropped after [`Cache::applied`], so [`Cache::settled`] is never true between
+    /// the commit and the first deletes.
+    pub fn batch_in_progress(&self) -> Busy {
+        Busy::new(&self.inner.background)
+    }
+
+    /// Whether no projection batch, delayed delete or pre-warming is pending (tests wait for it
+    /// before they count cache hits).
     pub fn settled(&self) -> bool {
         self.inner.background.load(Ordering::Acquire) == 0
     }

@@ -13,7 +13,7 @@ use crate::store::decimal;
 /// deduplicates (lot, depth) pairs, so a cycle adds at most one row per lot and level and the
 /// depth limit ends it), then the nodes (each lot at its shortest depth), the edges walked, and a
 /// `t` row when the depth limit cut the walk short.
-const BACKWARD: &str = "
+pub const BACKWARD: &str = "
 WITH RECURSIVE walk(lot, depth) AS (
     SELECT $1::text, 0
   UNION
@@ -48,7 +48,7 @@ WHERE EXISTS (
 )";
 
 /// Forward genealogy: [`BACKWARD`] with the edges followed the other way.
-const FORWARD: &str = "
+pub const FORWARD: &str = "
 WITH RECURSIVE walk(lot, depth) AS (
     SELECT $1::text, 0
   UNION

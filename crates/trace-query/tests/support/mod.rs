@@ -149,6 +149,9 @@ pub struct TqOptions {
     pub prewarm: Option<bool>,
     /// Default 1000 ms: a loaded test machine must not pass for a failing Redis.
     pub redis_timeout_ms: Option<u64>,
+    /// How long a replica waits for another's answer under the cross-replica lock (default:
+    /// the service's).
+    pub cache_lock_wait_ms: Option<u64>,
 }
 
 pub struct TraceQueryApp {
@@ -297,6 +300,9 @@ impl TestEnv {
             s.prewarm = p;
         }
         s.cache_command_timeout_ms = options.redis_timeout_ms.unwrap_or(1000);
+        if let Some(ms) = options.cache_lock_wait_ms {
+            s.cache_lock_wait_ms = ms;
+        }
         let app = trace_query::Application::build(s)
             .await
             .expect("trace-query starts");
@@ -315,17 +321,20 @@ impl TestEnv {
     /// The last position scan-ingest sequenced, once every committed event is sequenced.
     pub async fn feed_head(&self) -> i64 {
         let pool = self.si_pool();
-        for _ in 0..200 {
-            let pending: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM event_log WHERE position IS NULL")
-                    .fetch_one(pool)
-                    .await
-                    .expect("event log");
-            if pending == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        // The sequencer runs in the background: wait for it (a head read too early would let
+        // `caught_up` return before the last events were applied).
+        let sequenced = wait_for(Duration::from_secs(20), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_log WHERE position IS NULL")
+                .fetch_one(pool)
+                .await
+                .expect("event log")
+                == 0
+        })
+        .await;
+        assert!(
+            sequenced,
+            "scan-ingest did not sequence its events within 20 s"
+        );
         sqlx::query_scalar("SELECT last_position FROM feed_sequencer WHERE id = 1")
             .fetch_one(pool)
             .await
