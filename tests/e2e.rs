@@ -403,6 +403,110 @@ async fn every_service_answers_health_and_reflection() {
     assert_eq!(body["components"]["ledger"]["status"], "up", "{body}");
 }
 
+/// The services check the caller identity again for sensitive operations; that check means
+/// something only if the identity cannot be forged. With the internal key set (as in every
+/// System run), the gateway, erp-sync and trace-query sign their calls and the servers refuse
+/// anything unsigned, signed with another key, or tampered with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
+    use mes_common::grpc::TracePropagation;
+    use mes_common::identity::{Caller, CallerKey};
+    use mes_proto::v1 as pb;
+    use pb::scan_ingest_client::ScanIngestClient;
+
+    // Everything below went through signed internal calls: erp-sync loaded the plant into
+    // scan-ingest and the gateway reads it back.
+    let sys = System::start().await.expect("system");
+    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let supervisor = Caller {
+        user: "mallory".into(),
+        roles: vec!["supervisor".into()],
+        device: None,
+        station: None,
+    };
+    let hold = |c: &Caller| {
+        let mut r = tonic::Request::new(pb::LotStatusRequest {
+            lot: "STEEL-L1".into(),
+            reason: "forged hold".into(),
+        });
+        c.write_to(r.metadata_mut());
+        r
+    };
+    let refused = |r: Result<tonic::Response<pb::Lot>, tonic::Status>, what: &str| {
+        let status = r.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {status:?}"
+        );
+    };
+
+    // Unsigned: refused.
+    let mut plain = ScanIngestClient::new(channel.clone());
+    refused(plain.hold_lot(hold(&supervisor)).await, "unsigned");
+    // Signed with another key: refused.
+    let other = CallerKey::from_config("not the key of this deployment, at all");
+    let mut wrong =
+        ScanIngestClient::with_interceptor(channel.clone(), TracePropagation::signing(other));
+    refused(wrong.hold_lot(hold(&supervisor)).await, "wrong key");
+    // Signed as an operator, then the role changed on the way: refused.
+    let key = CallerKey::from_config(&sys.internal_key).expect("key");
+    let tamper = tower::service_fn(move |mut req: http::Request<tonic::body::Body>| {
+        req.headers_mut()
+            .insert("x-mes-roles", http::HeaderValue::from_static("supervisor"));
+        let mut ch = channel.clone();
+        async move {
+            use tower::{Service, ServiceExt};
+            ch.ready().await?.call(req).await
+        }
+    });
+    let operator = Caller {
+        roles: vec!["operator".into()],
+        ..supervisor.clone()
+    };
+    let mut tampered =
+        ScanIngestClient::with_interceptor(tamper, TracePropagation::signing(Some(key.clone())));
+    refused(tampered.hold_lot(hold(&operator)).await, "tampered role");
+    // None of it changed the lot.
+    let log = sys.log("scan-ingest");
+    assert!(
+        log.contains("call refused") && log.contains("caller signature does not match"),
+        "the refusals are logged with their reason"
+    );
+
+    // Signed with the deployment's key: the service's own role check applies as usual.
+    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut signed =
+        ScanIngestClient::with_interceptor(channel, TracePropagation::signing(Some(key)));
+    let denied = signed
+        .hold_lot(hold(&operator))
+        .await
+        .expect_err("operator");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let mut get = tonic::Request::new(pb::GetLotRequest {
+        lot: "STEEL-L1".into(),
+    });
+    operator.write_to(get.metadata_mut());
+    let lot = signed.get_lot(get).await.expect("signed read").into_inner();
+    assert_eq!(lot.status, "active", "the forged holds changed nothing");
+    let held = signed
+        .hold_lot(hold(&supervisor))
+        .await
+        .expect("a signed supervisor may hold")
+        .into_inner();
+    assert_eq!(held.status, "on_hold");
+}
+
 async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,

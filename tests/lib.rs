@@ -111,6 +111,8 @@ impl OtlpReceiver {
 /// The running system.
 pub struct System {
     pub gateway: String,
+    /// The internal key the services sign caller identities with (`MES_INTERNAL_KEY`).
+    pub internal_key: String,
     pub grpc: HashMap<&'static str, u16>,
     pub otlp: OtlpReceiver,
     pub outbox: PathBuf,
@@ -126,13 +128,16 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// The directory holding the workspace's binaries (next to this test's `deps/`).
+/// The directory holding the workspace's binaries: the profile directory of the running test
+/// (which sits in its `deps/`) or of the running binary (`mes-bench`, beside the services).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target profile dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("target profile dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The service binaries must be built first (`make test` runs `cargo build --workspace --bins`).
@@ -169,6 +174,7 @@ impl System {
         let gateway_port = free_port();
         let mut sys = Self {
             gateway: format!("http://127.0.0.1:{gateway_port}"),
+            internal_key: format!("e2e-internal-key-{tag}"),
             grpc,
             otlp,
             outbox: outbox.clone(),
@@ -196,6 +202,7 @@ impl System {
                 .env("MES_LOG_LEVEL", "info,sqlx=warn")
                 .env("MES_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
                 .env("MES_REDIS_URL", "redis://127.0.0.1:6379")
+                .env("MES_INTERNAL_KEY", &sys.internal_key)
                 .env("OTEL_BSP_SCHEDULE_DELAY", "100")
                 .env(format!("{prefix}DATABASE_URL"), &db_url)
                 .env(format!("{prefix}DATABASE_MAX_CONNECTIONS"), "5")
@@ -323,6 +330,17 @@ impl System {
         let log = self.log(service);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The process id of each running service.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.children.iter().map(|(n, c)| (*n, c.id())).collect()
+    }
+
+    /// The PostgreSQL URL of a service's own database.
+    pub fn database_url(&self, service: &str) -> Option<&str> {
+        let i = SERVICES.iter().position(|s| *s == service)?;
+        self.db_urls.get(i).map(String::as_str)
     }
 
     /// Sends SIGTERM to one service and waits for it to exit.

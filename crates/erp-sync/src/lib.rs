@@ -88,6 +88,7 @@ impl Application {
         let mes = mes::Mes::new(
             &settings.scan_ingest_url,
             Duration::from_millis(settings.scan_ingest_timeout_ms.max(1)),
+            s.caller_key(),
         )?;
         let puller = Arc::new(pull::Puller::new(
             pool.clone(),
@@ -175,7 +176,7 @@ impl Application {
         tasks.spawn(scheduler::run(state.clone(), shutdown.clone()));
 
         let api = api::Api::new(state.clone());
-        let result = grpc::server("erp-sync")
+        let result = grpc::server("erp-sync", settings.service.caller_key())
             .add_service(health_service)
             .add_service(grpc::reflection()?)
             .add_service(ErpSyncServer::new(api))

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mes_common::grpc::{self, TracePropagation};
-use mes_common::identity::Caller;
+use mes_common::identity::{Caller, CallerKey};
 use mes_proto::v1 as pb;
 use mes_proto::v1::{
     event_feed_client::EventFeedClient, master_data_client::MasterDataClient,
@@ -31,7 +31,8 @@ pub struct Mes {
 
 impl Mes {
     /// Lazy channels: building never blocks on scan-ingest.
-    pub fn new(url: &str, call_timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(url: &str, call_timeout: Duration, key: Option<CallerKey>) -> anyhow::Result<Self> {
+        let traced = || TracePropagation::signing(key.clone());
         let calls = grpc::channel(url, Duration::from_secs(3), call_timeout)?;
         // The feed is a long-lived stream: its channel has no per-request timeout.
         let feed = grpc::channel(
@@ -40,9 +41,9 @@ impl Mes {
             Duration::from_secs(365 * 86_400),
         )?;
         Ok(Self {
-            master: MasterDataClient::with_interceptor(calls.clone(), TracePropagation),
-            ingest: ScanIngestClient::with_interceptor(calls, TracePropagation),
-            feed: EventFeedClient::with_interceptor(feed, TracePropagation),
+            master: MasterDataClient::with_interceptor(calls.clone(), traced()),
+            ingest: ScanIngestClient::with_interceptor(calls, traced()),
+            feed: EventFeedClient::with_interceptor(feed, traced()),
         })
     }
 

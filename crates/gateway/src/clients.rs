@@ -34,6 +34,8 @@ pub struct Backends {
     trace_query: Channel,
     erp_sync: Channel,
     retry_after: u64,
+    /// Signs the caller identity of every call (None: not signed).
+    key: Option<mes_common::identity::CallerKey>,
 }
 
 impl Backends {
@@ -46,28 +48,33 @@ impl Backends {
             trace_query: ch(&settings.trace_query_url)?,
             erp_sync: ch(&settings.erp_sync_url)?,
             retry_after: settings.retry_after_seconds,
+            key: settings.service.caller_key(),
         })
     }
 
     pub fn scan_ingest(&self) -> ScanIngestClient<Traced> {
         ScanIngestClient::new(InterceptedService::new(
             self.scan_ingest.clone(),
-            TracePropagation,
+            self.traced(),
         ))
     }
 
     pub fn trace_query(&self) -> TraceQueryClient<Traced> {
         TraceQueryClient::new(InterceptedService::new(
             self.trace_query.clone(),
-            TracePropagation,
+            self.traced(),
         ))
     }
 
     pub fn erp_sync(&self) -> ErpSyncClient<Traced> {
         ErpSyncClient::new(InterceptedService::new(
             self.erp_sync.clone(),
-            TracePropagation,
+            self.traced(),
         ))
+    }
+
+    fn traced(&self) -> TracePropagation {
+        TracePropagation::signing(self.key.clone())
     }
 
     fn channel_of(&self, service: &str) -> Option<Channel> {
@@ -136,7 +143,7 @@ impl Backends {
         let channel = self
             .channel_of(service)
             .ok_or_else(|| "unknown service".to_owned())?;
-        let mut client = HealthClient::new(InterceptedService::new(channel, TracePropagation));
+        let mut client = HealthClient::new(InterceptedService::new(channel, self.traced()));
         let start = Instant::now();
         let check = client.check(HealthCheckRequest {
             service: name.to_owned(),

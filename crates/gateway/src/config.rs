@@ -2,35 +2,11 @@
 //! environment variables (see [`mes_common::config`]). Lists in the environment use figment's
 //! array syntax: `MES_GATEWAY_CORS_ALLOWED_ORIGINS='[https://tablet.example, http://localhost:5173]'`.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 use mes_common::ServiceSettings;
 
-/// A secret string: serialised as is (figment needs it), never printed by `Debug`.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            f.write_str("Secret(<empty>)")
-        } else {
-            f.write_str("Secret(<redacted>)")
-        }
-    }
-}
-
-impl Secret {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
+pub use mes_common::config::Secret;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Settings {

@@ -6,6 +6,30 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+/// A secret string: serialised as is (figment needs it), never printed by `Debug`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("Secret(<empty>)")
+        } else {
+            f.write_str("Secret(<redacted>)")
+        }
+    }
+}
+
+impl Secret {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Settings every service has. Service crates flatten this into their own `Settings`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServiceSettings {
@@ -31,6 +55,27 @@ pub struct ServiceSettings {
     pub shutdown_grace_seconds: u64,
     /// Demo mode: seeds demo users/devices (gateway) — never on in production config.
     pub demo: bool,
+    /// The key the four services share to sign and check the caller identity of internal gRPC
+    /// calls (`MES_INTERNAL_KEY`, at least 32 bytes). Empty: identities are not signed and the
+    /// services trust any caller that reaches their port (single host, demo).
+    #[serde(default)]
+    pub internal_key: Secret,
+}
+
+impl ServiceSettings {
+    /// The internal key, when one is configured.
+    pub fn caller_key(&self) -> Option<crate::identity::CallerKey> {
+        crate::identity::CallerKey::from_config(self.internal_key.expose())
+    }
+
+    /// Refuses a key too short to be a real secret.
+    pub fn validate_internal_key(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.internal_key.is_empty() || self.internal_key.expose().len() >= 32,
+            "internal_key (MES_INTERNAL_KEY) must be at least 32 bytes"
+        );
+        Ok(())
+    }
 }
 
 impl ServiceSettings {
@@ -58,6 +103,7 @@ impl ServiceSettings {
             log_level: "info,sqlx=warn,h2=warn,tower=warn,hyper=warn".into(),
             shutdown_grace_seconds: 20,
             demo: false,
+            internal_key: Secret::default(),
         }
     }
 }

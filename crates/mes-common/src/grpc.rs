@@ -11,6 +11,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::identity::{self, CallerKey};
 use crate::propagation;
 
 /// Tower layer for gRPC servers: continues the caller's W3C trace in a `grpc.request` span and
@@ -111,14 +112,91 @@ where
     }
 }
 
-/// A server builder with the telemetry layer, HTTP/2 keep-alives and a concurrency guard.
+/// Tower layer for gRPC servers: with an internal key, refuses (UNAUTHENTICATED) every call but
+/// health and reflection whose caller signature is missing, wrong or stale; without one, passes
+/// everything (a single-host or demo installation).
+#[derive(Clone)]
+pub struct CallerAuthLayer {
+    key: Option<CallerKey>,
+}
+
+impl<S> Layer<S> for CallerAuthLayer {
+    type Service = CallerAuth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CallerAuth {
+            inner,
+            key: self.key.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallerAuth<S> {
+    inner: S,
+    key: Option<CallerKey>,
+}
+
+impl<S, B> Service<http::Request<B>> for CallerAuth<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path();
+        let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        if let (Some(key), false) = (&self.key, exempt) {
+            let headers = req.headers();
+            let get = |k: &str| {
+                headers
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            if let Err(refused) = key.verify(method, &get, chrono::Utc::now().timestamp()) {
+                metrics::counter!("grpc_server_callers_refused_total", "reason" => refused.as_str())
+                    .increment(1);
+                tracing::warn!(
+                    method,
+                    reason = refused.as_str(),
+                    user = get(identity::USER).unwrap_or_default(),
+                    "call refused: its caller identity is not signed with this deployment's internal key"
+                );
+                let status = tonic::Status::unauthenticated(format!(
+                    "{}: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+                    refused.as_str()
+                ));
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// A server builder with the telemetry layer (outermost, so refused calls are logged and
+/// counted too), the caller-signature check, HTTP/2 keep-alives and `TCP_NODELAY`.
 pub fn server(
     service: &'static str,
-) -> Server<tower::layer::util::Stack<GrpcTelemetryLayer, tower::layer::util::Identity>> {
+    key: Option<CallerKey>,
+) -> Server<
+    tower::layer::util::Stack<
+        CallerAuthLayer,
+        tower::layer::util::Stack<GrpcTelemetryLayer, tower::layer::util::Identity>,
+    >,
+> {
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .tcp_nodelay(true)
         .layer(GrpcTelemetryLayer::new(service))
+        .layer(CallerAuthLayer { key })
 }
 
 /// The reflection service over every MES contract.
@@ -133,13 +211,31 @@ pub fn reflection() -> anyhow::Result<
         .build_v1()?)
 }
 
-/// Adds the current span's trace context to every outgoing call.
-#[derive(Clone, Copy, Default)]
-pub struct TracePropagation;
+/// Adds the current span's trace context to every outgoing call and, with the deployment's
+/// internal key, signs the caller identity the call carries (see [`identity`]).
+#[derive(Clone, Default)]
+pub struct TracePropagation {
+    key: Option<CallerKey>,
+}
+
+impl TracePropagation {
+    /// Propagation, and signing when `key` is set.
+    pub fn signing(key: Option<CallerKey>) -> Self {
+        Self { key }
+    }
+}
 
 impl Interceptor for TracePropagation {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         propagation::inject_current(req.metadata_mut());
+        if let Some(key) = &self.key {
+            let method = req
+                .extensions()
+                .get::<tonic::GrpcMethod<'static>>()
+                .map(|m| format!("/{}/{}", m.service(), m.method()))
+                .unwrap_or_default();
+            key.sign(&method, req.metadata_mut());
+        }
         Ok(req)
     }
 }

@@ -98,6 +98,12 @@ impl Infra {
         s: &crate::ServiceSettings,
         migrator: &sqlx::migrate::Migrator,
     ) -> anyhow::Result<Self> {
+        s.validate_internal_key()?;
+        if s.internal_key.is_empty() {
+            tracing::warn!(
+                "no internal key (MES_INTERNAL_KEY): caller identities between the services are not signed, so anything that reaches a service port can act as any user; set the same key on all four services"
+            );
+        }
         let pool = db::prepare(
             &s.database_url,
             s.database_max_connections,

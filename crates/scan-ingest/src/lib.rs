@@ -141,7 +141,7 @@ impl Application {
         }
 
         let api = api::Api::new(state.clone(), shutdown.clone());
-        let result = grpc::server("scan-ingest")
+        let result = grpc::server("scan-ingest", settings.service.caller_key())
             .add_service(health_service)
             .add_service(grpc::reflection()?)
             .add_service(ScanIngestServer::new(api.clone()))

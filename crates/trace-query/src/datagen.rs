@@ -22,7 +22,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use mes_common::identity::Caller;
+use mes_common::grpc::TracePropagation;
+use mes_common::identity::{Caller, CallerKey};
 use mes_proto::v1 as pb;
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
@@ -30,6 +31,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::domain::timestamp;
+
+type Traced =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TracePropagation>;
 
 /// The shape of the generated plant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -730,8 +734,8 @@ fn request<T>(caller: &Caller, message: T) -> tonic::Request<T> {
 /// Buffers of the gRPC load, sent in the plan's order.
 struct GrpcLoad<'a> {
     caller: &'a Caller,
-    master: mes_proto::v1::master_data_client::MasterDataClient<tonic::transport::Channel>,
-    ingest: mes_proto::v1::scan_ingest_client::ScanIngestClient<tonic::transport::Channel>,
+    master: mes_proto::v1::master_data_client::MasterDataClient<Traced>,
+    ingest: mes_proto::v1::scan_ingest_client::ScanIngestClient<Traced>,
     materials: Vec<pb::Material>,
     stations: Vec<pb::Station>,
     lots: Vec<pb::ReceivedLot>,
@@ -792,6 +796,7 @@ pub async fn load_grpc(
     scan_ingest_url: &str,
     plan: &Plan,
     caller: &Caller,
+    key: Option<CallerKey>,
     progress: Progress<'_>,
 ) -> anyhow::Result<u64> {
     use mes_proto::v1::{
@@ -805,8 +810,11 @@ pub async fn load_grpc(
     )?;
     let mut load = GrpcLoad {
         caller,
-        master: MasterDataClient::new(channel.clone()),
-        ingest: ScanIngestClient::new(channel),
+        master: MasterDataClient::with_interceptor(
+            channel.clone(),
+            TracePropagation::signing(key.clone()),
+        ),
+        ingest: ScanIngestClient::with_interceptor(channel, TracePropagation::signing(key)),
         materials: Vec::new(),
         stations: Vec::new(),
         lots: Vec::new(),
@@ -902,6 +910,7 @@ impl std::fmt::Display for BenchReport {
 /// database).
 pub async fn bench(
     trace_query_url: &str,
+    key: Option<CallerKey>,
     plan: &Plan,
     requests: u64,
     concurrency: usize,
@@ -916,7 +925,7 @@ pub async fn bench(
         Duration::from_secs(5),
         Duration::from_secs(30),
     )?;
-    let client = TraceQueryClient::new(channel);
+    let client = TraceQueryClient::with_interceptor(channel, TracePropagation::signing(key));
     let top = plan.level_size(plan.depth).min(spread.max(1));
     let raw = plan.level_size(0).min(spread.max(1));
     let started = std::time::Instant::now();

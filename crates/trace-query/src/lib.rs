@@ -165,7 +165,7 @@ impl Application {
         tasks.spawn(state.cache.clone().watchdog(shutdown.clone()));
 
         let api = api::Api::new(state.clone());
-        let result = grpc::server("trace-query")
+        let result = grpc::server("trace-query", settings.service.caller_key())
             .add_service(health_service)
             .add_service(grpc::reflection()?)
             .add_service(TraceQueryServer::new(api))

@@ -50,11 +50,12 @@ impl Projection {
             Duration::from_secs(3),
             Duration::from_secs(365 * 86_400),
         )?;
+        let traced = TracePropagation::signing(settings.service.caller_key());
         Ok(Self {
             pool,
             cache,
             settings,
-            feed: EventFeedClient::with_interceptor(channel, TracePropagation),
+            feed: EventFeedClient::with_interceptor(channel, traced),
             resubscribe: Arc::new(Notify::new()),
         })
     }

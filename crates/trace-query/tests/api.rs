@@ -1127,11 +1127,11 @@ async fn generated_plant_loads_through_scan_ingest_and_is_traced_to_full_depth()
     let url = format!("http://127.0.0.1:{}", env.si.as_ref().unwrap().port);
     let caller = mes_common::identity::Caller::system("mes-datagen");
     let mut quiet = |_: u64, _: u64| {};
-    datagen::load_grpc(&url, &plan, &caller, &mut quiet)
+    datagen::load_grpc(&url, &plan, &caller, None, &mut quiet)
         .await
         .expect("load through scan-ingest");
     // Loading again changes nothing: the same scan ids come back as duplicates.
-    datagen::load_grpc(&url, &plan, &caller, &mut quiet)
+    datagen::load_grpc(&url, &plan, &caller, None, &mut quiet)
         .await
         .expect("reload");
     env.caught_up(&app).await;

@@ -73,7 +73,15 @@ async fn main() -> anyhow::Result<()> {
     }
     plan.validate()?;
     if mode == "bench" {
-        let report = datagen::bench(&trace_query_url, &plan, requests, concurrency, spread).await?;
+        let report = datagen::bench(
+            &trace_query_url,
+            settings.service.caller_key(),
+            &plan,
+            requests,
+            concurrency,
+            spread,
+        )
+        .await?;
         println!("{report}");
         return Ok(());
     }
@@ -109,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
                 &scan_ingest_url,
                 &plan,
                 &Caller::system("mes-datagen"),
+                settings.service.caller_key(),
                 &mut progress,
             )
             .await?
