@@ -119,6 +119,8 @@ pub struct System {
     pub run_dir: tempfile::TempDir,
     db_urls: Vec<String>,
     children: Vec<(&'static str, Child)>,
+    /// Every service's Redis keys are under `e2e:<tag>:`.
+    redis_prefix: String,
 }
 
 fn free_port() -> u16 {
@@ -181,6 +183,7 @@ impl System {
             run_dir,
             db_urls: Vec::new(),
             children: Vec::new(),
+            redis_prefix: format!("e2e:{tag}:"),
         };
         for service in SERVICES {
             let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
@@ -373,37 +376,14 @@ impl Drop for System {
         for (_, child) in self.children.iter_mut().rev() {
             terminate(child);
         }
-        let urls = std::mem::take(&mut self.db_urls);
-        // Drop the databases from a runtime of our own (Drop may run inside another runtime).
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                for url in urls {
-                    let _ = drop_database(&url).await;
-                }
-            });
-        })
-        .join();
+        for url in std::mem::take(&mut self.db_urls) {
+            drop(mes_common::testing::DbGuard { url });
+        }
+        drop(mes_common::testing::RedisGuard {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: self.redis_prefix.clone(),
+        });
     }
-}
-
-async fn drop_database(url: &str) -> anyhow::Result<()> {
-    use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
-    use std::str::FromStr;
-    let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
-    let name = opts.get_database().unwrap_or_default().to_owned();
-    anyhow::ensure!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-    let mut conn = opts.database("postgres").connect().await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut conn)
-    .await?;
-    conn.close().await?;
-    Ok(())
 }
 
 /// A Python virtual environment with `packages`, created once under the target directory and

@@ -53,6 +53,39 @@ impl Redis {
         &self.client
     }
 
+    /// Deletes every key under this client's prefix (SCAN and UNLINK, page by page); returns
+    /// how many went. For tests, and for retiring a tenant that shared a Redis. An empty prefix
+    /// is refused: it would mean the whole database.
+    pub async fn delete_prefixed(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(
+            !self.prefix.is_empty(),
+            "refusing to delete every key of the database"
+        );
+        let mut pattern = String::with_capacity(self.prefix.len() + 1);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let mut cursor = "0".to_owned();
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (String, Vec<String>) = self
+                .client
+                .scan_page(cursor.as_str(), pattern.as_str(), Some(500), None)
+                .await?;
+            if !keys.is_empty() {
+                deleted += self.client.unlink::<u64, _>(keys).await?;
+            }
+            if next == "0" {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     /// PING round-trip time.
     pub async fn ping(&self) -> anyhow::Result<Duration> {
         let start = std::time::Instant::now();

@@ -22,6 +22,8 @@ pub mod propagation;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::ServiceSettings;
 pub use shutdown::Shutdown;

@@ -23,29 +23,7 @@ use tonic::transport::Channel;
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
-/// Drops its database when dropped (a failed test leaves nothing behind).
-struct DbGuard {
-    url: String,
-}
-
-impl Drop for DbGuard {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        // Drop may run inside the test's runtime: do the async work on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Err(e) = mes_common::db::drop_database(&url).await {
-                    eprintln!("cannot drop test database {url}: {e:#}");
-                }
-            });
-        })
-        .join();
-    }
-}
+use mes_common::testing::{DbGuard, RedisGuard};
 
 /// One test's world: a scan-ingest, a database for erp-sync instances, a scratch directory.
 pub struct TestEnv {
@@ -57,6 +35,7 @@ pub struct TestEnv {
     erp_database_url: String,
     // Dropped last, after the services stopped.
     _databases: [DbGuard; 2],
+    _redis: [RedisGuard; 2],
 }
 
 #[derive(Clone, Default)]
@@ -112,6 +91,16 @@ impl TestEnv {
                 url: erp_database_url.clone(),
             },
         ];
+        let redis = [
+            RedisGuard {
+                url: "redis://127.0.0.1:6379".into(),
+                prefix: format!("test:erp-si:{unique}:"),
+            },
+            RedisGuard {
+                url: "redis://127.0.0.1:6379".into(),
+                prefix: format!("test:erp-sync:{unique}:"),
+            },
+        ];
         let mut settings = scan_ingest::Settings::default();
         settings.service.database_url = si_url;
         settings.service.listen_addr = "127.0.0.1:0".into();
@@ -132,6 +121,7 @@ impl TestEnv {
             scan_ingest_task,
             erp_database_url,
             _databases: databases,
+            _redis: redis,
         }
     }
 

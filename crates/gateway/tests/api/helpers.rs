@@ -5,8 +5,6 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use fred::prelude::*;
-use fred::types::{ClusterHash, CustomCommand};
 use gateway::config::Secret;
 use gateway::{Application, Settings};
 use mes_common::Shutdown;
@@ -200,43 +198,15 @@ impl Drop for TestApp {
         if !self.owns_storage {
             return;
         }
-        let db = self.settings.service.database_url.clone();
-        let prefix = self.settings.service.redis_prefix.clone();
-        // Async clean-up on a runtime of its own: works even while a test is panicking.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Err(e) = mes_common::db::drop_database(&db).await {
-                    eprintln!("could not drop {db}: {e:#}");
-                }
-                let _ = delete_keys(&prefix).await;
-            });
-        })
-        .join();
+        // Works even while a test is panicking (the guards clean up on a runtime of their own).
+        drop(mes_common::testing::DbGuard {
+            url: self.settings.service.database_url.clone(),
+        });
+        drop(mes_common::testing::RedisGuard {
+            url: self.settings.service.redis_url.clone(),
+            prefix: self.settings.service.redis_prefix.clone(),
+        });
     }
-}
-
-/// Deletes every Redis key under `prefix`.
-pub async fn delete_keys(prefix: &str) -> anyhow::Result<()> {
-    let config = Config::from_url(REDIS)?;
-    let client = Builder::from_config(config).build()?;
-    client.init().await?;
-    let keys: Vec<String> = client
-        .custom(
-            CustomCommand::new_static("KEYS", ClusterHash::Random, false),
-            vec![format!("{prefix}*")],
-        )
-        .await?;
-    if !keys.is_empty() {
-        let _: i64 = client.del(keys).await?;
-    }
-    let _ = client.quit().await;
-    Ok(())
 }
 
 /// Asserts a problem+json response with `status` and `code`; returns the body.

@@ -29,6 +29,8 @@ pub struct TestApp {
     shutdown: Shutdown,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     dropped: bool,
+    /// Deletes the test's Redis keys when the app is dropped (stopped or not).
+    _keys: mes_common::testing::RedisGuard,
 }
 
 impl TestApp {
@@ -170,6 +172,8 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     settings.sequencer_interval_ms = 50;
     settings.ledger_check_interval_seconds = 0;
     customise(&mut settings);
+    let redis_url = settings.service.redis_url.clone();
+    let redis_prefix = settings.service.redis_prefix.clone();
     let app = Application::build(settings)
         .await
         .expect("build scan-ingest");
@@ -197,6 +201,10 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         shutdown,
         handle: Some(handle),
         dropped: false,
+        _keys: mes_common::testing::RedisGuard {
+            url: redis_url,
+            prefix: redis_prefix,
+        },
     }
 }
 

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fred::interfaces::{ClientLike, KeysInterface};
+use fred::interfaces::ClientLike;
 use mes_common::Shutdown;
 use mes_common::identity::Caller;
 use mes_proto::v1 as pb;
@@ -25,103 +25,7 @@ use trace_query::AppState;
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
-/// Drops its database when dropped (a failed test leaves nothing behind).
-pub struct DbGuard {
-    pub url: String,
-}
-
-impl Drop for DbGuard {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        // Drop may run inside the test's runtime: do the async work on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Err(e) = mes_common::db::drop_database(&url).await {
-                    eprintln!("cannot drop test database {url}: {e:#}");
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// Deletes every key under a Redis prefix when dropped.
-pub struct RedisGuard {
-    pub url: String,
-    pub prefix: String,
-}
-
-impl Drop for RedisGuard {
-    fn drop(&mut self) {
-        let (url, prefix) = (self.url.clone(), self.prefix.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(delete_prefix(&url, &prefix));
-        })
-        .join();
-    }
-}
-
-async fn delete_prefix(url: &str, prefix: &str) {
-    // A loaded machine may take a while to connect: wait for it (commands fail fast before).
-    let Ok(redis) = mes_common::cache::Redis::connect(url, prefix, Duration::from_secs(5)).await
-    else {
-        return;
-    };
-    let client = redis.client();
-    let mut cursor = "0".to_owned();
-    let mut failures = 0;
-    for _ in 0..10_000 {
-        let r: Result<fred::types::Value, _> = client
-            .custom(
-                fred::cmd!("SCAN"),
-                vec![
-                    cursor.clone(),
-                    "MATCH".into(),
-                    format!("{prefix}*"),
-                    "COUNT".into(),
-                    "1000".into(),
-                ],
-            )
-            .await;
-        let v = match r {
-            Ok(v) => v,
-            Err(e) if failures < 20 => {
-                failures += 1;
-                eprintln!("redis cleanup of {prefix}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                continue;
-            }
-            Err(_) => break,
-        };
-        let mut parts = v.into_array().into_iter();
-        cursor = parts
-            .next()
-            .and_then(|c| c.as_bytes_str().map(|s| s.to_string()))
-            .unwrap_or_else(|| "0".into());
-        let keys: Vec<String> = parts
-            .next()
-            .map(|k| k.into_array())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|k| k.as_bytes_str().map(|s| s.to_string()))
-            .collect();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = client.unlink(keys).await;
-        }
-        if cursor == "0" {
-            break;
-        }
-    }
-    redis.quit().await;
-}
+pub use mes_common::testing::{DbGuard, RedisGuard};
 
 pub struct ScanIngest {
     pub port: u16,
