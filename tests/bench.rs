@@ -19,13 +19,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use mes_common::grpc::TracePropagation;
+use mes_common::identity::CallerKey;
 use mes_e2e::System;
 use mes_proto::v1 as pb;
 use mes_proto::v1::master_data_client::MasterDataClient;
 use mes_proto::v1::scan_ingest_client::ScanIngestClient;
 use mes_proto::v1::trace_query_client::TraceQueryClient;
 use sqlx::Connection;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A channel whose calls carry the trace context and a caller identity signed with the
+/// system's internal key, as the services' own clients do.
+type Signed = InterceptedService<Channel, TracePropagation>;
+
+async fn connect(sys: &System, service: &str) -> anyhow::Result<Signed> {
+    let url = format!("http://127.0.0.1:{}", sys.grpc[service]);
+    let channel = Channel::from_shared(url)?.connect().await?;
+    Ok(InterceptedService::new(
+        channel,
+        TracePropagation::signing(CallerKey::from_config(&sys.internal_key)),
+    ))
+}
 
 /// Genealogy levels seeded for the read runs: `BM-0` (received) → `BM-1` → … → `BM-LEVELS`.
 const LEVELS: usize = 4;
@@ -66,6 +82,8 @@ struct Figures {
     errors: u64,
     elapsed: Duration,
     latencies_us: Vec<u64>,
+    /// The first failure, to say why when there are errors.
+    first_error: Option<String>,
 }
 
 impl Figures {
@@ -89,7 +107,11 @@ impl Figures {
             self.percentile_ms(0.50),
             self.percentile_ms(0.99),
             if self.errors > 0 {
-                format!("  ({} errors)", self.errors)
+                format!(
+                    "  ({} errors; first: {})",
+                    self.errors,
+                    self.first_error.as_deref().unwrap_or("?")
+                )
             } else {
                 String::new()
             }
@@ -97,11 +119,11 @@ impl Figures {
     }
 }
 
-/// Runs `clients` copies of `op` for `seconds`; each call returns whether it succeeded.
+/// Runs `clients` copies of `op` for `seconds`; each call says whether it succeeded.
 async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Figures
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
     let op = Arc::new(op);
     let start = Instant::now();
@@ -114,11 +136,15 @@ where
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    if op(c, n).await {
-                        f.ops += 1;
-                        f.latencies_us.push(t.elapsed().as_micros() as u64);
-                    } else {
-                        f.errors += 1;
+                    match op(c, n).await {
+                        Ok(()) => {
+                            f.ops += 1;
+                            f.latencies_us.push(t.elapsed().as_micros() as u64);
+                        }
+                        Err(e) => {
+                            f.errors += 1;
+                            f.first_error.get_or_insert(e);
+                        }
                     }
                     n += 1;
                 }
@@ -132,6 +158,9 @@ where
         all.ops += f.ops;
         all.errors += f.errors;
         all.latencies_us.extend(f.latencies_us);
+        if all.first_error.is_none() {
+            all.first_error = f.first_error;
+        }
     }
     all.elapsed = start.elapsed();
     all
@@ -172,7 +201,7 @@ fn as_operator<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-async fn submit(si: &mut ScanIngestClient<Channel>, scans: Vec<pb::Scan>) -> anyhow::Result<()> {
+async fn submit(si: &mut ScanIngestClient<Signed>, scans: Vec<pb::Scan>) -> anyhow::Result<()> {
     let results = si
         .submit_scans(as_operator(pb::SubmitScansRequest { scans }))
         .await?
@@ -200,9 +229,9 @@ fn station(i: usize) -> String {
 /// The bench plant: materials `BM-0..=BM-LEVELS`, one work order, station and huge raw lot per
 /// write lane, and a genealogy chain `BENCH-G-0` → … → `BENCH-G-LEVELS` for the read runs.
 async fn seed(sys: &System, s: &Settings) -> anyhow::Result<String> {
-    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
-    let mut md = MasterDataClient::connect(url.clone()).await?;
-    let mut si = ScanIngestClient::connect(url).await?;
+    let channel = connect(sys, "scan-ingest").await?;
+    let mut md = MasterDataClient::new(channel.clone());
+    let mut si = ScanIngestClient::new(channel);
     md.upsert_materials(pb::UpsertMaterialsRequest {
         items: (0..=LEVELS)
             .map(|l| pb::Material {
@@ -311,8 +340,7 @@ async fn seed(sys: &System, s: &Settings) -> anyhow::Result<String> {
 }
 
 async fn write_grpc(sys: &System, s: &Settings) -> anyhow::Result<Figures> {
-    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
-    let channel = Channel::from_shared(url)?.connect().await?;
+    let channel = connect(sys, "scan-ingest").await?;
     let lanes = s.work_orders;
     Ok(drive(s.clients, s.seconds, move |c, _| {
         let mut si = ScanIngestClient::new(channel.clone());
@@ -323,17 +351,24 @@ async fn write_grpc(sys: &System, s: &Settings) -> anyhow::Result<Figures> {
                 &raw_lot(i),
                 "1",
             );
-            matches!(
-                si.submit_scans(as_operator(pb::SubmitScansRequest { scans: vec![consume] })).await,
-                Ok(r) if r.get_ref().results.first().is_some_and(|r| r.status == pb::ScanStatus::Accepted as i32)
-            )
+            let r = si
+                .submit_scans(as_operator(pb::SubmitScansRequest {
+                    scans: vec![consume],
+                }))
+                .await
+                .map_err(|e| e.to_string())?;
+            match r.get_ref().results.first() {
+                Some(r) if r.status == pb::ScanStatus::Accepted as i32 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
         }
     })
     .await)
 }
 
 async fn write_rest(sys: &System, s: &Settings) -> anyhow::Result<Figures> {
-    let token = sys.token("op1", None).await;
+    // Operators must scan from a device enrolled at their station; supervisors may scan anywhere.
+    let token = sys.token("sup1", None).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(s.clients)
         .build()?;
@@ -357,20 +392,21 @@ async fn write_rest(sys: &System, s: &Settings) -> anyhow::Result<Figures> {
                 }]
             }));
         async move {
-            let Ok(r) = req.send().await else {
-                return false;
-            };
-            r.status().is_success()
-                && r.json::<serde_json::Value>()
-                    .await
-                    .is_ok_and(|b| b["results"][0]["status"] == "accepted")
+            let r = req.send().await.map_err(|e| e.to_string())?;
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+            if status.is_success() && body["results"][0]["status"] == "accepted" {
+                Ok(())
+            } else {
+                Err(format!("{status}: {body}"))
+            }
         }
     })
     .await)
 }
 
 async fn genealogy(
-    tq: &mut TraceQueryClient<Channel>,
+    tq: &mut TraceQueryClient<Signed>,
     lot: &str,
 ) -> Result<pb::Genealogy, tonic::Status> {
     let mut r = tonic::Request::new(pb::GenealogyRequest {
@@ -387,8 +423,7 @@ async fn genealogy(
 
 /// Waits until the projection shows the whole seeded chain, then measures cached answers.
 async fn read_cached(sys: &System, s: &Settings, lot: &str) -> anyhow::Result<(Figures, usize)> {
-    let url = format!("http://127.0.0.1:{}", sys.grpc["trace-query"]);
-    let channel = Channel::from_shared(url)?.connect().await?;
+    let channel = connect(sys, "trace-query").await?;
     let mut tq = TraceQueryClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     let answer = loop {
@@ -403,7 +438,12 @@ async fn read_cached(sys: &System, s: &Settings, lot: &str) -> anyhow::Result<(F
     let f = drive(s.clients, s.seconds, move |_, _| {
         let mut tq = TraceQueryClient::new(channel.clone());
         let lot = lot.clone();
-        async move { genealogy(&mut tq, &lot).await.is_ok() }
+        async move {
+            genealogy(&mut tq, &lot)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
     })
     .await;
     Ok((f, size))
@@ -474,6 +514,7 @@ fn pgbench(
         errors: failed,
         elapsed: Duration::from_secs_f64(processed / tps.max(1e-9)),
         latencies_us,
+        first_error: None,
     })
 }
 
@@ -620,6 +661,7 @@ fn redis_get(s: &Settings, size: usize) -> anyhow::Result<Figures> {
             .into_iter()
             .chain([(p99 * 1000.0) as u64; 2])
             .collect(),
+        first_error: None,
     })
 }
 

@@ -45,7 +45,6 @@ use mes_proto::v1::erp_sync_server::ErpSyncServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Settings;
 
@@ -180,7 +179,7 @@ impl Application {
             .add_service(health_service)
             .add_service(grpc::reflection()?)
             .add_service(ErpSyncServer::new(api))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
+            .serve_with_incoming_shutdown(grpc::incoming(listener), shutdown.wait())
             .await;
         let grace = Duration::from_secs(settings.service.shutdown_grace_seconds);
         mes_common::service::stop(tasks, grace, &shutdown, &state.redis, &state.pool).await;

@@ -248,7 +248,13 @@ impl Application {
                 tokio::time::sleep(delay).await;
             }
         };
-        let server = axum::serve(self.listener, self.router)
+        // Small JSON responses: send them at once (no Nagle wait for the client's delayed ACK).
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
+        let server = axum::serve(listener, self.router)
             .with_graceful_shutdown(stop)
             .into_future();
         let deadline = async {

@@ -21,6 +21,12 @@ impl Redis {
         let client = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = Duration::from_millis(500))
             .with_connection_config(|c| {
+                // Small pipelined commands from many tasks share one connection: without
+                // TCP_NODELAY, Nagle's algorithm holds them back until the delayed ACK (~40 ms).
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
                 c.connection_timeout = Duration::from_secs(2);
                 c.internal_command_timeout = Duration::from_secs(2);
                 c.max_command_attempts = 1;

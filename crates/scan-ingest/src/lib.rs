@@ -26,7 +26,6 @@ use mes_proto::v1::{
 };
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Settings;
 
@@ -147,7 +146,7 @@ impl Application {
             .add_service(ScanIngestServer::new(api.clone()))
             .add_service(MasterDataServer::new(api.clone()))
             .add_service(EventFeedServer::new(api))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
+            .serve_with_incoming_shutdown(grpc::incoming(listener), shutdown.wait())
             .await;
         let grace = Duration::from_secs(settings.service.shutdown_grace_seconds);
         mes_common::service::stop(tasks, grace, &shutdown, &state.redis, &state.pool).await;

@@ -33,7 +33,6 @@ use mes_common::{Shutdown, grpc};
 use mes_proto::v1::trace_query_server::TraceQueryServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Settings;
 
@@ -169,7 +168,7 @@ impl Application {
             .add_service(health_service)
             .add_service(grpc::reflection()?)
             .add_service(TraceQueryServer::new(api))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
+            .serve_with_incoming_shutdown(grpc::incoming(listener), shutdown.wait())
             .await;
         // The consumer finishes its batch (and its cache deletions), the delayed second
         // deletions run, then Redis and the pool close.
