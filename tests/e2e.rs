@@ -353,12 +353,7 @@ async fn every_service_answers_health_and_reflection() {
         ("trace-query", "mes.v1.TraceQuery"),
         ("erp-sync", "mes.v1.ErpSync"),
     ] {
-        let url = format!("http://127.0.0.1:{}", sys.grpc[service]);
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = sys.channel(service).await;
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let mut serving = false;
         for _ in 0..50 {
@@ -417,12 +412,7 @@ async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
     // Everything below went through signed internal calls: erp-sync loaded the plant into
     // scan-ingest and the gateway reads it back.
     let sys = System::start().await.expect("system");
-    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = sys.channel("scan-ingest").await;
     let supervisor = Caller {
         user: "mallory".into(),
         roles: vec!["supervisor".into()],
@@ -480,12 +470,7 @@ async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
     );
 
     // Signed with the deployment's key: the service's own role check applies as usual.
-    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = sys.channel("scan-ingest").await;
     let mut signed =
         ScanIngestClient::with_interceptor(channel, TracePropagation::signing(Some(key)));
     let denied = signed

@@ -335,6 +335,16 @@ impl System {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// A connected gRPC channel to one of the back-end services.
+    pub async fn channel(&self, service: &str) -> tonic::transport::Channel {
+        let url = format!("http://127.0.0.1:{}", self.grpc[service]);
+        tonic::transport::Endpoint::from_shared(url)
+            .expect("url")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {service}: {e}"))
+    }
+
     /// The process id of each running service.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         self.children.iter().map(|(n, c)| (*n, c.id())).collect()

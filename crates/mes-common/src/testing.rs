@@ -65,3 +65,21 @@ fn on_own_runtime(work: impl std::future::Future<Output = ()> + Send + 'static) 
     })
     .join();
 }
+
+/// Polls `check` every 25 ms until it holds or `timeout` passes; says whether it held.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use fred::interfaces::KeysInterface;
 use mes_proto::v1 as pb;
 use pb::ScanKind as K;
 use pb::ScanStatus as S;
@@ -884,17 +883,7 @@ async fn reference_cache_is_invalidated_by_master_data_upserts() {
     // The cache is filled off the commit path, and invalidated by a background task after the
     // upsert: wait for each (instead of fixed sleeps) so the negative entry is really cached
     // before the upsert, and really gone before the next scan.
-    let key = app.redis.key("ref:station:ST-40");
-    let cached = || {
-        let (client, key) = (app.redis.client().clone(), key.clone());
-        async move {
-            client
-                .get::<Option<String>, _>(key.as_str())
-                .await
-                .ok()
-                .flatten()
-        }
-    };
+    let cached = || app.cached("ref:station:ST-40");
     assert!(
         wait_for(Duration::from_secs(10), || async {
             cached().await.as_deref() == Some("-")
@@ -931,17 +920,7 @@ async fn reference_cache_is_invalidated_by_master_data_upserts() {
 async fn a_late_reference_fill_never_outlives_the_invalidation() {
     let app = spawn_app().await;
     let cache = app.refcache.clone();
-    let key = app.redis.key("ref:station:ST-77");
-    let cached = || {
-        let (client, key) = (app.redis.client().clone(), key.clone());
-        async move {
-            client
-                .get::<Option<String>, _>(key.as_str())
-                .await
-                .ok()
-                .flatten()
-        }
-    };
+    let cached = || app.cached("ref:station:ST-77");
     let stations = ["ST-77".to_owned()];
 
     // A scan's lookup misses and reads "ST-77 does not exist" from the database...

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use mes_common::Shutdown;
@@ -59,6 +58,17 @@ impl TestApp {
         self.submit_as(&operator(), scans).await.expect("submit")
     }
 
+    /// What the service's Redis holds under `key` (its prefix added), if anything.
+    pub async fn cached(&self, key: &str) -> Option<String> {
+        use fred::interfaces::KeysInterface;
+        self.redis
+            .client()
+            .get::<Option<String>, _>(self.redis.key(key))
+            .await
+            .ok()
+            .flatten()
+    }
+
     pub async fn lot(&self, lot: &str) -> pb::Lot {
         self.scans()
             .get_lot(pb::GetLotRequest { lot: lot.into() })
@@ -112,23 +122,7 @@ impl Drop for TestApp {
     }
 }
 
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
-pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use mes_common::testing::wait_for;
 
 pub fn operator() -> Caller {
     Caller {

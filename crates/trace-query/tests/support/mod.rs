@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -521,23 +520,7 @@ pub fn demo_plant() -> Value {
     serde_json::from_slice(&std::fs::read(demo_plant_path()).expect("demo plant")).expect("json")
 }
 
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub use mes_common::testing::wait_for;
 
 fn with_caller<T>(message: T, caller: Caller) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
