@@ -8,7 +8,8 @@
 # 4. waits for the gateway's /readyz, prints URLs, demo users and a curl example
 # 5. runs until Ctrl-C (or until a service exits), then stops the services and whatever step 1 started
 #
-# Any MES_* variable set in the environment is passed through (see deploy/mes.example.toml).
+# Any MES_* variable set in the environment is passed through (see deploy/mes.example.toml);
+# MES_INTERNAL_KEY, when not set, is a random key for this run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +23,12 @@ READY_TIMEOUT="${MES_RUN_READY_TIMEOUT:-90}"
 
 export MES_DEMO="${MES_DEMO:-true}"
 export MES_LOG_FORMAT="${MES_LOG_FORMAT:-pretty}"
+# The four services sign the caller identity of their internal calls with one shared key; unless
+# one is given, this run makes up its own (nothing else needs to know it).
+if [[ -z "${MES_INTERNAL_KEY:-}" ]]; then
+    MES_INTERNAL_KEY="$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
+fi
+export MES_INTERNAL_KEY
 
 say() { printf '==> %s\n' "$*"; }
 warn() { printf 'run: %s\n' "$*" >&2; }
