@@ -667,6 +667,9 @@ impl Inner {
                         p.overflow = true;
                     }
                 }
+                // Closed again under the lock: a recovery that drained the list just before
+                // cannot reopen the cache over this delete (see `try_recover`).
+                self.up.store(false, Ordering::Release);
             }
         }
     }
@@ -684,6 +687,7 @@ impl Inner {
             if done.is_none() {
                 let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 p.lots.extend(chunk.iter().cloned());
+                self.up.store(false, Ordering::Release);
             }
         }
     }
@@ -799,7 +803,15 @@ impl Inner {
                 return;
             }
         }
-        self.up.store(true, Ordering::Release);
+        {
+            // Reopen only if nothing failed meanwhile: a delete or filter update that failed
+            // after the list was taken is in it now, and the next round replays it.
+            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if !p.keys.is_empty() || !p.lots.is_empty() || p.overflow {
+                return;
+            }
+            self.up.store(true, Ordering::Release);
+        }
         metrics::gauge!("trace_cache_available").set(1.0);
         tracing::info!("redis available again; cache in use");
     }
