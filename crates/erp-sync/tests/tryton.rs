@@ -164,37 +164,186 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
         reconciliation.details
     );
 
-    // A consume voided after the order is done: tryton cannot take the reversal through its
-    // API, so it lands in the dead letters for an operator to book by hand.
-    support::void_scan(&mut si, &consume_id, "counted twice").await;
-    let refused = wait_for(Duration::from_secs(20), || async {
+    // A consume voided after the order is done: erp-sync posts the reversal to Tryton as a
+    // done stock move of the lot from the production location back to storage.
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 81.0);
+    let void = support::void_scan(&mut si, &consume_id, "counted twice").await;
+    let delivered = wait_for(Duration::from_secs(30), || async {
         sqlx::query_scalar::<_, String>(
-            "SELECT reason FROM dead_letters WHERE entity = 'outbox' AND resolved_at IS NULL",
+            "SELECT status FROM outbox WHERE idempotency_key LIKE 'reversal:%'",
         )
         .fetch_optional(&app.pool)
         .await
         .ok()
         .flatten()
-        .is_some()
+        .is_some_and(|s| s == "delivered")
     })
     .await;
-    assert!(refused, "the reversal is a dead letter");
-    let reason: String =
-        sqlx::query_scalar("SELECT reason FROM dead_letters WHERE entity = 'outbox'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let rows: Vec<(String, String, i32, String)> = sqlx::query_as(
+        "SELECT idempotency_key, status, attempts, last_error FROM outbox \
+         WHERE idempotency_key LIKE 'reversal:%'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(delivered, "the reversal is delivered to tryton: {rows:?}");
+    let (reversal_key, payload): (String, serde_json::Value) = sqlx::query_as(
+        "SELECT idempotency_key, payload FROM outbox WHERE idempotency_key LIKE 'reversal:%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(reversal_key, erp_sync::domain::reversal_key(&void));
+    let moves = erp.moves_with_note(&reversal_key).await;
+    assert_eq!(moves.len(), 1, "one reversal move: {moves:?}");
+    let production = erp.production(&number).await;
+    assert_eq!(moves[0]["state"], "done", "{moves:?}");
+    assert_eq!(moves[0]["quantity"], 19.0, "{moves:?}");
+    assert_eq!(moves[0]["lot."]["number"], "STL-L1", "{moves:?}");
+    assert_eq!(
+        moves[0]["from_location"], production["location"],
+        "{moves:?}"
+    );
+    assert_eq!(moves[0]["to_location"], erp.storage(), "{moves:?}");
+    assert_eq!(
+        erp.lot_quantity_in_storage("STL-L1").await,
+        100.0,
+        "the 19 plates are back in storage"
+    );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "the reversal is no dead letter");
+
+    // Exactly once: erp-sync retries the same reversal (it stopped after Tryton took it and
+    // before marking it delivered): Tryton already has it, nothing moves twice.
+    let reversal: erp_sync::domain::Reversal = serde_json::from_value(payload).unwrap();
+    let adapter = erp_sync::adapter::tryton::TrytonAdapter::new(
+        erp_sync::adapter::tryton::TrytonSettings {
+            url: erp.url.clone(),
+            database: tryton::DATABASE.into(),
+            user: "admin".into(),
+            password: tryton::PASSWORD.into(),
+            company: erp.company,
+            station: STATION.into(),
+        },
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    use erp_sync::adapter::{ErpAdapter, Posted};
+    for _ in 0..2 {
+        assert_eq!(
+            adapter
+                .post_reversal(&reversal, &reversal_key)
+                .await
+                .expect("the retry is accepted"),
+            Posted::AlreadyThere
+        );
+    }
+    assert_eq!(erp.moves_with_note(&reversal_key).await.len(), 1);
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 100.0);
+
+    // A new reversal posted twice: booked by the first post only.
+    let mut again = reversal.clone();
+    again.void_scan = "void-direct".into();
+    again.consumed_lots[0].quantity = Decimal::from(-1);
+    let key = again.idempotency_key();
+    assert_eq!(
+        adapter.post_reversal(&again, &key).await.expect("posted"),
+        Posted::New
+    );
+    assert_eq!(
+        adapter.post_reversal(&again, &key).await.expect("retried"),
+        Posted::AlreadyThere
+    );
+    assert_eq!(erp.moves_with_note(&key).await.len(), 1);
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 101.0);
+
+    // A reversal stopped half-way (the move created and keyed, not done): the retry finishes
+    // that move instead of making another.
+    let mut half = reversal.clone();
+    half.void_scan = "void-half".into();
+    half.consumed_lots[0].quantity = Decimal::from(-2);
+    let key = half.idempotency_key();
+    erp.half_posted_reversal(&key, 2.0).await;
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 101.0);
+    assert_eq!(
+        adapter.post_reversal(&half, &key).await.expect("finished"),
+        Posted::New
+    );
+    let moves = erp.moves_with_note(&key).await;
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0]["state"], "done", "{moves:?}");
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 103.0);
+
+    // A reversal Tryton cannot take (an unknown lot) is a dead letter to book by hand.
+    let mut unknown = reversal.clone();
+    unknown.void_scan = "void-unknown-lot".into();
+    unknown.consumed_lots[0].lot = "NO-SUCH-LOT".into();
+    let key = unknown.idempotency_key();
+    let refused = adapter
+        .post_reversal(&unknown, &key)
+        .await
+        .expect_err("refused");
+    assert!(!refused.is_transient(), "{refused}");
     assert!(
-        reason.contains(&format!(
+        refused.to_string().contains(&format!(
             "reversal of {confirmation_key} must be booked in Tryton by hand: "
         )),
-        "{reason}"
+        "{refused}"
     );
     assert!(
-        reason.contains("consumed -19 STL of lot STL-L1"),
-        "{reason}"
+        refused
+            .to_string()
+            .contains("consumed -19 STL of lot NO-SUCH-LOT"),
+        "{refused}"
     );
+    // A voided produce: the widgets go from storage back to the production location, and
+    // Tryton's books (as erp-sync reconciles them) count one widget less for the order.
+    assert_eq!(erp.lot_quantity_in_storage("WID-L1").await, 10.0);
+    let mut produce = reversal.clone();
+    produce.void_scan = "void-produce".into();
+    produce.voided_kind = "produce".into();
+    produce.consumed_lots.clear();
+    produce.produced_lots = vec![erp_sync::domain::LotQuantity {
+        lot: "WID-L1".into(),
+        material: "WID".into(),
+        quantity: Decimal::from(-1),
+    }];
+    produce.good_quantity = Decimal::from(-1);
+    let key = produce.idempotency_key();
+    for expected in [Posted::New, Posted::AlreadyThere] {
+        assert_eq!(
+            adapter.post_reversal(&produce, &key).await.expect("posted"),
+            expected
+        );
+    }
+    // Tryton takes stock out of storage only through an assignment, offered on documents, not
+    // on a lone move: the move is the input of a correction production keyed by the reversal.
+    let corrections = erp
+        .productions_with_reference(&format!(
+            "{}{key}",
+            erp_sync::adapter::tryton::CORRECTION_PREFIX
+        ))
+        .await;
+    assert_eq!(corrections.len(), 1, "{corrections:?}");
+    let c = &corrections[0];
+    assert_eq!(c["state"], "done", "{c}");
+    assert_eq!(c["outputs"], serde_json::json!([]), "{c}");
+    let inputs = c["inputs."].as_array().unwrap();
+    assert_eq!(inputs.len(), 1, "{c}");
+    assert_eq!(inputs[0]["state"], "done", "{c}");
+    assert_eq!(inputs[0]["quantity"], 1.0, "{c}");
+    assert_eq!(inputs[0]["lot."]["number"], "WID-L1", "{c}");
+    assert_eq!(inputs[0]["from_location"], erp.storage(), "{c}");
+    assert_eq!(inputs[0]["to_location"], production["location"], "{c}");
+    assert_eq!(erp.lot_quantity_in_storage("WID-L1").await, 9.0);
+    let books = adapter.quantities().await.expect("tryton's books");
+    assert_eq!(books.work_orders[&number], Decimal::from(9), "{books:?}");
+
     let metrics = mes_common::metrics::install().render();
+    assert!(metrics.contains("erp_reversals_posted_total"), "{metrics}");
     assert!(metrics.contains("erp_reversals_manual_total"), "{metrics}");
 
     // A confirmation interrupted half-way (erp-sync stopped after `run`): the retry finishes
@@ -234,8 +383,7 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
     assert_eq!(last["outputs."][0]["quantity"], 9.0);
     assert_eq!(last["outputs."][0]["lot."]["number"], "WID-L2");
 
-    // A later pull sees the order closed and the steel lot's new quantity; nothing breaks (the
-    // one dead letter is the reversal to book by hand).
+    // A later pull sees the order closed and the steel lot's new quantity; nothing breaks.
     app.client()
         .trigger_pull(support::admin(pb::TriggerPullRequest {}))
         .await
@@ -246,7 +394,7 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.dead_letters, 1);
+    assert_eq!(status.dead_letters, 0);
 
     app.stop().await;
     env.stop().await;

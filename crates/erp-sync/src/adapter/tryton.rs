@@ -18,10 +18,27 @@
 //!   so a post interrupted half-way is finished by the retry; an order already `done` counts
 //!   as the same confirmation (Tryton has no idempotency keys: one operation per order).
 //!   Scrap is not posted (base Tryton production has no scrap moves).
-//! - a reversal (a scan voided after its confirmation) is refused for good: a `done`
-//!   production cannot be undone through the API safely (its stock moves are posted), so the
-//!   reversal lands in the dead letters with the quantities to book by hand
-//!   (`erp_reversals_manual_total`).
+//! - a reversal (a scan voided after its confirmation) is booked as an inventory correction
+//!   next to the `done` production (which Tryton cannot undo), with the locations of the
+//!   production order (its `location`, its warehouse's `storage_location`):
+//!   - a voided consume: a `stock.move` of the lot from the production location back to
+//!     storage (priced at the consumed move's cost), with an `ir.note` on it whose message is
+//!     the idempotency key (stock.move has no text field of its own), then `do`;
+//!   - a voided produce: Tryton takes stock out of storage only through an assignment, which
+//!     its API offers on documents, not on a lone move (`do` is read-only on a draft move that
+//!     needs one): the lot goes back to the production location as the input move of a
+//!     correction production (no product, no outputs, `reference` = `erp-sync <key>`, created
+//!     with its move in one call), run through `wait`, `assign_try`/`assign_force`, `run`,
+//!     `do`. Correction productions are left out of pulls; reconciliation subtracts them from
+//!     the order's good quantity (their moves' `origin` is the order's output move).
+//!
+//!   Exactly once: before creating, the adapter looks for the key (the note, the reference)
+//!   and answers `AlreadyThere` when the correction is done, or finishes it when a stopped
+//!   attempt left it undone; a keyless draft move identical to the one to create (an attempt
+//!   stopped between the move and its note) is adopted rather than doubled.
+//!   What cannot be posted lands in the dead letters with the quantities to book by hand
+//!   (`erp_reversals_manual_total`): scrap (never posted), an order that is not `done`, an
+//!   unknown product or lot, an order without a move of that product and lot.
 //!
 //! Incremental pulls ask for records created or written since the cursor (the newest
 //! `create_date`/`write_date` seen, minus a few seconds of overlap: Tryton stamps the start of
@@ -47,6 +64,23 @@ use crate::domain::{
 
 /// Overlap of incremental pulls (transaction-start timestamps commit late).
 const OVERLAP_SECONDS: i64 = 5;
+
+/// The `reference` prefix of the correction productions that book reversed produce scans
+/// (not work orders: left out of pulls and reconciliation).
+pub const CORRECTION_PREFIX: &str = "erp-sync ";
+
+/// Productions that are not correction productions (`reference` may be empty).
+fn not_correction() -> Value {
+    json!([
+        "OR",
+        ["reference", "=", null],
+        [
+            "reference",
+            "not like",
+            format!("{CORRECTION_PREFIX}reversal:%")
+        ]
+    ])
+}
 
 /// The single operation of a Tryton production order.
 pub const OPERATION_STEP: u32 = 10;
@@ -402,7 +436,14 @@ impl TrytonAdapter {
             .search_read(
                 "production",
                 json!([["number", "=", number]]),
-                &["state", "product", "location", "warehouse.storage_location"],
+                &[
+                    "state",
+                    "product",
+                    "company",
+                    "location",
+                    "warehouse",
+                    "warehouse.storage_location",
+                ],
                 ctx.clone(),
             )
             .await?;
@@ -998,11 +1039,14 @@ impl ErpAdapter for TrytonAdapter {
         let station = self.settings.station.clone();
         let query = Query {
             model: "production",
-            domain: vec![json!([
-                "state",
-                "in",
-                ["waiting", "assigned", "running", "done", "cancelled"]
-            ])],
+            domain: vec![
+                json!([
+                    "state",
+                    "in",
+                    ["waiting", "assigned", "running", "done", "cancelled"]
+                ]),
+                not_correction(),
+            ],
             extra_since: &["inputs.write_date"],
             fields: &[
                 "number",
@@ -1032,11 +1076,21 @@ impl ErpAdapter for TrytonAdapter {
         reversal: &Reversal,
         idempotency_key: &str,
     ) -> Result<Posted, AdapterError> {
-        metrics::counter!("erp_reversals_manual_total", "adapter" => "tryton").increment(1);
-        Err(AdapterError::Rejected(manual_reversal(
-            reversal,
-            idempotency_key,
-        )))
+        match self.post_reversal_moves(reversal, idempotency_key).await? {
+            Ok(posted) => {
+                metrics::counter!("erp_reversals_posted_total", "adapter" => "tryton").increment(1);
+                tracing::info!(idempotency_key, ?posted, "tryton reversal posted");
+                Ok(posted)
+            }
+            Err(why) => {
+                metrics::counter!("erp_reversals_manual_total", "adapter" => "tryton").increment(1);
+                Err(AdapterError::Rejected(manual_reversal(
+                    reversal,
+                    idempotency_key,
+                    &why,
+                )))
+            }
+        }
     }
 
     #[tracing::instrument(name = "erp.tryton.post_confirmation", skip(self, confirmation),
@@ -1131,7 +1185,10 @@ impl ErpAdapter for TrytonAdapter {
         let productions = self
             .search_read(
                 "production",
-                json!([["state", "in", ["waiting", "assigned", "running", "done"]]]),
+                json!([
+                    ["state", "in", ["waiting", "assigned", "running", "done"]],
+                    not_correction()
+                ]),
                 &[
                     "number",
                     "state",
@@ -1142,6 +1199,51 @@ impl ErpAdapter for TrytonAdapter {
                 ctx.clone(),
             )
             .await?;
+        // Reversals of produced quantities: done moves whose origin is an output move.
+        let mut output_of: BTreeMap<String, &Value> = BTreeMap::new();
+        for p in &productions {
+            if p.get("state").and_then(Value::as_str) != Some("done") {
+                continue;
+            }
+            for o in p
+                .get("outputs.")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(id) = o.get("id").and_then(Value::as_i64) {
+                    output_of.insert(format!("stock.move,{id}"), p);
+                }
+            }
+        }
+        let mut reversed: BTreeMap<i64, Decimal> = BTreeMap::new();
+        if !output_of.is_empty() {
+            let origins: Vec<&String> = output_of.keys().collect();
+            let moves = self
+                .search_read(
+                    "stock.move",
+                    json!([["state", "=", "done"], ["origin", "in", origins]]),
+                    &["origin", "product", "quantity"],
+                    ctx.clone(),
+                )
+                .await?;
+            for m in &moves {
+                let Some(p) = m
+                    .get("origin")
+                    .and_then(Value::as_str)
+                    .and_then(|o| output_of.get(o))
+                else {
+                    continue;
+                };
+                if m.get("product") == p.get("product")
+                    && let Some(id) = p.get("id").and_then(Value::as_i64)
+                {
+                    let q = m.get("quantity").and_then(decimal).unwrap_or_default();
+                    let e = reversed.entry(id).or_default();
+                    *e = e.checked_add(q).unwrap_or(Decimal::MAX);
+                }
+            }
+        }
         for p in &productions {
             let Some(number) = p.get("number").and_then(Value::as_str) else {
                 continue;
@@ -1160,6 +1262,13 @@ impl ErpAdapter for TrytonAdapter {
                         good = good.checked_add(q).unwrap_or(Decimal::MAX);
                     }
                 }
+            }
+            if let Some(back) = p
+                .get("id")
+                .and_then(Value::as_i64)
+                .and_then(|id| reversed.get(&id))
+            {
+                good -= *back;
             }
             q.work_orders.insert(number.to_owned(), good);
         }
@@ -1187,8 +1296,448 @@ impl ErpAdapter for TrytonAdapter {
     }
 }
 
+/// One stock move a reversal books: `quantity` of `code` (lot `lot`) back to storage (a voided
+/// consume) or back to the production location (a voided produce).
+#[derive(Debug, Clone, PartialEq)]
+struct ReversalLine {
+    /// The product's code; `None`: the production order's own product.
+    code: Option<String>,
+    lot: Option<String>,
+    quantity: Decimal,
+    to_storage: bool,
+}
+
+/// The moves a reversal books in Tryton, or why it cannot be posted (booked by hand).
+fn reversal_lines(r: &Reversal) -> Result<Vec<ReversalLine>, String> {
+    if !r.scrapped_lots.is_empty() || !r.scrap_quantity.is_zero() {
+        return Err("scrap is not posted to tryton (base production has no scrap moves)".into());
+    }
+    let mut lines = Vec::new();
+    for (lots, to_storage) in [(&r.consumed_lots, true), (&r.produced_lots, false)] {
+        for l in lots {
+            if l.quantity >= Decimal::ZERO {
+                return Err(format!(
+                    "a reversal takes quantities back, not {} of lot {}",
+                    l.quantity, l.lot
+                ));
+            }
+            lines.push(ReversalLine {
+                code: Some(l.material.clone()),
+                lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
+                quantity: -l.quantity,
+                to_storage,
+            });
+        }
+    }
+    if r.produced_lots.is_empty() && r.good_quantity < Decimal::ZERO {
+        // Produced without a lot: the order's own product.
+        lines.push(ReversalLine {
+            code: None,
+            lot: None,
+            quantity: -r.good_quantity,
+            to_storage: false,
+        });
+    }
+    if lines.is_empty() {
+        return Err("the reversal has no quantity to take back".into());
+    }
+    Ok(lines)
+}
+
+/// Why a reversal cannot be posted: `Ok(Err(reason))` is for the dead letters (by hand),
+/// `Err` is a Tryton failure mapped as usual.
+type Postable<T> = Result<Result<T, String>, AdapterError>;
+
+impl TrytonAdapter {
+    /// Posts a reversal as done stock moves, one `ir.note` carrying the idempotency key on each.
+    async fn post_reversal_moves(&self, r: &Reversal, key: &str) -> Postable<Posted> {
+        let lines = match reversal_lines(r) {
+            Ok(l) => l,
+            Err(why) => return Ok(Err(why)),
+        };
+        let (ctx, _) = self.ctx().await?;
+        let production = match self.production(&r.work_order, &ctx).await {
+            Ok(p) => p,
+            Err(AdapterError::Rejected(why)) => return Ok(Err(why)),
+            Err(e) => return Err(e),
+        };
+        let pid = id_of(&production)?;
+        let state = production
+            .get("state")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if state != "done" {
+            return Ok(Err(format!(
+                "production order {} is {state} in tryton, not done",
+                r.work_order
+            )));
+        }
+        let location = production.get("location").and_then(Value::as_i64);
+        let storage = production
+            .get("warehouse.")
+            .and_then(|w| w.get("storage_location"))
+            .and_then(Value::as_i64);
+        let (Some(location), Some(storage)) = (location, storage) else {
+            return Ok(Err(format!(
+                "production order {} has no production or storage location",
+                r.work_order
+            )));
+        };
+        let mut posted = Posted::AlreadyThere;
+        for (i, line) in lines.iter().enumerate() {
+            let note_key = if lines.len() == 1 {
+                key.to_owned()
+            } else {
+                format!("{key}#{}", i + 1)
+            };
+            let (from, to) = if line.to_storage {
+                (location, storage)
+            } else {
+                (storage, location)
+            };
+            let done = if line.to_storage {
+                self.post_reversal_line(&production, pid, line, from, to, &note_key, &ctx)
+                    .await?
+            } else {
+                self.post_correction_production(&production, pid, line, &note_key, &ctx)
+                    .await?
+            };
+            match done {
+                Ok(Posted::New) => posted = Posted::New,
+                Ok(Posted::AlreadyThere) => {}
+                Err(why) => return Ok(Err(why)),
+            }
+        }
+        Ok(Ok(posted))
+    }
+
+    /// The move that carries `note_key` (an `ir.note` on it), if any.
+    async fn keyed_move(&self, note_key: &str, ctx: &Value) -> Result<Option<i64>, AdapterError> {
+        let notes = self
+            .search_read(
+                "ir.note",
+                json!([
+                    ["message", "=", note_key],
+                    ["resource", "like", "stock.move,%"]
+                ]),
+                &["resource"],
+                ctx.clone(),
+            )
+            .await?;
+        Ok(notes
+            .iter()
+            .filter_map(|n| n.get("resource").and_then(Value::as_str))
+            .find_map(|r| r.strip_prefix("stock.move,")?.parse::<i64>().ok()))
+    }
+
+    async fn move_state(&self, id: i64, ctx: &Value) -> Result<Option<String>, AdapterError> {
+        let v = self
+            .call("model.stock.move.read", json!([[id], ["state"], ctx]))
+            .await?;
+        Ok(v.get(0)
+            .and_then(|m| m.get("state"))
+            .and_then(Value::as_str)
+            .map(str::to_owned))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn post_reversal_line(
+        &self,
+        production: &Value,
+        pid: i64,
+        line: &ReversalLine,
+        from: i64,
+        to: i64,
+        note_key: &str,
+        ctx: &Value,
+    ) -> Postable<Posted> {
+        // Posted before (perhaps not done yet: erp-sync stopped between the steps)?
+        if let Some(id) = self.keyed_move(note_key, ctx).await? {
+            return match self.move_state(id, ctx).await?.as_deref() {
+                Some("done") => Ok(Ok(Posted::AlreadyThere)),
+                Some("draft" | "assigned" | "staging") => {
+                    self.call("model.stock.move.do", json!([[id], ctx])).await?;
+                    Ok(Ok(Posted::New))
+                }
+                other => Ok(Err(format!(
+                    "the reversal's stock move {id} is {} in tryton",
+                    other.unwrap_or("gone")
+                ))),
+            };
+        }
+        let (product, lot, original) =
+            match self.reversal_target(production, pid, line, ctx).await? {
+                Ok(t) => t,
+                Err(why) => return Ok(Err(why)),
+            };
+        let original = &original;
+        let original_id = id_of(original)?;
+        let origin = format!("stock.move,{original_id}");
+        let quantity = line.quantity.to_f64().unwrap_or(0.0);
+        let mut vals = json!({
+            "product": product,
+            "lot": lot,
+            "quantity": quantity,
+            "from_location": from,
+            "to_location": to,
+            "origin": origin,
+        });
+        for f in ["unit", "company"] {
+            if let Some(v) = original.get(f).filter(|v| !v.is_null()) {
+                vals[f] = v.clone();
+            }
+        }
+        if line.to_storage {
+            // From production into storage Tryton wants a price: the cost it left at.
+            let price = ["cost_price", "unit_price"]
+                .iter()
+                .find_map(|f| original.get(*f).and_then(decimal))
+                .unwrap_or_default();
+            let currency = match original.get("currency").and_then(Value::as_i64) {
+                Some(c) => Some(c),
+                None => self.company_currency(original, ctx).await?,
+            };
+            vals["unit_price"] = json!({"__class__": "Decimal", "decimal": price.to_string()});
+            vals["currency"] = json!(currency);
+        }
+        // A move created by an attempt that stopped before its note: adopt it.
+        let id = match self.orphan_move(&vals, ctx).await? {
+            Some(id) => id,
+            None => self.create("stock.move", vals, ctx).await?,
+        };
+        self.create(
+            "ir.note",
+            json!({"resource": format!("stock.move,{id}"), "message": note_key}),
+            ctx,
+        )
+        .await?;
+        self.call("model.stock.move.do", json!([[id], ctx])).await?;
+        Ok(Ok(Posted::New))
+    }
+
+    /// A voided produce: Tryton takes stock out of storage only through an assignment, which
+    /// its API offers on documents (shipments, productions), not on a lone move. So the lot goes
+    /// back to the production location as the input of a correction production (no product, no
+    /// outputs) whose `reference` carries the key, created with its move in one call and then
+    /// run through `wait`, `assign_try`/`assign_force`, `run`, `do` (each step checks the state,
+    /// so a retry finishes what a stopped attempt began).
+    async fn post_correction_production(
+        &self,
+        production: &Value,
+        pid: i64,
+        line: &ReversalLine,
+        note_key: &str,
+        ctx: &Value,
+    ) -> Postable<Posted> {
+        let reference = format!("{CORRECTION_PREFIX}{note_key}");
+        let found = self
+            .search_read(
+                "production",
+                json!([["reference", "=", reference]]),
+                &["state"],
+                ctx.clone(),
+            )
+            .await?;
+        let (id, mut state) = match found.first() {
+            Some(p) => (
+                id_of(p)?,
+                p.get("state")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => {
+                let (product, lot, original) =
+                    match self.reversal_target(production, pid, line, ctx).await? {
+                        Ok(t) => t,
+                        Err(why) => return Ok(Err(why)),
+                    };
+                let location = production.get("location").cloned().unwrap_or(Value::Null);
+                let storage = production
+                    .get("warehouse.")
+                    .and_then(|w| w.get("storage_location"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let mut input = json!({
+                    "product": product,
+                    "lot": lot,
+                    "quantity": line.quantity.to_f64().unwrap_or(0.0),
+                    "from_location": storage,
+                    "to_location": location,
+                    "origin": format!("stock.move,{}", id_of(&original)?),
+                });
+                for f in ["unit", "company"] {
+                    if let Some(v) = original.get(f).filter(|v| !v.is_null()) {
+                        input[f] = v.clone();
+                    }
+                }
+                let mut vals = json!({
+                    "reference": reference,
+                    "location": location,
+                    "warehouse": production.get("warehouse").cloned().unwrap_or(Value::Null),
+                    "inputs": [["create", [input]]],
+                });
+                if let Some(c) = production.get("company").filter(|c| !c.is_null()) {
+                    vals["company"] = c.clone();
+                }
+                (self.create("production", vals, ctx).await?, "draft".into())
+            }
+        };
+        match state.as_str() {
+            "done" if !found.is_empty() => return Ok(Ok(Posted::AlreadyThere)),
+            "cancelled" => {
+                return Ok(Err(format!(
+                    "the correction production {reference:?} is cancelled in tryton"
+                )));
+            }
+            "request" | "draft" => {
+                self.button("production", "wait", id, ctx).await?;
+                state = "waiting".into();
+            }
+            _ => {}
+        }
+        if state == "waiting" {
+            self.button("production", "assign_try", id, ctx).await?;
+            state = self.state(id, ctx).await?;
+            if state != "assigned" {
+                self.button("production", "assign_force", id, ctx).await?;
+                state = "assigned".into();
+            }
+        }
+        if state == "assigned" {
+            self.button("production", "run", id, ctx).await?;
+            state = "running".into();
+        }
+        if state == "running" {
+            self.button("production", "do", id, ctx).await?;
+        }
+        Ok(Ok(Posted::New))
+    }
+
+    /// The product and lot a reversal line takes back, and the production's own move of them
+    /// (its unit and cost, and the reversal's origin: the move it corrects).
+    async fn reversal_target(
+        &self,
+        production: &Value,
+        pid: i64,
+        line: &ReversalLine,
+        ctx: &Value,
+    ) -> Postable<(i64, Option<i64>, Value)> {
+        let product = match &line.code {
+            Some(code) => match self.product_id(code, ctx).await {
+                Ok(p) => p,
+                Err(AdapterError::Rejected(why)) => return Ok(Err(why)),
+                Err(e) => return Err(e),
+            },
+            None => match production.get("product").and_then(Value::as_i64) {
+                Some(p) => p,
+                None => return Ok(Err("the production order has no product".into())),
+            },
+        };
+        let lot = match &line.lot {
+            Some(number) => {
+                let found = self
+                    .search_read(
+                        "stock.lot",
+                        json!([["number", "=", number], ["product", "=", product]]),
+                        &["number"],
+                        ctx.clone(),
+                    )
+                    .await?;
+                match found
+                    .first()
+                    .and_then(|l| l.get("id"))
+                    .and_then(Value::as_i64)
+                {
+                    Some(id) => Some(id),
+                    None => return Ok(Err(format!("tryton has no lot {number:?}"))),
+                }
+            }
+            None => None,
+        };
+        // The production's own move of that product and lot: its unit and cost, and the
+        // reversal's origin (the move it corrects).
+        let side = if line.to_storage {
+            "production_input"
+        } else {
+            "production_output"
+        };
+        let mut same = json!([[side, "=", pid], ["product", "=", product]]);
+        if let (Some(l), Some(d)) = (lot, same.as_array_mut()) {
+            d.push(json!(["lot", "=", l]));
+        }
+        let originals = self
+            .search_read(
+                "stock.move",
+                same,
+                &["unit", "cost_price", "unit_price", "currency", "company"],
+                ctx.clone(),
+            )
+            .await?;
+        let Some(original) = originals.first() else {
+            return Ok(Err(format!(
+                "production order has no {} move of that product and lot to correct",
+                if line.to_storage { "input" } else { "output" }
+            )));
+        };
+        Ok(Ok((product, lot, original.clone())))
+    }
+
+    async fn company_currency(
+        &self,
+        original: &Value,
+        ctx: &Value,
+    ) -> Result<Option<i64>, AdapterError> {
+        let Some(company) = original.get("company").and_then(Value::as_i64) else {
+            return Ok(None);
+        };
+        let v = self
+            .call(
+                "model.company.company.read",
+                json!([[company], ["currency"], ctx]),
+            )
+            .await?;
+        Ok(v.get(0)
+            .and_then(|c| c.get("currency"))
+            .and_then(Value::as_i64))
+    }
+
+    /// A draft move exactly like `vals` that no note claims.
+    async fn orphan_move(&self, vals: &Value, ctx: &Value) -> Result<Option<i64>, AdapterError> {
+        let mut domain = vec![json!(["state", "=", "draft"])];
+        for f in [
+            "product",
+            "lot",
+            "from_location",
+            "to_location",
+            "origin",
+            "quantity",
+        ] {
+            domain.push(json!([f, "=", vals.get(f).cloned().unwrap_or(Value::Null)]));
+        }
+        let candidates = self
+            .search_read("stock.move", Value::Array(domain), &["id"], ctx.clone())
+            .await?;
+        for c in &candidates {
+            let id = id_of(c)?;
+            let notes = self
+                .search_read(
+                    "ir.note",
+                    json!([["resource", "=", format!("stock.move,{id}")]]),
+                    &["id"],
+                    ctx.clone(),
+                )
+                .await?;
+            if notes.is_empty() {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Why a reversal is refused, with what the operator must book in Tryton.
-fn manual_reversal(r: &Reversal, key: &str) -> String {
+fn manual_reversal(r: &Reversal, key: &str, why: &str) -> String {
     let lots = |what: &str, lots: &[crate::domain::LotQuantity]| {
         lots.iter()
             .map(|l| format!("{what} {} {} of lot {}", l.quantity, l.material, l.lot))
@@ -1198,8 +1747,8 @@ fn manual_reversal(r: &Reversal, key: &str) -> String {
     changes.extend(lots("consumed", &r.consumed_lots));
     changes.extend(lots("scrapped", &r.scrapped_lots));
     format!(
-        "reversal of {} must be booked in Tryton by hand: tryton cannot undo a done production \
-         through its API; production order {}: {} (voided scan {}, {key}, by {}: {})",
+        "reversal of {} must be booked in Tryton by hand: {why}; production order {}: {} \
+         (voided scan {}, {key}, by {}: {})",
         r.reverses,
         r.work_order,
         changes.join(", "),
@@ -1213,8 +1762,7 @@ fn manual_reversal(r: &Reversal, key: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_reversal_is_refused_for_good_with_what_to_book_by_hand() {
+    fn reversal_of(kind: crate::domain::ProductionKind, lot: &str, material: &str) -> Reversal {
         let void = crate::domain::VoidOf {
             work_order: "MO/0001".into(),
             operation: 10,
@@ -1227,13 +1775,52 @@ mod tests {
             reason: "wrong lot".into(),
         };
         let line = crate::domain::ProductionLine {
-            kind: crate::domain::ProductionKind::Consume,
-            lot: "STEEL-L1".into(),
-            material: "STEEL-500".into(),
+            kind,
+            lot: lot.into(),
+            material: material.into(),
             quantity: "25".parse().unwrap(),
         };
-        let r = crate::domain::build_reversal(&void, &line);
-        let why = manual_reversal(&r, &r.idempotency_key());
+        crate::domain::build_reversal(&void, &line)
+    }
+
+    #[test]
+    fn reversals_become_moves_back_and_scrap_is_booked_by_hand() {
+        use crate::domain::ProductionKind;
+        let consume = reversal_lines(&reversal_of(ProductionKind::Consume, "L1", "STL")).unwrap();
+        assert_eq!(
+            consume,
+            vec![ReversalLine {
+                code: Some("STL".into()),
+                lot: Some("L1".into()),
+                quantity: Decimal::from(25),
+                to_storage: true,
+            }]
+        );
+        let produce = reversal_lines(&reversal_of(ProductionKind::Produce, "W1", "WID")).unwrap();
+        assert_eq!(produce.len(), 1);
+        assert!(!produce[0].to_storage);
+        assert_eq!(produce[0].quantity, Decimal::from(25));
+        let mut no_lot = reversal_of(ProductionKind::Produce, "", "WID");
+        no_lot.produced_lots.clear();
+        let lines = reversal_lines(&no_lot).unwrap();
+        assert_eq!(lines[0].code, None);
+        assert!(!lines[0].to_storage);
+        let scrap = reversal_lines(&reversal_of(ProductionKind::Scrap, "W1", "WID"));
+        assert!(scrap.unwrap_err().contains("scrap"));
+    }
+
+    #[test]
+    fn a_reversal_that_cannot_be_posted_says_what_to_book_by_hand() {
+        let r = reversal_of(
+            crate::domain::ProductionKind::Consume,
+            "STEEL-L1",
+            "STEEL-500",
+        );
+        let why = manual_reversal(
+            &r,
+            &r.idempotency_key(),
+            "production order MO/0001 is running",
+        );
         assert!(
             why.starts_with("reversal of MO/0001:10:c1 must be booked in Tryton by hand: "),
             "{why}"

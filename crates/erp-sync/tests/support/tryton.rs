@@ -418,6 +418,116 @@ impl Tryton {
         }
     }
 
+    /// The warehouse's storage location (where [`Tryton::seed`] received the steel lot).
+    pub fn storage(&self) -> i64 {
+        self.refs["storage"].as_i64().expect("seeded")
+    }
+
+    /// A lot's quantity in the storage location (Tryton counts lot quantities per location
+    /// context).
+    pub async fn lot_quantity_in_storage(&self, number: &str) -> f64 {
+        let mut ctx = self.ctx();
+        ctx["locations"] = json!([self.storage()]);
+        let lots = self
+            .rpc(
+                "model.stock.lot.search_read",
+                json!([[["number", "=", number]], 0, 1, null, ["quantity"], ctx]),
+            )
+            .await;
+        lots[0]["quantity"].as_f64().expect("lot quantity")
+    }
+
+    /// The stock moves that carry `key` in an `ir.note` (how the adapter marks reversals),
+    /// with their state, quantity, lot and locations.
+    pub async fn moves_with_note(&self, key: &str) -> Vec<Value> {
+        let ctx = self.ctx();
+        let notes = self
+            .rpc(
+                "model.ir.note.search_read",
+                json!([[["message", "=", key]], 0, null, null, ["resource"], ctx]),
+            )
+            .await;
+        let mut moves = Vec::new();
+        for n in notes.as_array().expect("notes") {
+            let id: i64 = n["resource"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("stock.move,"))
+                .and_then(|i| i.parse().ok())
+                .unwrap_or_else(|| panic!("a note on a stock move: {n}"));
+            let m = self
+                .rpc(
+                    "model.stock.move.read",
+                    json!([
+                        [id],
+                        [
+                            "state",
+                            "quantity",
+                            "lot.number",
+                            "from_location",
+                            "to_location",
+                            "origin"
+                        ],
+                        ctx
+                    ]),
+                )
+                .await;
+            moves.push(m[0].clone());
+        }
+        moves
+    }
+
+    /// The productions whose `reference` is `reference` (how the adapter books reversed
+    /// produce scans), with their state and input moves.
+    pub async fn productions_with_reference(&self, reference: &str) -> Vec<Value> {
+        let found = self
+            .rpc(
+                "model.production.search_read",
+                json!([
+                    [["reference", "=", reference]],
+                    0,
+                    null,
+                    null,
+                    [
+                        "state",
+                        "product",
+                        "inputs.state",
+                        "inputs.quantity",
+                        "inputs.lot.number",
+                        "inputs.from_location",
+                        "inputs.to_location",
+                        "outputs"
+                    ],
+                    self.ctx()
+                ]),
+            )
+            .await;
+        found.as_array().expect("productions").clone()
+    }
+
+    /// What an erp-sync stopped half-way through a reversal leaves in Tryton: a draft move of
+    /// `quantity` steel plates (lot STL-L1) from the production location back to storage,
+    /// carrying `key` in an `ir.note`, not done yet.
+    pub async fn half_posted_reversal(&self, key: &str, quantity: f64) {
+        let r = &self.refs;
+        let ctx = self.ctx();
+        let d = |s: &str| json!({"__class__": "Decimal", "decimal": s});
+        let m = self
+            .rpc(
+                "model.stock.move.create",
+                json!([[{"product": r["steel"], "lot": r["steel_lot"], "quantity": quantity,
+                         "from_location": r["production"], "to_location": r["storage"],
+                         "unit": r["unit"], "company": r["co"], "unit_price": d("5"),
+                         "currency": r["cur"]}], ctx]),
+            )
+            .await[0]
+            .clone();
+        self.rpc(
+            "model.ir.note.create",
+            json!([[{"resource": format!("stock.move,{m}"), "message": key}], ctx]),
+        )
+        .await;
+    }
+
     /// The production order with its moves and their lots.
     pub async fn production(&self, number: &str) -> Value {
         self.rpc(
@@ -429,6 +539,7 @@ impl Tryton {
                 null,
                 [
                     "state",
+                    "location",
                     "inputs.quantity",
                     "inputs.lot.number",
                     "inputs.product.code",
