@@ -208,8 +208,10 @@ impl FeedHub {
             match self.read_after(after).await {
                 Ok(events) if !events.is_empty() => {
                     let n = events.len();
-                    for e in events {
+                    for mut e in events {
                         after = e.position as i64;
+                        // What the subscriber still has to receive after this one.
+                        e.head_position = (*head.borrow() as u64).max(e.position);
                         if tx.send(Ok(e)).await.is_err() {
                             tracing::info!(consumer = %consumer, "feed subscriber went away");
                             return;

@@ -790,6 +790,8 @@ async fn the_feed_never_skips_or_repeats_an_event_that_commits_late() {
         .into_inner();
     let next = again.message().await.unwrap().unwrap();
     assert_eq!(next.position, 10_001);
+    // Each event says how far the feed's head is: here, every committed event is sequenced.
+    assert_eq!(next.head_position, committed as u64);
     app.stop().await;
 }
 

@@ -381,6 +381,8 @@ pub fn event_of(item: Item, position: u64) -> pb::Event {
         kind: kind.into(),
         occurred_at: at.or_else(|| Some(timestamp(Utc::now()))),
         traceparent: String::new(),
+        // A generated history is read all at once: it is its own head.
+        head_position: position,
         payload: Some(payload),
     }
 }

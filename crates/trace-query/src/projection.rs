@@ -5,9 +5,9 @@
 //! lost or applied twice.
 //!
 //! Feed lag metrics (`consumer` label): `event_feed_position` (last applied position),
-//! `event_feed_lag_events` (events received from the feed and not applied yet — a lower bound
-//! of the true lag, as the feed does not publish its head position), `event_feed_lag_seconds`
-//! (age of the last applied event while more are waiting; 0 when caught up).
+//! `event_feed_lag_events` (events the feed has sequenced and this consumer has not applied:
+//! each event carries the feed's head position), `event_feed_lag_seconds` (age of the last
+//! applied event while more are waiting; 0 when caught up).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,8 +159,7 @@ impl Projection {
             if batch.len() == batch_max {
                 more = true;
             }
-            metrics::gauge!("event_feed_lag_events", "consumer" => consumer.clone())
-                .set(batch.len() as f64);
+            let head = batch.iter().map(|e| e.head_position).max().unwrap_or(0);
             let span = tracing::info_span!("feed.apply", events = batch.len());
             if let Some(tp) = batch
                 .iter()
@@ -188,9 +187,10 @@ impl Projection {
             };
             metrics::gauge!("event_feed_lag_seconds", "consumer" => consumer.clone())
                 .set(lag_seconds);
-            if !more {
-                metrics::gauge!("event_feed_lag_events", "consumer" => consumer.clone()).set(0.0);
-            }
+            // Behind by what the feed had sequenced when it sent this batch (never negative).
+            let behind = head.saturating_sub(u64::try_from(applied.position).unwrap_or(0));
+            metrics::gauge!("event_feed_lag_events", "consumer" => consumer.clone())
+                .set(behind as f64);
             if applied.events > 0 {
                 self.cache
                     .applied(&applied.invalidation, !more)

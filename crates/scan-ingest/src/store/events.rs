@@ -34,6 +34,8 @@ pub fn event(kind: &str, payload: pb::event::Payload) -> pb::Event {
         kind: kind.to_owned(),
         occurred_at: Some(crate::store::timestamp(chrono::Utc::now())),
         traceparent: mes_common::propagation::current_traceparent(),
+        // Set by the feed when it sends the event.
+        head_position: 0,
         payload: Some(payload),
     }
 }
