@@ -325,6 +325,34 @@ async fn the_demo_typical_run_works_end_to_end_over_rest() {
         confirmations[0]
     );
 
+    // The projection's lag is the distance to the feed's head: 0 once it applied everything
+    // scan-ingest sequenced.
+    let mut caught_up = None;
+    for _ in 0..100 {
+        let head = sys.metric("scan-ingest", "feed_head_position").await;
+        let applied = sys
+            .metric(
+                "trace-query",
+                "event_feed_position{consumer=\"trace-query\"}",
+            )
+            .await;
+        let lag = sys
+            .metric(
+                "trace-query",
+                "event_feed_lag_events{consumer=\"trace-query\"}",
+            )
+            .await;
+        if head.is_some() && head == applied && lag == Some(0.0) {
+            caught_up = head;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        caught_up.is_some_and(|h| h > 0.0),
+        "trace-query reports no lag once at the head"
+    );
+
     // A cancelled order rejects scans; a station-bound token cannot scan elsewhere.
     let closed = post_scans(
         &sys,

@@ -114,6 +114,8 @@ pub struct System {
     /// The internal key the services sign caller identities with (`MES_INTERNAL_KEY`).
     pub internal_key: String,
     pub grpc: HashMap<&'static str, u16>,
+    /// The Prometheus `/metrics` port of each back-end service.
+    pub metrics: HashMap<&'static str, u16>,
     pub otlp: OtlpReceiver,
     pub outbox: PathBuf,
     pub run_dir: tempfile::TempDir,
@@ -170,14 +172,17 @@ impl System {
         let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         let outbox = run_dir.path().join("erp-confirmations.jsonl");
         let mut grpc = HashMap::new();
+        let mut metrics = HashMap::new();
         for s in ["scan-ingest", "trace-query", "erp-sync"] {
             grpc.insert(s, free_port());
+            metrics.insert(s, free_port());
         }
         let gateway_port = free_port();
         let mut sys = Self {
             gateway: format!("http://127.0.0.1:{gateway_port}"),
             internal_key: format!("e2e-internal-key-{tag}"),
             grpc,
+            metrics,
             otlp,
             outbox: outbox.clone(),
             run_dir,
@@ -212,7 +217,11 @@ impl System {
                 .env(format!("{prefix}LISTEN_ADDR"), listen)
                 .env(
                     format!("{prefix}METRICS_ADDR"),
-                    format!("127.0.0.1:{}", free_port()),
+                    // The gateway serves /metrics on its own port.
+                    match sys.metrics.get(service) {
+                        Some(port) => format!("127.0.0.1:{port}"),
+                        None => String::new(),
+                    },
                 )
                 .env(
                     format!("{prefix}REDIS_PREFIX"),
@@ -333,6 +342,18 @@ impl System {
         let log = self.log(service);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The value of one Prometheus sample (`name{labels}` exactly as exposed) of a back-end
+    /// service, if it is there.
+    pub async fn metric(&self, service: &str, sample: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics.get(service)?);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
     }
 
     /// A connected gRPC channel to one of the back-end services.
