@@ -464,14 +464,19 @@ async fn an_erp_outage_opens_the_breaker_and_the_queue_drains_when_it_returns() 
             .await
             .unwrap()
             .into_inner();
-        if s.breaker == "open" {
-            assert_eq!(s.queue_depth, 1);
+        // GetStatus reads the queue, then the breaker (not one snapshot): with 20 ms retries the
+        // confirmation can be queued and fail twice between the two reads, so wait for a
+        // status that shows both.
+        if s.breaker == "open" && s.queue_depth == 1 {
             seen_open = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(seen_open, "failed posts open the breaker");
+    assert!(
+        seen_open,
+        "failed posts open the breaker while the confirmation stays queued"
+    );
     let (attempts, last_error): (i32, String) =
         sqlx::query_as("SELECT attempts, last_error FROM outbox")
             .fetch_one(&erp.pool)
