@@ -83,3 +83,26 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A channel to a service on a loopback `port`, connecting on first use.
+pub fn lazy_channel(port: u16) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("url")
+        .connect_lazy()
+}
+
+/// The demo plant of DEMO.md, as erp-sync's file adapter reads it.
+pub fn demo_plant_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/demo/plant.json")
+}
+
+pub fn demo_plant() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(demo_plant_path()).expect("demo plant")).expect("json")
+}
+
+/// `message` sent as `caller` (identity in the metadata, as the gateway sends it).
+pub fn with_caller<T>(message: T, caller: crate::identity::Caller) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    caller.write_to(req.metadata_mut());
+    req
+}

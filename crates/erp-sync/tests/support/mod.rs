@@ -2,7 +2,7 @@
 //! each test with its own databases (dropped at the end, also when the test fails) and its
 //! own Redis prefixes.
 // Shared by several test binaries: each uses a part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod erp_double;
 pub mod tryton;
@@ -254,27 +254,7 @@ impl ErpSyncApp {
     }
 }
 
-fn lazy_channel(port: u16) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("url")
-        .connect_lazy()
-}
-
-pub fn demo_plant_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/demo/plant.json")
-}
-
-pub fn demo_plant() -> Value {
-    serde_json::from_slice(&std::fs::read(demo_plant_path()).expect("demo plant")).expect("json")
-}
-
-pub use mes_common::testing::wait_for;
-
-fn with_caller<T>(message: T, caller: Caller) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    caller.write_to(req.metadata_mut());
-    req
-}
+pub use mes_common::testing::{demo_plant, demo_plant_path, lazy_channel, wait_for, with_caller};
 
 pub fn admin<T>(message: T) -> tonic::Request<T> {
     with_caller(

@@ -3,7 +3,7 @@
 //! Redis prefixes (deleted at the end); the demo plant loaded through scan-ingest's MasterData
 //! API and DEMO.md's typical run submitted through its SubmitScans API.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -506,27 +506,7 @@ impl TraceQueryApp {
     }
 }
 
-pub fn lazy_channel(port: u16) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("url")
-        .connect_lazy()
-}
-
-pub fn demo_plant_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/demo/plant.json")
-}
-
-pub fn demo_plant() -> Value {
-    serde_json::from_slice(&std::fs::read(demo_plant_path()).expect("demo plant")).expect("json")
-}
-
-pub use mes_common::testing::wait_for;
-
-fn with_caller<T>(message: T, caller: Caller) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    caller.write_to(req.metadata_mut());
-    req
-}
+pub use mes_common::testing::{demo_plant, demo_plant_path, lazy_channel, wait_for, with_caller};
 
 pub fn admin<T>(message: T) -> tonic::Request<T> {
     with_caller(message, Caller::system("test-admin"))
