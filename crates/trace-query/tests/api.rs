@@ -633,21 +633,7 @@ async fn a_new_edge_is_visible_within_a_second_in_a_cached_trace() {
     let env = TestEnv::new().await;
     let app = env.spawn_trace_query(TqOptions::default()).await;
     env.typical_run().await;
-    env.add_frame_work_order("WO-2000").await;
-    env.submit(vec![
-        scan(pb::ScanKind::StartOperation, "WO-2000", 10, "ST-10"),
-        with_lot(
-            scan(pb::ScanKind::Consume, "WO-2000", 0, "ST-10"),
-            "STEEL-L2",
-            "10",
-        ),
-        with_lot(
-            scan(pb::ScanKind::Produce, "WO-2000", 0, "ST-10"),
-            "FRAME-L2",
-            "4",
-        ),
-    ])
-    .await;
+    env.frame_l2_from_steel_l2().await;
     env.settled(&app).await;
 
     // Cache both traces and check they are served from the cache.
@@ -945,21 +931,7 @@ async fn feed_reconnects_after_scan_ingest_restarts_without_loss_or_duplication(
 
     // trace-query restarts too, and scans keep coming.
     app.stop().await;
-    env.add_frame_work_order("WO-2000").await;
-    env.submit(vec![
-        scan(pb::ScanKind::StartOperation, "WO-2000", 10, "ST-10"),
-        with_lot(
-            scan(pb::ScanKind::Consume, "WO-2000", 0, "ST-10"),
-            "STEEL-L2",
-            "10",
-        ),
-        with_lot(
-            scan(pb::ScanKind::Produce, "WO-2000", 0, "ST-10"),
-            "FRAME-L2",
-            "4",
-        ),
-    ])
-    .await;
+    env.frame_l2_from_steel_l2().await;
     let app = env.spawn_trace_query(TqOptions::default()).await;
     let head = env.caught_up(&app).await;
     assert_eq!(app.state.projection.position().await.unwrap(), head);

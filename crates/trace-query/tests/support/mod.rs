@@ -348,6 +348,25 @@ impl TestEnv {
     }
 
     /// Another frame work order (released), for scans after the typical run completed WO-1000.
+    /// A second frame order: WO-2000 consumes 10 of STEEL-L2 into FRAME-L2 (4), a new edge.
+    pub async fn frame_l2_from_steel_l2(&self) {
+        self.add_frame_work_order("WO-2000").await;
+        self.submit(vec![
+            scan(pb::ScanKind::StartOperation, "WO-2000", 10, "ST-10"),
+            with_lot(
+                scan(pb::ScanKind::Consume, "WO-2000", 0, "ST-10"),
+                "STEEL-L2",
+                "10",
+            ),
+            with_lot(
+                scan(pb::ScanKind::Produce, "WO-2000", 0, "ST-10"),
+                "FRAME-L2",
+                "4",
+            ),
+        ])
+        .await;
+    }
+
     pub async fn add_frame_work_order(&self, number: &str) {
         self.master()
             .upsert_work_orders(admin(pb::UpsertWorkOrdersRequest {
