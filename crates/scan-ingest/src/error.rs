@@ -33,8 +33,10 @@ pub enum Error {
     PermissionDenied(String),
     #[error("the caller is not identified")]
     Unauthenticated,
+    /// The database (or the commit pipeline) could not answer: nothing, or possibly everything,
+    /// was committed. Scans are idempotent by `scan_id`, so the client retries the same request.
     #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] anyhow::Error),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -47,12 +49,34 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::Unavailable(e)
-            }
-            _ => Self::Internal(e.into()),
+        if is_unavailable(&e) {
+            Self::Unavailable(e.into())
+        } else {
+            Self::Internal(e.into())
         }
+    }
+}
+
+/// Errors that say nothing about the request, only that the database could not serve it now
+/// (or that the connection broke, so the outcome is unknown): the connection and its pool,
+/// server shutdown and restart, exhausted resources, timeouts, and transaction conflicts that
+/// outlived their retries. The client is told UNAVAILABLE — retrying the same scans is safe —
+/// never INTERNAL.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            // 08 connection exception, 40 transaction rollback (serialization, deadlock),
+            // 53 insufficient resources, 57 operator intervention (shutdown, cancel,
+            // statement timeout), 58 system error, 55P03 lock not available.
+            ["08", "40", "53", "57", "58"].contains(&&c[..c.len().min(2)]) || c == "55P03"
+        }),
+        _ => false,
     }
 }
 
@@ -82,10 +106,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Unauthenticated => Status::unauthenticated("the caller is not identified"),
             Error::Unavailable(source) => {
-                tracing::error!(
-                    error = &source as &dyn std::error::Error,
-                    "database unavailable"
-                );
+                tracing::error!(error = %format!("{source:#}"), "database unavailable");
                 Status::unavailable("database unavailable, retry")
             }
             Error::Internal(source) => {

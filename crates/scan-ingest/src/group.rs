@@ -59,9 +59,10 @@ impl GroupCommitter {
         self.tx
             .send(job)
             .await
-            .map_err(|_| Error::Internal(anyhow::anyhow!("the commit queue is closed")))?;
+            .map_err(|_| Error::Unavailable(anyhow::anyhow!("the commit queue is closed")))?;
+        // A worker that stopped (shutdown) may or may not have committed: retrying is safe.
         rx.await
-            .map_err(|_| Error::Internal(anyhow::anyhow!("the commit worker stopped")))?
+            .map_err(|_| Error::Unavailable(anyhow::anyhow!("the commit worker stopped")))?
     }
 }
 
@@ -131,8 +132,11 @@ async fn commit(pool: &PgPool, cache: &RefCache, jobs: Vec<Job>) {
             }
         }
         Err(e) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(Error::Internal(anyhow::anyhow!("{e}"))));
+            // The error as it is: an unreachable database stays UNAVAILABLE (retrying is safe)
+            // whether the group held one request or many.
+            // (This arm holds exactly one request.)
+            if let Some(job) = jobs.into_iter().next() {
+                let _ = job.reply.send(Err(e));
             }
         }
     }

@@ -1,5 +1,6 @@
-//! Hot reference data in Redis: material tracking modes and known stations, read on every
-//! batch. Cache-aside: the database is the truth; master-data upserts delete the keys after
+//! Hot reference data in Redis: known stations (and material tracking modes), read on every
+//! batch before its transaction begins, so a slow Redis never stretches a row lock. The write
+//! path reads the output material's tracking mode with the work order it locks. Cache-aside: the database is the truth; master-data upserts delete the keys after
 //! commit (and once more shortly after, against a reader that refilled from an older snapshot).
 //! A Redis failure never blocks a scan: it counts as a miss and the database answers.
 

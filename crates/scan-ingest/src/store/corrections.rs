@@ -92,6 +92,13 @@ fn effect(kind: &str, target: &str, delta: Option<Decimal>, description: String)
 }
 
 async fn plan(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Plan, Error> {
+    // Lock the original first, then read whether it is voided in a later statement (a new
+    // snapshot): of two concurrent voids the second waits here and then sees the first's void
+    // (a conflict), instead of both passing the check and the second failing on the unique index.
+    sqlx::query("SELECT 1 FROM scans WHERE scan_id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
     let row = sqlx::query(
         "SELECT s.*, v.scan_id AS voided_by FROM scans s LEFT JOIN scans v ON v.voids = s.scan_id WHERE s.scan_id = $1",
     )

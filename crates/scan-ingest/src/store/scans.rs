@@ -86,8 +86,18 @@ async fn try_submit(
     cache: &RefCache,
     requests: &[Request],
 ) -> Result<Vec<Vec<pb::ScanResult>>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     let all: Vec<&ScanInput> = requests.iter().flat_map(|r| r.inputs.iter()).collect();
+    // Reference data first, outside the transaction: a slow Redis never stretches the time
+    // the batch holds its row locks.
+    let reference = lookup_reference(cache, &all).await;
+    let mut tx = pool.begin().await?;
+    let mut world = load_world(&mut tx, &all).await?;
+    complete_reference(&mut tx, cache, &mut world, reference).await?;
+    // Only now, holding the locks, look for scans already stored: a first attempt of one of
+    // these scans that held the same rows has committed before we got them, and this read (a
+    // new snapshot under READ COMMITTED) sees it. Looked up before the locks, a retry queued
+    // behind its own first attempt would be re-judged by the rules against the state that
+    // attempt produced and answered `rejected` although the scan is stored.
     let ids: Vec<Uuid> = all.iter().map(|s| s.scan_id).collect();
     let existing: HashMap<Uuid, String> =
         sqlx::query("SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY($1)")
@@ -97,12 +107,6 @@ async fn try_submit(
             .into_iter()
             .map(|r| (r.get("scan_id"), r.get("content_hash")))
             .collect();
-    let fresh: Vec<&ScanInput> = all
-        .iter()
-        .copied()
-        .filter(|s| !existing.contains_key(&s.scan_id))
-        .collect();
-    let mut world = load_world(&mut tx, cache, &fresh).await?;
 
     let received_at = Utc::now();
     // Scans accepted earlier in this same group (concurrent retries of one scan).
@@ -240,10 +244,10 @@ pub fn stored_scan(
     }
 }
 
-/// Loads and locks what `scans` touch: work orders (with routing and BOM), lots, materials, stations.
+/// Loads and locks what `scans` touch: work orders (with routing, BOM and the output material's
+/// tracking mode) and lots. Stations come from [`complete_reference`].
 pub async fn load_world(
     tx: &mut Transaction<'_, Postgres>,
-    cache: &RefCache,
     scans: &[&ScanInput],
 ) -> Result<World, sqlx::Error> {
     let mut world = World::default();
@@ -261,23 +265,22 @@ pub async fn load_world(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let stations: Vec<String> = scans
-        .iter()
-        .map(|s| s.station.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
 
     if !wo_numbers.is_empty() {
         for r in sqlx::query(
-            "SELECT number, material, status, planned_quantity, produced_quantity, scrap_quantity
-             FROM work_orders WHERE number = ANY($1) ORDER BY number FOR UPDATE",
+            "SELECT w.number, w.material, w.status, w.planned_quantity, w.produced_quantity,
+                    w.scrap_quantity, m.tracking
+             FROM work_orders w LEFT JOIN materials m ON m.number = w.material
+             WHERE w.number = ANY($1) ORDER BY w.number FOR UPDATE OF w",
         )
         .bind(&wo_numbers)
         .fetch_all(&mut **tx)
         .await?
         {
             let number: String = r.get("number");
+            if let Some(tracking) = r.get::<Option<String>, _>("tracking") {
+                world.materials.insert(r.get("material"), tracking);
+            }
             world.work_orders.insert(
                 number.clone(),
                 WorkOrderState {
@@ -353,21 +356,6 @@ pub async fn load_world(
             );
         }
     }
-    let materials: Vec<String> = world
-        .work_orders
-        .values()
-        .map(|w| w.material.clone())
-        .chain(world.lots.values().map(|l| l.material.clone()))
-        .chain(
-            scans
-                .iter()
-                .filter(|s| !s.material.is_empty())
-                .map(|s| s.material.clone()),
-        )
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    load_reference(tx, cache, &mut world, materials, stations).await?;
     Ok(world)
 }
 
@@ -518,63 +506,73 @@ pub async fn write_world(
     Ok(())
 }
 
-/// Material tracking modes and station existence: from the reference cache, the misses from
-/// the database (then cached, off the commit path).
-async fn load_reference(
+/// Stations named by a batch, as far as the reference cache knows them.
+pub struct Reference {
+    /// station → known (`Some`), or a cache miss (`None`).
+    stations: Vec<(String, Option<bool>)>,
+    /// The cache's invalidation generation at lookup time (`None`: Redis did not answer).
+    generation: Option<String>,
+}
+
+/// Asks the reference cache about the stations `scans` name. Called before the transaction.
+pub async fn lookup_reference(cache: &RefCache, scans: &[&ScanInput]) -> Reference {
+    let stations: Vec<String> = scans
+        .iter()
+        .map(|s| s.station.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let found = cache.lookup(&[], &stations).await;
+    Reference {
+        stations: stations
+            .into_iter()
+            .map(|s| {
+                let known = found
+                    .stations
+                    .get(&s)
+                    .cloned()
+                    .flatten()
+                    .map(|v| !RefCache::is_missing(&v));
+                (s, known)
+            })
+            .collect(),
+        generation: found.generation,
+    }
+}
+
+/// Adds the stations of `reference` to `world`: cache hits as they are, misses from the
+/// database (then cached, off the commit path).
+pub async fn complete_reference(
     tx: &mut Transaction<'_, Postgres>,
     cache: &RefCache,
     world: &mut World,
-    materials: Vec<String>,
-    stations: Vec<String>,
+    reference: Reference,
 ) -> Result<(), sqlx::Error> {
-    let found_in_cache = cache.lookup(&materials, &stations).await;
-    let mut missing_materials = Vec::new();
-    for (m, v) in found_in_cache.materials {
-        match v {
-            Some(t) if !RefCache::is_missing(&t) => {
-                world.materials.insert(m, t);
+    let mut missing = Vec::new();
+    for (station, known) in reference.stations {
+        match known {
+            Some(true) => {
+                world.stations.insert(station);
             }
-            Some(_) => {}
-            None => missing_materials.push(m),
+            Some(false) => {}
+            None => missing.push(station),
         }
     }
-    let mut missing_stations = Vec::new();
-    for (s, v) in found_in_cache.stations {
-        match v {
-            Some(t) if !RefCache::is_missing(&t) => {
-                world.stations.insert(s);
-            }
-            Some(_) => {}
-            None => missing_stations.push(s),
-        }
-    }
-    if missing_materials.is_empty() && missing_stations.is_empty() {
+    if missing.is_empty() {
         return Ok(());
     }
-    let found: HashMap<String, String> =
-        sqlx::query_as("SELECT number, tracking FROM materials WHERE number = ANY($1)")
-            .bind(&missing_materials)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
     let known: Vec<String> = sqlx::query_scalar("SELECT id FROM stations WHERE id = ANY($1)")
-        .bind(&missing_stations)
+        .bind(&missing)
         .fetch_all(&mut **tx)
         .await?;
-    let fill_m: Vec<(String, Option<String>)> = missing_materials
-        .iter()
-        .map(|m| (m.clone(), found.get(m).cloned()))
-        .collect();
-    let fill_s: Vec<(String, bool)> = missing_stations
+    let fill: Vec<(String, bool)> = missing
         .iter()
         .map(|s| (s.clone(), known.contains(s)))
         .collect();
-    world.materials.extend(found);
     world.stations.extend(known);
-    if let Some(generation) = found_in_cache.generation {
+    if let Some(generation) = reference.generation {
         let cache = cache.clone();
-        tokio::spawn(async move { cache.fill(&generation, &fill_m, &fill_s).await });
+        tokio::spawn(async move { cache.fill(&generation, &[], &fill).await });
     }
     Ok(())
 }

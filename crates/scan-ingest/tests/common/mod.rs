@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::time::Duration;
 
 use mes_common::Shutdown;
