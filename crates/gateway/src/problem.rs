@@ -258,19 +258,96 @@ pub fn field_violations(status: &tonic::Status) -> Vec<FieldError> {
         .collect()
 }
 
+/// Why a non-OK status did not come from the service's own handler: the call failed between
+/// the gateway and the service, so the service may or may not have applied it.
+fn transport_failure(status: &tonic::Status) -> bool {
+    // Statuses tonic builds on the client side from a transport error carry that error as
+    // their source; a status answered by a service (decoded from its trailers) has none.
+    if std::error::Error::source(status).is_some() {
+        return true;
+    }
+    // Statuses tonic's client builds without a source: a stream reset (h2), a body that ended
+    // early, a response that ended without a grpc-status.
+    let message = status.message();
+    [
+        "h2 protocol error",
+        "transport error",
+        "Unexpected EOF",
+        "protocol error: missing grpc-status",
+        "grpc-status header missing",
+        "Missing response message",
+    ]
+    .iter()
+    .any(|m| message.starts_with(m))
+}
+
+/// Whether the client's per-call timeout (a `Cancelled` status built from tonic's
+/// `TimeoutExpired`) ended the call.
+fn timed_out(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    status.message() == tonic::TimeoutExpired(()).to_string()
+}
+
+/// A signature failure of the gateway's own internal calls, answered by a service.
+fn caller_signature_refused(status: &tonic::Status) -> bool {
+    let message = status.message();
+    message.contains("caller signature")
+        || message.contains("MES_INTERNAL_KEY")
+        || message.contains("caller is not identified")
+}
+
+fn outcome_unknown(service: &str, status: &tonic::Status, retry_after: u64) -> Problem {
+    tracing::warn!(service, grpc_code = ?status.code(), error = %status.message(),
+        "call to the service failed in transport; its outcome is unknown");
+    metrics::counter!("gateway_backend_transport_failures_total", "service" => service.to_owned())
+        .increment(1);
+    Problem::unavailable(
+        format!("{service} is unavailable; retrying is safe"),
+        retry_after,
+    )
+}
+
 /// Converts a service's gRPC status into a problem. `service` names the back end in messages.
+///
+/// - A call whose outcome is unknown (the connection or the stream failed: `Unknown`,
+///   `Internal` or `Cancelled` built by the transport) is 503 `unavailable` with `Retry-After`:
+///   every write is idempotent (scan ids, void ids), so retrying is safe. Only an `Internal`
+///   answered by the service's own handler is 500.
+/// - The gateway authenticates users itself: `Unauthenticated` from a service (or
+///   `PermissionDenied` over the caller signature) is a failure of the internal trust between
+///   the gateway and the service (a missing or rotated internal key, clock skew), not the
+///   tablet's fault: 503 `unavailable`, logged at error level. A service's own role check
+///   (`PermissionDenied`) stays 403.
 pub fn from_status(service: &str, status: &tonic::Status, retry_after: u64) -> Problem {
     let (http, code) = mes_common::errors::http_for(status.code());
     let http = StatusCode::from_u16(http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            if status.code() == tonic::Code::Unauthenticated
+                || caller_signature_refused(status) =>
+        {
+            tracing::error!(service, grpc_code = ?status.code(), error = %status.message(),
+                "the service refused the gateway's internal call: check MES_INTERNAL_KEY and the clocks");
+            metrics::counter!("gateway_backend_trust_failures_total", "service" => service.to_owned())
+                .increment(1);
+            Problem::unavailable(
+                format!("{service} is unavailable; retrying is safe"),
+                retry_after,
+            )
+        }
         tonic::Code::InvalidArgument
         | tonic::Code::FailedPrecondition
         | tonic::Code::OutOfRange
         | tonic::Code::NotFound
         | tonic::Code::AlreadyExists
         | tonic::Code::Aborted
-        | tonic::Code::PermissionDenied
-        | tonic::Code::Unauthenticated => {
+        | tonic::Code::PermissionDenied => {
             // Business answers of our own services: their message is meant for the client.
             let mut p = Problem::new(http, code, status.message().to_owned());
             p.errors = field_violations(status);
@@ -290,9 +367,21 @@ pub fn from_status(service: &str, status: &tonic::Status, retry_after: u64) -> P
             tracing::warn!(service, error = %status.message(), "service overloaded");
             Problem::rate_limited(retry_after)
         }
-        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+        tonic::Code::DeadlineExceeded => {
             tracing::warn!(service, error = %status.message(), "service call timed out");
             Problem::timeout(retry_after)
+        }
+        tonic::Code::Cancelled if timed_out(status) => {
+            tracing::warn!(service, error = %status.message(), "service call timed out");
+            Problem::timeout(retry_after)
+        }
+        // A cancelled stream (connection dropped, stream reset) or no status at all: the
+        // service may or may not have applied the call.
+        tonic::Code::Cancelled | tonic::Code::Unknown => {
+            outcome_unknown(service, status, retry_after)
+        }
+        tonic::Code::Internal if transport_failure(status) => {
+            outcome_unknown(service, status, retry_after)
         }
         tonic::Code::Unimplemented => {
             tracing::warn!(service, "operation not implemented by the service");
@@ -372,6 +461,67 @@ mod tests {
         let p = from_status("erp-sync", &tonic::Status::unimplemented("x"), 1);
         assert_eq!(p.status, StatusCode::NOT_IMPLEMENTED);
         assert_eq!(p.code, "not_implemented");
+    }
+
+    #[test]
+    fn outcome_unknown_failures_are_503_never_500() {
+        // What tonic's client builds when the connection dies mid-call, a stream is reset or
+        // the answer ends without a status.
+        let transport = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        let reset = tonic::Status::internal("h2 protocol error: stream no longer needed");
+        let cancelled = tonic::Status::cancelled("h2 protocol error: operation was canceled");
+        for status in [
+            tonic::Status::unknown("transport error"),
+            transport,
+            reset,
+            cancelled,
+            tonic::Status::internal("Unexpected EOF decoding stream."),
+            tonic::Status::unknown(
+                "protocol error: missing grpc-status trailer, stream was terminated without a final status",
+            ),
+        ] {
+            let p = from_status("scan-ingest", &status, 2);
+            assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE, "{status:?}");
+            assert_eq!(p.code, "unavailable");
+            assert_eq!(p.retry_after, Some(2));
+        }
+        // The client's own per-call timeout stays a 504.
+        let timeout = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(timeout.code(), tonic::Code::Cancelled);
+        let p = from_status("scan-ingest", &timeout, 2);
+        assert_eq!(p.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(p.retry_after, Some(2));
+    }
+
+    #[test]
+    fn internal_trust_failures_are_503_and_role_checks_403() {
+        for message in [
+            "missing caller signature: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+            "caller signature outside the allowed clock skew: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+            "caller signature does not match: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+            "the caller is not identified",
+        ] {
+            let p = from_status("scan-ingest", &tonic::Status::unauthenticated(message), 3);
+            assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE, "{message}");
+            assert_eq!(p.retry_after, Some(3));
+            assert!(!p.detail.contains("signature"));
+        }
+        let p = from_status(
+            "scan-ingest",
+            &tonic::Status::permission_denied("caller signature replayed"),
+            3,
+        );
+        assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
+        let p = from_status(
+            "scan-ingest",
+            &tonic::Status::permission_denied("only supervisors may void scans"),
+            3,
+        );
+        assert_eq!(p.status, StatusCode::FORBIDDEN);
+        assert_eq!(p.detail, "only supervisors may void scans");
     }
 
     #[test]

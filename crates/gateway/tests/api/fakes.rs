@@ -1,11 +1,15 @@
 //! Small real gRPC servers with canned answers, standing in for the services.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use mes_proto::v1 as pb;
 use pb::scan_ingest_server::{ScanIngest, ScanIngestServer};
 use prost::Message as _;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -22,7 +26,29 @@ pub struct Seen {
 #[derive(Clone, Default)]
 pub struct FakeScanIngest {
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Set to `true` to cut every open connection at once (as if the process died); set back
+    /// to `false` to "restart" it.
+    pub kill: Option<tokio::sync::watch::Sender<bool>>,
+    /// Whether a `DIE` scan already killed the fake (it dies once).
+    pub died: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// What the services answer when a call's caller signature is refused (mes-common's
+/// `CallerAuth` layer), one per refusal reason.
+pub const SIGNATURE_REFUSALS: &[(&str, &str)] = &[
+    (
+        "UNSIGNED",
+        "missing caller signature: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+    ),
+    (
+        "SKEWED",
+        "caller signature outside the allowed clock skew: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+    ),
+    (
+        "FORGED",
+        "caller signature does not match: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+    ),
+];
 
 impl FakeScanIngest {
     fn record<T>(&self, method: &'static str, req: &Request<T>) {
@@ -94,6 +120,31 @@ impl ScanIngest for FakeScanIngest {
         request: Request<pb::SubmitScansRequest>,
     ) -> Result<Response<pb::SubmitScansResponse>, Status> {
         self.record("SubmitScans", &request);
+        let lot = request
+            .get_ref()
+            .scans
+            .first()
+            .map(|s| s.lot.clone())
+            .unwrap_or_default();
+        if let Some((_, message)) = SIGNATURE_REFUSALS.iter().find(|(l, _)| *l == lot) {
+            return Err(Status::unauthenticated(*message));
+        }
+        match lot.as_str() {
+            "NOT-YOURS" => {
+                return Err(Status::permission_denied(
+                    "the caller's roles do not allow this operation",
+                ));
+            }
+            "BOOM" => return Err(Status::internal("relation \"scans\" does not exist")),
+            "DIE" if !self.died.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+                // The process dies mid-request: every connection is cut, no answer is sent.
+                if let Some(kill) = &self.kill {
+                    let _ = kill.send(true);
+                }
+                std::future::pending::<()>().await;
+            }
+            _ => {}
+        }
         let results = request
             .into_inner()
             .scans
@@ -193,7 +244,11 @@ pub async fn start_scan_ingest() -> FakeServer {
         .await
         .expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
-    let fake = FakeScanIngest::default();
+    let (kill, killed) = tokio::sync::watch::channel(false);
+    let fake = FakeScanIngest {
+        kill: Some(kill),
+        ..FakeScanIngest::default()
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<ScanIngestServer<FakeScanIngest>>()
@@ -207,9 +262,13 @@ pub async fn start_scan_ingest() -> FakeServer {
         let _ = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener)
+                    .map(move |tcp| tcp.map(|tcp| Killable::new(tcp, killed.clone()))),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await;
     });
     FakeServer {
@@ -217,4 +276,73 @@ pub async fn start_scan_ingest() -> FakeServer {
         fake,
         stop: Some(tx),
     }
+}
+
+/// An accepted connection that fails (and is closed) once the kill switch is set: what a
+/// client sees when the server process dies (the kernel closes its sockets, no HTTP/2 GOAWAY,
+/// no gRPC status).
+struct Killable {
+    tcp: tokio::net::TcpStream,
+    killed: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+}
+
+impl Killable {
+    fn new(tcp: tokio::net::TcpStream, mut rx: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            tcp,
+            killed: Box::pin(async move {
+                let _ = rx.wait_for(|k| *k).await;
+            }),
+        }
+    }
+
+    fn dead(&mut self, cx: &mut Context<'_>) -> bool {
+        self.killed.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn reset() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "the fake died")
+}
+
+impl tokio::io::AsyncRead for Killable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.dead(cx) {
+            return Poll::Ready(Err(reset()));
+        }
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Killable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.dead(cx) {
+            return Poll::Ready(Err(reset()));
+        }
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.dead(cx) {
+            return Poll::Ready(Err(reset()));
+        }
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Killable {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
 }

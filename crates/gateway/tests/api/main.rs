@@ -4,6 +4,7 @@
 mod auth;
 mod backends;
 mod edge;
+mod failures;
 mod fakes;
 mod helpers;
 mod input;
