@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use mes_common::grpc::TracePropagation;
 use mes_common::identity::CallerKey;
 use mes_e2e::System;
 use mes_proto::v1 as pb;
@@ -32,19 +31,18 @@ use mes_proto::v1::master_data_client::MasterDataClient;
 use mes_proto::v1::scan_ingest_client::ScanIngestClient;
 use mes_proto::v1::trace_query_client::TraceQueryClient;
 use sqlx::Connection;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// A channel whose calls carry the trace context and a caller identity signed with the
-/// system's internal key, as the services' own clients do.
-type Signed = InterceptedService<Channel, TracePropagation>;
+/// A channel whose calls carry the trace context and are signed with the system's internal
+/// key, as the services' own clients do.
+type Signed = mes_common::grpc::Signed<Channel>;
 
 async fn connect(sys: &System, service: &str) -> anyhow::Result<Signed> {
     let url = format!("http://127.0.0.1:{}", sys.grpc[service]);
     let channel = Channel::from_shared(url)?.connect().await?;
-    Ok(InterceptedService::new(
+    Ok(mes_common::grpc::signed(
         channel,
-        TracePropagation::signing(CallerKey::from_config(&sys.internal_key)),
+        CallerKey::from_config(&sys.internal_key),
     ))
 }
 

@@ -432,7 +432,7 @@ async fn every_service_answers_health_and_reflection() {
 /// anything unsigned, signed with another key, or tampered with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
-    use mes_common::grpc::TracePropagation;
+    use mes_common::grpc;
     use mes_common::identity::{Caller, CallerKey};
     use mes_proto::v1 as pb;
     use pb::scan_ingest_client::ScanIngestClient;
@@ -469,8 +469,7 @@ async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
     refused(plain.hold_lot(hold(&supervisor)).await, "unsigned");
     // Signed with another key: refused.
     let other = CallerKey::from_config("not the key of this deployment, at all");
-    let mut wrong =
-        ScanIngestClient::with_interceptor(channel.clone(), TracePropagation::signing(other));
+    let mut wrong = ScanIngestClient::new(grpc::signed(channel.clone(), other));
     refused(wrong.hold_lot(hold(&supervisor)).await, "wrong key");
     // Signed as an operator, then the role changed on the way: refused.
     let key = CallerKey::from_config(&sys.internal_key).expect("key");
@@ -487,8 +486,7 @@ async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
         roles: vec!["operator".into()],
         ..supervisor.clone()
     };
-    let mut tampered =
-        ScanIngestClient::with_interceptor(tamper, TracePropagation::signing(Some(key.clone())));
+    let mut tampered = ScanIngestClient::new(grpc::signed(tamper, Some(key.clone())));
     refused(tampered.hold_lot(hold(&operator)).await, "tampered role");
     // None of it changed the lot.
     let log = sys.log("scan-ingest");
@@ -499,8 +497,7 @@ async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
 
     // Signed with the deployment's key: the service's own role check applies as usual.
     let channel = sys.channel("scan-ingest").await;
-    let mut signed =
-        ScanIngestClient::with_interceptor(channel, TracePropagation::signing(Some(key)));
+    let mut signed = ScanIngestClient::new(grpc::signed(channel, Some(key)));
     let denied = signed
         .hold_lot(hold(&operator))
         .await

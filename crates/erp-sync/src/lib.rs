@@ -176,8 +176,7 @@ impl Application {
 
         let api = api::Api::new(state.clone());
         let result = grpc::server("erp-sync", settings.service.caller_key())
-            .add_service(health_service)
-            .add_service(grpc::reflection()?)
+            .add_routes(grpc::standard_services(health_service)?)
             .add_service(ErpSyncServer::new(api))
             .serve_with_incoming_shutdown(grpc::incoming(listener), shutdown.wait())
             .await;

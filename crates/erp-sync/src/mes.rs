@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mes_common::grpc::{self, TracePropagation};
+use mes_common::grpc::{self, Signed};
 use mes_common::identity::{Caller, CallerKey};
 use mes_proto::v1 as pb;
 use mes_proto::v1::{
@@ -11,13 +11,12 @@ use mes_proto::v1::{
     scan_ingest_client::ScanIngestClient,
 };
 use rust_decimal::Decimal;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::domain::{Material, ReceivedLot, Station, WorkOrder};
 use crate::store::inbound::Counts;
 
-type Traced = InterceptedService<Channel, TracePropagation>;
+type Traced = Signed<Channel>;
 
 /// The name erp-sync calls scan-ingest with.
 pub const CALLER: &str = "erp-sync";
@@ -32,7 +31,6 @@ pub struct Mes {
 impl Mes {
     /// Lazy channels: building never blocks on scan-ingest.
     pub fn new(url: &str, call_timeout: Duration, key: Option<CallerKey>) -> anyhow::Result<Self> {
-        let traced = || TracePropagation::signing(key.clone());
         let calls = grpc::channel(url, Duration::from_secs(3), call_timeout)?;
         // The feed is a long-lived stream: its channel has no per-request timeout.
         let feed = grpc::channel(
@@ -41,9 +39,9 @@ impl Mes {
             Duration::from_secs(365 * 86_400),
         )?;
         Ok(Self {
-            master: MasterDataClient::with_interceptor(calls.clone(), traced()),
-            ingest: ScanIngestClient::with_interceptor(calls, traced()),
-            feed: EventFeedClient::with_interceptor(feed, traced()),
+            master: MasterDataClient::new(grpc::signed(calls.clone(), key.clone())),
+            ingest: ScanIngestClient::new(grpc::signed(calls, key.clone())),
+            feed: EventFeedClient::new(grpc::signed(feed, key)),
         })
     }
 

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 
@@ -14,7 +13,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tracing::Instrument;
 
-use mes_common::grpc::TracePropagation;
+use mes_common::grpc::Signed;
 use mes_common::identity::Caller;
 use mes_proto::v1::erp_sync_client::ErpSyncClient;
 use mes_proto::v1::scan_ingest_client::ScanIngestClient;
@@ -22,7 +21,7 @@ use mes_proto::v1::trace_query_client::TraceQueryClient;
 
 use crate::problem::{self, Problem};
 
-pub type Traced = InterceptedService<Channel, TracePropagation>;
+pub type Traced = Signed<Channel>;
 
 pub const SCAN_INGEST: &str = "scan-ingest";
 pub const TRACE_QUERY: &str = "trace-query";
@@ -53,28 +52,20 @@ impl Backends {
     }
 
     pub fn scan_ingest(&self) -> ScanIngestClient<Traced> {
-        ScanIngestClient::new(InterceptedService::new(
-            self.scan_ingest.clone(),
-            self.traced(),
-        ))
+        ScanIngestClient::new(self.traced(self.scan_ingest.clone()))
     }
 
     pub fn trace_query(&self) -> TraceQueryClient<Traced> {
-        TraceQueryClient::new(InterceptedService::new(
-            self.trace_query.clone(),
-            self.traced(),
-        ))
+        TraceQueryClient::new(self.traced(self.trace_query.clone()))
     }
 
     pub fn erp_sync(&self) -> ErpSyncClient<Traced> {
-        ErpSyncClient::new(InterceptedService::new(
-            self.erp_sync.clone(),
-            self.traced(),
-        ))
+        ErpSyncClient::new(self.traced(self.erp_sync.clone()))
     }
 
-    fn traced(&self) -> TracePropagation {
-        TracePropagation::signing(self.key.clone())
+    /// `channel` with the trace context and signed calls (method, identity, body).
+    fn traced(&self, channel: Channel) -> Traced {
+        mes_common::grpc::signed(channel, self.key.clone())
     }
 
     fn channel_of(&self, service: &str) -> Option<Channel> {
@@ -143,7 +134,7 @@ impl Backends {
         let channel = self
             .channel_of(service)
             .ok_or_else(|| "unknown service".to_owned())?;
-        let mut client = HealthClient::new(InterceptedService::new(channel, self.traced()));
+        let mut client = HealthClient::new(self.traced(channel));
         let start = Instant::now();
         let check = client.check(HealthCheckRequest {
             service: name.to_owned(),

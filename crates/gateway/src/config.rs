@@ -82,6 +82,8 @@ impl Settings {
 
     /// Rejects settings the gateway cannot run safely with.
     pub fn validate(&self) -> anyhow::Result<()> {
+        // It signs its calls to the services: the internal key is required outside demo mode.
+        self.service.validate_internal_key()?;
         if !self.service.demo {
             anyhow::ensure!(
                 !self.jwt_secret.is_empty(),
@@ -122,6 +124,9 @@ mod tests {
         assert!(s.validate().is_err());
         s.jwt_secret = Secret("x".repeat(32));
         s.service.demo = false;
+        let err = s.validate().expect_err("no internal key outside demo mode");
+        assert!(err.to_string().contains("MES_INTERNAL_KEY"), "{err}");
+        s.service.internal_key = Secret("k".repeat(32));
         s.validate().unwrap();
     }
 

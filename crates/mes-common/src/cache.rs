@@ -16,7 +16,9 @@ impl Redis {
     /// Connects in the background; returns at once even when Redis is down (waits up to
     /// `initial_wait` for the first connection so a healthy start is ready immediately).
     pub async fn connect(url: &str, prefix: &str, initial_wait: Duration) -> anyhow::Result<Self> {
-        let mut config = Config::from_url(url)?;
+        let mut config = Config::from_url(url).map_err(|e| {
+            anyhow::anyhow!("invalid redis url {}: {e}", crate::config::redact_url(url))
+        })?;
         config.fail_fast = true;
         let client = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = Duration::from_millis(500))
@@ -34,11 +36,20 @@ impl Redis {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build()?;
         client.connect();
-        if tokio::time::timeout(initial_wait, client.wait_for_connect())
-            .await
-            .is_err()
-        {
-            tracing::warn!(redis = %url, "redis not reachable yet; continuing without it and reconnecting");
+        let error = match tokio::time::timeout(initial_wait, client.wait_for_connect()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "no connection within {} ms",
+                initial_wait.as_millis()
+            )),
+        };
+        if let Some(error) = error {
+            tracing::warn!(
+                redis = %crate::config::redact_url(url),
+                error,
+                "redis not reachable yet; continuing without it and reconnecting"
+            );
         }
         Ok(Self {
             client,
@@ -101,5 +112,49 @@ impl Redis {
 
     pub async fn quit(&self) {
         let _ = self.client.quit().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_logged_without_its_password() {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        // Nothing listens on port 1: the client logs that Redis is not reachable yet.
+        let redis = Redis::connect(
+            "redis://mes:redis-pw-123@127.0.0.1:1/0",
+            "test:",
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+        redis.quit().await;
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("redis not reachable"), "{text}");
+        assert!(!text.contains("redis-pw-123"), "{text}");
+        assert!(text.contains("mes:***@127.0.0.1:1"), "{text}");
     }
 }

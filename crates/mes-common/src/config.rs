@@ -31,7 +31,8 @@ impl Secret {
 }
 
 /// Settings every service has. Service crates flatten this into their own `Settings`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `Debug` shows URLs without their passwords and secrets not at all.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServiceSettings {
     /// PostgreSQL URL of the service's own database (created if missing).
     pub database_url: String,
@@ -55,27 +56,110 @@ pub struct ServiceSettings {
     pub shutdown_grace_seconds: u64,
     /// Demo mode: seeds demo users/devices (gateway) — never on in production config.
     pub demo: bool,
-    /// The key the four services share to sign and check the caller identity of internal gRPC
-    /// calls (`MES_INTERNAL_KEY`, at least 32 bytes). Empty: identities are not signed and the
-    /// services trust any caller that reaches their port (single host, demo).
+    /// The key the four services share to sign and check internal gRPC calls
+    /// (`MES_INTERNAL_KEY`, at least 32 bytes). Required unless demo mode is on; empty in demo
+    /// mode: calls are not signed and the services trust any caller that reaches their port.
     #[serde(default)]
     pub internal_key: Secret,
+    /// A second key accepted on incoming calls, never used to sign (`MES_INTERNAL_KEY_PREVIOUS`):
+    /// the previous key while a rotation is under way (see the README's rotation procedure).
+    #[serde(default)]
+    pub internal_key_previous: Secret,
+}
+
+impl std::fmt::Debug for ServiceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceSettings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("database_max_connections", &self.database_max_connections)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("listen_addr", &self.listen_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("otlp_endpoint", &redact_url(&self.otlp_endpoint))
+            .field("log_format", &self.log_format)
+            .field("log_level", &self.log_level)
+            .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
+            .field("demo", &self.demo)
+            .field("internal_key", &self.internal_key)
+            .field("internal_key_previous", &self.internal_key_previous)
+            .finish()
+    }
 }
 
 impl ServiceSettings {
-    /// The internal key, when one is configured.
+    /// The internal key (with the previous one, when set), when one is configured.
     pub fn caller_key(&self) -> Option<crate::identity::CallerKey> {
         crate::identity::CallerKey::from_config(self.internal_key.expose())
+            .map(|k| k.accepting(self.internal_key_previous.expose()))
     }
 
-    /// Refuses a key too short to be a real secret.
+    /// Outside demo mode, requires the internal key (as the gateway requires its JWT secret);
+    /// refuses keys too short to be real secrets. In demo mode without a key, warns loudly.
     pub fn validate_internal_key(&self) -> anyhow::Result<()> {
+        if self.internal_key.is_empty() {
+            anyhow::ensure!(
+                self.demo,
+                "internal_key (MES_INTERNAL_KEY) is required unless demo mode is on (MES_DEMO=true): \
+                 set the same random key of at least 32 bytes on all four services, e.g. \
+                 `head -c 32 /dev/urandom | base64`"
+            );
+            anyhow::ensure!(
+                self.internal_key_previous.is_empty(),
+                "internal_key_previous (MES_INTERNAL_KEY_PREVIOUS) is set but internal_key \
+                 (MES_INTERNAL_KEY) is not"
+            );
+            tracing::warn!(
+                "demo mode without an internal key (MES_INTERNAL_KEY): internal calls are not \
+                 signed, so anything that reaches a service port can act as any user; never \
+                 run like this outside a developer machine"
+            );
+            return Ok(());
+        }
         anyhow::ensure!(
-            self.internal_key.is_empty() || self.internal_key.expose().len() >= 32,
+            self.internal_key.expose().len() >= 32,
             "internal_key (MES_INTERNAL_KEY) must be at least 32 bytes"
+        );
+        anyhow::ensure!(
+            self.internal_key_previous.is_empty()
+                || self.internal_key_previous.expose().len() >= 32,
+            "internal_key_previous (MES_INTERNAL_KEY_PREVIOUS) must be at least 32 bytes"
         );
         Ok(())
     }
+}
+
+/// `url` fit for logs and health output: the password of its user info (`user:***@host`) and
+/// `password=` query parameters replaced by `***`. Text that is not a URL comes back as is.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                        format!("{k}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 impl ServiceSettings {
@@ -104,6 +188,7 @@ impl ServiceSettings {
             shutdown_grace_seconds: 20,
             demo: false,
             internal_key: Secret::default(),
+            internal_key_previous: Secret::default(),
         }
     }
 }
@@ -227,6 +312,58 @@ mod tests {
             assert!(!g.demo, "MES_SCAN_INGEST_DEMO must not reach the gateway");
             Ok(())
         });
+    }
+
+    #[test]
+    fn outside_demo_mode_a_service_needs_an_internal_key() {
+        let mut s = ServiceSettings::defaults_for("scan-ingest");
+        let err = s
+            .validate_internal_key()
+            .expect_err("no key outside demo mode")
+            .to_string();
+        assert!(err.contains("MES_INTERNAL_KEY"), "names the setting: {err}");
+        s.demo = true;
+        s.validate_internal_key()
+            .expect("demo mode runs without a key (with a warning)");
+        s.demo = false;
+        s.internal_key = Secret("k".repeat(32));
+        s.validate_internal_key().expect("a key of 32 bytes");
+        s.internal_key = Secret("short".into());
+        assert!(s.validate_internal_key().is_err(), "too short");
+    }
+
+    #[test]
+    fn redacted_urls_keep_everything_but_passwords() {
+        for (url, shown) in [
+            ("redis://:pw@cache:6379", "redis://:***@cache:6379"),
+            ("redis://u:p:w@h/0?x=1", "redis://u:***@h/0?x=1"),
+            ("rediss://u:p%40ss@h:1/2", "rediss://u:***@h:1/2"),
+            (
+                "postgres://postgres@127.0.0.1:5432/mes",
+                "postgres://postgres@127.0.0.1:5432/mes",
+            ),
+            (
+                "postgres://u@h/db?sslmode=require&password=pw",
+                "postgres://u@h/db?sslmode=require&password=***",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("not a url", "not a url"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn urls_with_passwords_are_not_printed() {
+        let mut s = ServiceSettings::defaults_for("scan-ingest");
+        s.redis_url = "redis://mes:redis-pw-123@cache:6379/0".into();
+        s.database_url = "postgres://mes:pg-pw-456@db:5432/mes".into();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("redis-pw-123"), "{shown}");
+        assert!(!shown.contains("pg-pw-456"), "{shown}");
+        assert!(shown.contains("redis://mes:***@cache:6379/0"), "{shown}");
+        assert!(shown.contains("postgres://mes:***@db:5432/mes"), "{shown}");
     }
 
     #[test]

@@ -3,15 +3,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint, Server};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::identity::{self, CallerKey};
+use crate::identity::{self, CallerKey, NotAdmitted, Refused, ReplayCache, Signature};
 use crate::propagation;
 
 /// Tower layer for gRPC servers: continues the caller's W3C trace in a `grpc.request` span and
@@ -112,12 +114,27 @@ where
     }
 }
 
+/// The most a signed request body may be: tonic's default limit of a decoded message (4 MiB)
+/// and its 5-byte frame header. Larger ones are refused (RESOURCE_EXHAUSTED) before they are
+/// verified, as tonic would refuse them after.
+pub const MAX_SIGNED_BODY: usize = 4 * 1024 * 1024 + 5;
+
 /// Tower layer for gRPC servers: with an internal key, refuses (UNAUTHENTICATED) every call but
-/// health and reflection whose caller signature is missing, wrong or stale; without one, passes
-/// everything (a single-host or demo installation).
+/// health and reflection whose signature is missing, wrong, stale or already used (see
+/// [`identity`]); without one, passes everything (demo mode only).
 #[derive(Clone)]
 pub struct CallerAuthLayer {
     key: Option<CallerKey>,
+    seen: Arc<ReplayCache>,
+}
+
+impl CallerAuthLayer {
+    pub fn new(key: Option<CallerKey>) -> Self {
+        Self {
+            key,
+            seen: Arc::new(ReplayCache::new()),
+        }
+    }
 }
 
 impl<S> Layer<S> for CallerAuthLayer {
@@ -126,6 +143,7 @@ impl<S> Layer<S> for CallerAuthLayer {
         CallerAuth {
             inner,
             key: self.key.clone(),
+            seen: self.seen.clone(),
         }
     }
 }
@@ -134,11 +152,39 @@ impl<S> Layer<S> for CallerAuthLayer {
 pub struct CallerAuth<S> {
     inner: S,
     key: Option<CallerKey>,
+    seen: Arc<ReplayCache>,
 }
 
-impl<S, B> Service<http::Request<B>> for CallerAuth<S>
+fn refuse(
+    refused: Refused,
+    method: &str,
+    headers: &http::HeaderMap,
+) -> http::Response<tonic::body::Body> {
+    metrics::counter!("grpc_server_callers_refused_total", "reason" => refused.as_str())
+        .increment(1);
+    let user = headers
+        .get(identity::USER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::warn!(
+        method,
+        reason = refused.as_str(),
+        user,
+        "call refused: it is not signed with this deployment's internal key, or it was replayed"
+    );
+    tonic::Status::unauthenticated(format!(
+        "{}: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
+        refused.as_str()
+    ))
+    .into_http()
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for CallerAuth<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -150,40 +196,73 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path();
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let method = req.uri().path().to_owned();
         let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
-        if let (Some(key), false) = (&self.key, exempt) {
-            let headers = req.headers();
-            let get = |k: &str| {
-                headers
-                    .get(k)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            if let Err(refused) = key.verify(method, &get, chrono::Utc::now().timestamp()) {
-                metrics::counter!("grpc_server_callers_refused_total", "reason" => refused.as_str())
-                    .increment(1);
-                tracing::warn!(
-                    method,
-                    reason = refused.as_str(),
-                    user = get(identity::USER).unwrap_or_default(),
-                    "call refused: its caller identity is not signed with this deployment's internal key"
-                );
-                let status = tonic::Status::unauthenticated(format!(
-                    "{}: internal calls must be signed with the deployment's internal key (MES_INTERNAL_KEY)",
-                    refused.as_str()
-                ));
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+        let Some(key) = self.key.clone().filter(|_| !exempt) else {
+            return Box::pin(self.inner.call(req));
+        };
+        // Format and time first: nothing is read from a caller that cannot have signed.
+        let sig = match Signature::parse(req.headers(), chrono::Utc::now().timestamp()) {
+            Ok(sig) => sig,
+            Err(refused) => {
+                let res = refuse(refused, &method, req.headers());
+                return Box::pin(std::future::ready(Ok(res)));
             }
-        }
-        Box::pin(self.inner.call(req))
+        };
+        // The inner service was made ready for this call: take it, leave a clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            // Unary and server-streaming calls send one message, then end the body.
+            let body = match http_body_util::Limited::new(body, MAX_SIGNED_BODY)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "request body larger than {MAX_SIGNED_BODY} bytes"
+                    ));
+                    return Ok(status.into_http());
+                }
+                Err(e) => {
+                    let status =
+                        tonic::Status::cancelled(format!("request body not received: {e}"));
+                    return Ok(status.into_http());
+                }
+            };
+            if let Err(refused) = key.verify(&sig, &method, &parts.headers, &body) {
+                return Ok(refuse(refused, &method, &parts.headers));
+            }
+            match seen.admit(&sig, chrono::Utc::now().timestamp()) {
+                Ok(()) => {}
+                Err(NotAdmitted::Replayed) => {
+                    return Ok(refuse(Refused::Replayed, &method, &parts.headers));
+                }
+                Err(NotAdmitted::Full) => {
+                    metrics::counter!("grpc_server_replay_cache_full_total").increment(1);
+                    tracing::warn!(
+                        method,
+                        "call refused: the replay cache is full of signatures of the last window"
+                    );
+                    let status = tonic::Status::unavailable(
+                        "too many signed calls in the replay window; retry shortly",
+                    );
+                    return Ok(status.into_http());
+                }
+            }
+            let body = tonic::body::Body::new(http_body_util::Full::new(body));
+            inner.call(http::Request::from_parts(parts, body)).await
+        })
     }
 }
 
 /// A server builder with the telemetry layer (outermost, so refused calls are logged and
-/// counted too), the caller-signature check and HTTP/2 keep-alives. Serve it
-/// [`incoming`] connections.
+/// counted too), the caller-signature check (with its own replay cache) and HTTP/2
+/// keep-alives. Add [`standard_services`] first, then serve it [`incoming`] connections.
 pub fn server(
     service: &'static str,
     key: Option<CallerKey>,
@@ -197,10 +276,29 @@ pub fn server(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .tcp_nodelay(true)
         .layer(GrpcTelemetryLayer::new(service))
-        .layer(CallerAuthLayer { key })
+        .layer(CallerAuthLayer::new(key))
 }
 
-/// The reflection service over every MES contract.
+/// What every service serves besides its own API: `health`, and reflection over every MES
+/// contract in both versions of the protocol (`v1`, and `v1alpha` for grpcurl 1.8 and other
+/// older clients). `grpc::server(..).add_routes(grpc::standard_services(health)?)`.
+pub fn standard_services(
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<tonic::service::Routes> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mes_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(tonic::service::Routes::new(health)
+        .add_service(builder().build_v1()?)
+        .add_service(builder().build_v1alpha()?))
+}
+
+/// The reflection service (`v1` only) over every MES contract; servers use
+/// [`standard_services`], which also serves `v1alpha`.
 pub fn reflection() -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
@@ -212,32 +310,73 @@ pub fn reflection() -> anyhow::Result<
         .build_v1()?)
 }
 
-/// Adds the current span's trace context to every outgoing call and, with the deployment's
-/// internal key, signs the caller identity the call carries (see [`identity`]).
+/// Adds the current span's trace context to every outgoing call. (Signing is done by
+/// [`Signed`], which also propagates the trace context.)
 #[derive(Clone, Default)]
-pub struct TracePropagation {
-    key: Option<CallerKey>,
-}
-
-impl TracePropagation {
-    /// Propagation, and signing when `key` is set.
-    pub fn signing(key: Option<CallerKey>) -> Self {
-        Self { key }
-    }
-}
+pub struct TracePropagation;
 
 impl Interceptor for TracePropagation {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         propagation::inject_current(req.metadata_mut());
-        if let Some(key) = &self.key {
-            let method = req
-                .extensions()
-                .get::<tonic::GrpcMethod<'static>>()
-                .map(|m| format!("/{}/{}", m.service(), m.method()))
-                .unwrap_or_default();
-            key.sign(&method, req.metadata_mut());
-        }
         Ok(req)
+    }
+}
+
+/// A client of another service: adds the current span's trace context to every call and, with
+/// the deployment's internal key, signs it (method, identity headers, body, time and a nonce;
+/// see [`identity`]). Generated clients take it as they take a channel:
+/// `ScanIngestClient::new(grpc::signed(channel, key))`. For unary and server-streaming calls
+/// (every MES call): the request body is read whole before it is sent.
+#[derive(Clone)]
+pub struct Signed<S = Channel> {
+    inner: S,
+    key: Option<CallerKey>,
+}
+
+/// `inner` (a [`Channel`]) with trace propagation and, when `key` is set, signed calls.
+pub fn signed<S>(inner: S, key: Option<CallerKey>) -> Signed<S> {
+    Signed { inner, key }
+}
+
+impl<S, RB> Service<http::Request<tonic::body::Body>> for Signed<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<RB>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<RB>;
+    type Error = tonic::codegen::StdError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        // In the caller's span (after an await it would no longer be current).
+        propagation::inject_http(
+            &tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
+            req.headers_mut(),
+        );
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(key) = self.key.clone() else {
+            let fut = inner.call(req);
+            return Box::pin(async move { fut.await.map_err(Into::into) });
+        };
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let body = body.collect().await?.to_bytes();
+            key.sign(parts.uri.path(), &mut parts.headers, &body);
+            let body = tonic::body::Body::new(http_body_util::Full::new(body));
+            inner
+                .call(http::Request::from_parts(parts, body))
+                .await
+                .map_err(Into::into)
+        })
     }
 }
 
@@ -271,4 +410,281 @@ pub async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use mes_proto::v1 as pb;
+    use pb::event_feed_client::EventFeedClient;
+    use pb::event_feed_server::{EventFeed, EventFeedServer};
+    use tonic::codegen::Bytes;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::identity::Caller;
+
+    const KEY: &str = "the internal key of this test deployment, 32+ bytes";
+
+    /// A real EventFeed: answers one event naming the caller and echoing the request.
+    struct Echo;
+
+    type Events = tonic::codegen::BoxStream<pb::Event>;
+
+    #[tonic::async_trait]
+    impl EventFeed for Echo {
+        async fn subscribe(
+            &self,
+            req: tonic::Request<pb::SubscribeRequest>,
+        ) -> Result<tonic::Response<Events>, tonic::Status> {
+            let user = Caller::from_metadata(req.metadata())
+                .map(|c| c.user)
+                .unwrap_or_default();
+            let r = req.into_inner();
+            let event = pb::Event {
+                position: r.after_position,
+                kind: format!("{user}:{}", r.consumer),
+                ..Default::default()
+            };
+            Ok(tonic::Response::new(Box::pin(tokio_stream::iter(vec![
+                Ok(event),
+            ]))))
+        }
+    }
+
+    /// A server with `key` on a free loopback port; stops when the returned sender drops.
+    async fn serve(key: Option<CallerKey>) -> (u16, tokio::sync::oneshot::Sender<()>) {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (_, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            server("test", key)
+                .add_routes(standard_services(health).unwrap())
+                .add_service(EventFeedServer::new(Echo))
+                .serve_with_incoming_shutdown(incoming(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        (port, stop)
+    }
+
+    fn plain(port: u16) -> Channel {
+        Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    fn subscribe(after: u64, consumer: &str, user: &str) -> tonic::Request<pb::SubscribeRequest> {
+        let mut req = tonic::Request::new(pb::SubscribeRequest {
+            after_position: after,
+            consumer: consumer.into(),
+        });
+        Caller::system(user).write_to(req.metadata_mut());
+        req
+    }
+
+    async fn first_event<T>(
+        client: &mut EventFeedClient<T>,
+        req: tonic::Request<pb::SubscribeRequest>,
+    ) -> Result<pb::Event, tonic::Status>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<tonic::codegen::StdError>,
+        T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+        <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    {
+        let mut stream = client.subscribe(req).await?.into_inner();
+        Ok(stream.message().await?.expect("one event"))
+    }
+
+    /// What went over the wire: the headers and body bytes of the last request.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Option<(http::HeaderMap, Bytes)>>>);
+
+    /// Passes requests to `port`, recording each one in `captured`.
+    fn recording(
+        port: u16,
+        captured: Captured,
+    ) -> impl tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = tonic::codegen::StdError,
+        Future = impl Send,
+    > + Clone {
+        let channel = plain(port);
+        tower::service_fn(move |req: http::Request<tonic::body::Body>| {
+            let channel = channel.clone();
+            let captured = captured.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await?.to_bytes();
+                *captured.0.lock().unwrap() = Some((parts.headers.clone(), bytes.clone()));
+                let req = http::Request::from_parts(
+                    parts,
+                    tonic::body::Body::new(http_body_util::Full::new(bytes)),
+                );
+                let res = channel.oneshot(req).await?;
+                Ok::<_, tonic::codegen::StdError>(res.map(tonic::body::Body::new))
+            }
+        })
+    }
+
+    /// Sends requests to `port` with the captured headers in place of their own (an attacker
+    /// replaying a captured call, with its own body or the captured one).
+    fn replaying(
+        port: u16,
+        captured: Captured,
+    ) -> impl tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = tonic::codegen::StdError,
+        Future = impl Send,
+    > + Clone {
+        let channel = plain(port);
+        tower::service_fn(move |mut req: http::Request<tonic::body::Body>| {
+            let channel = channel.clone();
+            let (headers, _) = captured.0.lock().unwrap().clone().expect("a captured call");
+            *req.headers_mut() = headers;
+            async move {
+                let res = channel.oneshot(req).await?;
+                Ok::<_, tonic::codegen::StdError>(res.map(tonic::body::Body::new))
+            }
+        })
+    }
+
+    fn assert_refused(r: Result<pb::Event, tonic::Status>, what: &str) {
+        let status = r.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {status:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_captured_call_replayed_with_another_body_is_refused() {
+        let key = CallerKey::from_config(KEY);
+        let (port, _stop) = serve(key.clone()).await;
+        let captured = Captured::default();
+        let mut caller =
+            EventFeedClient::new(signed(recording(port, captured.clone()), key.clone()));
+        let event = first_event(&mut caller, subscribe(7, "trace-query", "sys"))
+            .await
+            .expect("a signed call is served");
+        assert_eq!(
+            (event.position, event.kind.as_str()),
+            (7, "sys:trace-query")
+        );
+
+        // Same signed headers, another message: refused.
+        let mut attacker = EventFeedClient::new(replaying(port, captured.clone()));
+        assert_refused(
+            first_event(&mut attacker, subscribe(0, "mallory", "sys")).await,
+            "replayed with another body",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_captured_call_replayed_verbatim_is_refused() {
+        let key = CallerKey::from_config(KEY);
+        let (port, _stop) = serve(key.clone()).await;
+        let captured = Captured::default();
+        let mut caller =
+            EventFeedClient::new(signed(recording(port, captured.clone()), key.clone()));
+        first_event(&mut caller, subscribe(7, "trace-query", "sys"))
+            .await
+            .expect("a signed call is served");
+
+        // The same headers and the same message (the same bytes): refused as a replay.
+        let mut attacker = EventFeedClient::new(replaying(port, captured.clone()));
+        assert_refused(
+            first_event(&mut attacker, subscribe(7, "trace-query", "sys")).await,
+            "replayed verbatim",
+        );
+        // Fresh signatures keep working (a retry by the real caller is a new call).
+        first_event(&mut caller, subscribe(7, "trace-query", "sys"))
+            .await
+            .expect("a new signed call is served");
+    }
+
+    /// Settings as an operator writes them, through the real configuration loader.
+    #[allow(clippy::result_large_err)]
+    fn settings_from_env(vars: &[(&str, &str)]) -> crate::ServiceSettings {
+        let mut out = None;
+        figment::Jail::expect_with(|jail| {
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            out = Some(
+                crate::config::load(
+                    "scan-ingest",
+                    &crate::ServiceSettings::defaults_for("scan-ingest"),
+                )
+                .unwrap(),
+            );
+            Ok(())
+        });
+        out.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_call_signed_with_the_previous_key_is_accepted_only_while_it_is_configured() {
+        const NEW: &str = "the new internal key after the rotation, 32+ bytes";
+        let rotating = settings_from_env(&[
+            ("MES_INTERNAL_KEY", NEW),
+            ("MES_INTERNAL_KEY_PREVIOUS", KEY),
+        ]);
+        let (port, stop) = serve(rotating.caller_key()).await;
+        // A caller not yet restarted still signs with the old key; one restarted, with the new.
+        let mut old = EventFeedClient::new(signed(plain(port), CallerKey::from_config(KEY)));
+        let mut new = EventFeedClient::new(signed(plain(port), CallerKey::from_config(NEW)));
+        first_event(&mut old, subscribe(1, "old", "sys"))
+            .await
+            .expect("the previous key is accepted during the rotation");
+        first_event(&mut new, subscribe(1, "new", "sys"))
+            .await
+            .expect("the current key is accepted");
+        drop(stop);
+
+        // Rotation finished: the previous key is removed.
+        let rotated = settings_from_env(&[("MES_INTERNAL_KEY", NEW)]);
+        let (port, _stop) = serve(rotated.caller_key()).await;
+        let mut old = EventFeedClient::new(signed(plain(port), CallerKey::from_config(KEY)));
+        let mut new = EventFeedClient::new(signed(plain(port), CallerKey::from_config(NEW)));
+        assert_refused(
+            first_event(&mut old, subscribe(1, "old", "sys")).await,
+            "the previous key after its removal",
+        );
+        first_event(&mut new, subscribe(1, "new", "sys"))
+            .await
+            .expect("the current key is accepted");
+    }
+
+    #[tokio::test]
+    async fn reflection_answers_v1alpha_clients_too() {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let (port, _stop) = serve(CallerKey::from_config(KEY)).await;
+        let mut client = ServerReflectionClient::new(plain(port));
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let resp = stream.message().await.expect("an answer").expect("one");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("not a service list: {resp:?}");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == "mes.v1.EventFeed"), "{names:?}");
+    }
 }

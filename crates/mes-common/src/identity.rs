@@ -2,27 +2,43 @@
 //! (`x-mes-user`, `x-mes-roles`, `x-mes-device`, `x-mes-station`). Services check roles again
 //! for sensitive operations (voids, holds).
 //!
-//! Metadata alone can be forged by anything that reaches a service's port, so a deployment sets
-//! one internal key (`MES_INTERNAL_KEY`, shared by the four services): callers then sign the
-//! identity they send ([`CallerKey::sign`], done by [`crate::grpc::TracePropagation`]) and each
-//! server refuses calls whose signature is missing, wrong or stale ([`crate::grpc::server`]).
+//! Metadata alone can be forged by anything that reaches a service's port, so the four services
+//! share an internal key (`MES_INTERNAL_KEY`, required outside demo mode): callers sign each
+//! request ([`CallerKey::sign`], done by [`crate::grpc::Signed`]) and each server refuses calls
+//! whose signature is missing, wrong, stale or already used ([`crate::grpc::server`]).
+//!
+//! The signature (`x-mes-caller-signature: <unix seconds>.<nonce>.<HMAC>`) covers the method,
+//! the time, a random nonce, the identity headers and the SHA-256 of the request body as sent
+//! on the wire (the gRPC frames of the message), so a captured call cannot be sent again with
+//! another message, and it is accepted once: the server remembers the nonces it has seen for as
+//! long as their time is within [`MAX_SKEW_SECONDS`] ([`ReplayCache`]).
+//!
+//! Rotation: a key may carry one more key accepted on incoming calls, never used to sign
+//! (`MES_INTERNAL_KEY_PREVIOUS`), see [`CallerKey::accepting`] and the README.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 pub const USER: &str = "x-mes-user";
 pub const ROLES: &str = "x-mes-roles";
 pub const DEVICE: &str = "x-mes-device";
 pub const STATION: &str = "x-mes-station";
-/// `<unix seconds>.<hex HMAC-SHA256>` over the method, the time and the identity headers.
+/// `<unix seconds>.<32 hex nonce>.<hex HMAC-SHA256>` over the method, the time, the nonce, the
+/// identity headers and the SHA-256 of the request body.
 pub const SIGNATURE: &str = "x-mes-caller-signature";
 
-/// How far a signature's time may be from the receiver's clock (replays of a captured request
-/// are bounded by it; clocks of a plant's servers are NTP-synchronised).
-pub const MAX_SKEW_SECONDS: i64 = 120;
+/// How far a signature's time may be from the receiver's clock (clocks of a plant's servers are
+/// NTP-synchronised). Within it, a signature is accepted once (see [`ReplayCache`]).
+pub const MAX_SKEW_SECONDS: i64 = 60;
+
+/// Nonces a server remembers at most (one per signed call of the last `2 × MAX_SKEW_SECONDS`,
+/// about 60 bytes each: ~60 MB when full, i.e. above ~8,000 signed calls per second per process).
+/// When full, calls are answered UNAVAILABLE (retrying is safe) rather than accepted unchecked.
+pub const REPLAY_CACHE_CAPACITY: usize = 1_000_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller {
@@ -92,9 +108,13 @@ impl Caller {
     }
 }
 
-/// The shared internal key that signs caller identities between the services.
+/// The shared internal key that signs calls between the services, with an optional second key
+/// accepted on incoming calls during a rotation.
 #[derive(Clone)]
-pub struct CallerKey(Arc<[u8]>);
+pub struct CallerKey {
+    signing: Arc<[u8]>,
+    also_accepted: Option<Arc<[u8]>>,
+}
 
 impl std::fmt::Debug for CallerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,13 +122,15 @@ impl std::fmt::Debug for CallerKey {
     }
 }
 
-/// Why a call's identity was refused.
+/// Why a call was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     Missing,
     Malformed,
     Stale,
     BadSignature,
+    /// A valid signature seen before: a replay.
+    Replayed,
 }
 
 impl Refused {
@@ -118,26 +140,95 @@ impl Refused {
             Refused::Malformed => "malformed caller signature",
             Refused::Stale => "caller signature outside the allowed clock skew",
             Refused::BadSignature => "caller signature does not match",
+            Refused::Replayed => "caller signature already used",
         }
+    }
+}
+
+/// A signature header taken apart (format and time checked, not yet the HMAC).
+#[derive(Debug, Clone)]
+pub struct Signature {
+    at: i64,
+    nonce: u128,
+    tag: Vec<u8>,
+}
+
+impl Signature {
+    /// Reads the signature header and checks its time against `now`.
+    pub fn parse(headers: &http::HeaderMap, now: i64) -> Result<Self, Refused> {
+        let sig = headers
+            .get(SIGNATURE)
+            .ok_or(Refused::Missing)?
+            .to_str()
+            .map_err(|_| Refused::Malformed)?;
+        let mut parts = sig.split('.');
+        let (Some(at), Some(nonce), Some(tag), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Refused::Malformed);
+        };
+        let at: i64 = at.parse().map_err(|_| Refused::Malformed)?;
+        if nonce.len() != 32 {
+            return Err(Refused::Malformed);
+        }
+        let nonce = u128::from_str_radix(nonce, 16).map_err(|_| Refused::Malformed)?;
+        let tag = unhex(tag).ok_or(Refused::Malformed)?;
+        if (now - at).abs() > MAX_SKEW_SECONDS {
+            return Err(Refused::Stale);
+        }
+        Ok(Self { at, nonce, tag })
+    }
+
+    /// The nonce, which [`ReplayCache`] remembers.
+    pub fn nonce(&self) -> u128 {
+        self.nonce
     }
 }
 
 impl CallerKey {
     /// The key from configuration; `None` when it is empty (calls are then not signed).
     pub fn from_config(secret: &str) -> Option<Self> {
-        (!secret.is_empty()).then(|| Self(Arc::from(secret.as_bytes())))
+        (!secret.is_empty()).then(|| Self {
+            signing: Arc::from(secret.as_bytes()),
+            also_accepted: None,
+        })
     }
 
-    fn mac(&self, method: &str, at: i64, get: &dyn Fn(&str) -> String) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        // Length-prefixed fields: no two different identities give the same input.
+    /// This key, also accepting calls signed with `other` (the previous key during a rotation,
+    /// or the next one before any service signs with it); an empty `other` adds nothing.
+    pub fn accepting(mut self, other: &str) -> Self {
+        self.also_accepted = (!other.is_empty()).then(|| Arc::from(other.as_bytes()));
+        self
+    }
+
+    fn mac(
+        key: &[u8],
+        method: &str,
+        at: i64,
+        nonce: u128,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        let get = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let digest = hex(&Sha256::digest(body));
+        // Length-prefixed fields: no two different requests give the same input.
         for field in [
+            "mes-call-v2".to_owned(),
             method.to_owned(),
             at.to_string(),
+            format!("{nonce:032x}"),
             get(USER),
             get(ROLES),
             get(DEVICE),
             get(STATION),
+            digest,
         ] {
             mac.update(&(field.len() as u64).to_be_bytes());
             mac.update(field.as_bytes());
@@ -145,41 +236,116 @@ impl CallerKey {
         mac
     }
 
-    /// Signs the identity headers in `md` (whatever they are, none included) for a call of
-    /// `method` (`/package.Service/Method`).
-    pub fn sign(&self, method: &str, md: &mut MetadataMap) {
+    /// Signs a call of `method` (`/package.Service/Method`) whose identity headers (whatever they
+    /// are, none included) are in `headers` and whose body (the encoded gRPC frames) is `body`:
+    /// sets [`SIGNATURE`] with the current time and a fresh random nonce.
+    pub fn sign(&self, method: &str, headers: &mut http::HeaderMap, body: &[u8]) {
         let at = chrono::Utc::now().timestamp();
-        let get = |k: &str| {
-            md.get(k)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let tag = self.mac(method, at, &get).finalize().into_bytes();
-        let value = format!("{at}.{}", hex(&tag));
-        if let Ok(v) = MetadataValue::try_from(value.as_str()) {
-            md.insert(SIGNATURE, v);
+        let nonce: u128 = rand::random();
+        let tag = Self::mac(&self.signing, method, at, nonce, headers, body)
+            .finalize()
+            .into_bytes();
+        let value = format!("{at}.{nonce:032x}.{}", hex(&tag));
+        if let Ok(v) = http::HeaderValue::try_from(value) {
+            headers.insert(SIGNATURE, v);
         }
     }
 
-    /// Checks the signature of a call of `method` whose headers `get` reads.
+    /// Checks a parsed signature of a call of `method` with `headers` and `body` against this
+    /// key and the other accepted one. Does not check for replays (see [`ReplayCache`]).
     pub fn verify(
         &self,
+        sig: &Signature,
         method: &str,
-        get: &dyn Fn(&str) -> Option<String>,
-        now: i64,
+        headers: &http::HeaderMap,
+        body: &[u8],
     ) -> Result<(), Refused> {
-        let sig = get(SIGNATURE).ok_or(Refused::Missing)?;
-        let (at, tag) = sig.split_once('.').ok_or(Refused::Malformed)?;
-        let at: i64 = at.parse().map_err(|_| Refused::Malformed)?;
-        let tag = unhex(tag).ok_or(Refused::Malformed)?;
-        if (now - at).abs() > MAX_SKEW_SECONDS {
-            return Err(Refused::Stale);
+        std::iter::once(&self.signing)
+            .chain(self.also_accepted.as_ref())
+            .any(|key| {
+                Self::mac(key, method, sig.at, sig.nonce, headers, body)
+                    .verify_slice(&sig.tag)
+                    .is_ok()
+            })
+            .then_some(())
+            .ok_or(Refused::BadSignature)
+    }
+}
+
+/// The nonces of the signatures a server accepted within the time window, so that each is
+/// accepted once. In memory, per server process: with several replicas behind one address, a
+/// captured call could still be replayed once to each other replica within the window (the
+/// signature binds method, identity and body, so only that same call). Bounded by
+/// [`REPLAY_CACHE_CAPACITY`]; only signatures that verified get in.
+#[derive(Default)]
+pub struct ReplayCache {
+    inner: Mutex<Seen>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Seen {
+    nonces: HashMap<u128, i64>,
+    /// (forget after, nonce) in insertion order; the times never decrease much (one clock).
+    order: VecDeque<(i64, u128)>,
+}
+
+/// Why [`ReplayCache::admit`] refused a signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotAdmitted {
+    Replayed,
+    /// The cache is full of unexpired nonces: the call may be retried later.
+    Full,
+}
+
+impl ReplayCache {
+    pub fn new() -> Self {
+        Self::with_capacity(REPLAY_CACHE_CAPACITY)
+    }
+
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            capacity,
         }
-        let field = |k: &str| get(k).unwrap_or_default();
-        self.mac(method, at, &field)
-            .verify_slice(&tag)
-            .map_err(|_| Refused::BadSignature)
+    }
+
+    /// Records `sig`'s nonce at `now`; refuses one seen before (still within its window).
+    pub fn admit(&self, sig: &Signature, now: i64) -> Result<(), NotAdmitted> {
+        let mut seen = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(&(until, nonce)) = seen.order.front() {
+            if until >= now {
+                break;
+            }
+            seen.order.pop_front();
+            if seen.nonces.get(&nonce) == Some(&until) {
+                seen.nonces.remove(&nonce);
+            }
+        }
+        if seen.nonces.contains_key(&sig.nonce) {
+            return Err(NotAdmitted::Replayed);
+        }
+        if seen.nonces.len() >= self.capacity {
+            return Err(NotAdmitted::Full);
+        }
+        // Refused as stale after `at + skew`, and `at <= now + skew`: remembering it for two
+        // windows from now covers it (and keeps `order` sorted).
+        let until = now + 2 * MAX_SKEW_SECONDS;
+        seen.nonces.insert(sig.nonce, until);
+        seen.order.push_back((until, sig.nonce));
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nonces
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -202,6 +368,7 @@ mod tests {
     use super::*;
 
     const METHOD: &str = "/mes.v1.ScanIngest/VoidScan";
+    const BODY: &[u8] = b"\0\0\0\0\x05hello";
 
     fn supervisor() -> Caller {
         Caller {
@@ -212,59 +379,139 @@ mod tests {
         }
     }
 
-    fn reader(md: &MetadataMap) -> impl Fn(&str) -> Option<String> + '_ {
-        |k| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    fn headers_of(c: &Caller) -> http::HeaderMap {
+        let mut md = MetadataMap::new();
+        c.write_to(&mut md);
+        md.into_headers()
+    }
+
+    fn check(
+        key: &CallerKey,
+        method: &str,
+        h: &http::HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), Refused> {
+        let sig = Signature::parse(h, now)?;
+        key.verify(&sig, method, h, body)
     }
 
     #[test]
-    fn a_signed_identity_verifies_and_any_change_to_it_does_not() {
+    fn a_signed_call_verifies_and_any_change_to_it_does_not() {
         let key = CallerKey::from_config("an internal key of the deployment").unwrap();
         let now = chrono::Utc::now().timestamp();
-        let mut md = MetadataMap::new();
-        supervisor().write_to(&mut md);
-        key.sign(METHOD, &mut md);
-        assert_eq!(key.verify(METHOD, &reader(&md), now), Ok(()));
+        let mut h = headers_of(&supervisor());
+        key.sign(METHOD, &mut h, BODY);
+        assert_eq!(check(&key, METHOD, &h, BODY, now), Ok(()));
 
-        // Another method, another key, a later clock, a forged role: all refused.
+        // Another method, another body, another key, a later clock, a forged role: refused.
         assert_eq!(
-            key.verify("/mes.v1.ScanIngest/HoldLot", &reader(&md), now),
+            check(&key, "/mes.v1.ScanIngest/HoldLot", &h, BODY, now),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            check(&key, METHOD, &h, b"\0\0\0\0\x05hellO", now),
             Err(Refused::BadSignature)
         );
         let other = CallerKey::from_config("somebody else's key").unwrap();
         assert_eq!(
-            other.verify(METHOD, &reader(&md), now),
+            check(&other, METHOD, &h, BODY, now),
             Err(Refused::BadSignature)
         );
         assert_eq!(
-            key.verify(METHOD, &reader(&md), now + MAX_SKEW_SECONDS + 5),
+            check(&key, METHOD, &h, BODY, now + MAX_SKEW_SECONDS + 5),
             Err(Refused::Stale)
         );
-        let mut forged = md.clone();
+        let mut forged = h.clone();
         forged.insert(ROLES, "admin".parse().unwrap());
         assert_eq!(
-            key.verify(METHOD, &reader(&forged), now),
+            check(&key, METHOD, &forged, BODY, now),
             Err(Refused::BadSignature)
         );
-        let mut moved = md.clone();
+        let mut moved = h.clone();
         moved.insert(STATION, "ST-20".parse().unwrap());
         assert_eq!(
-            key.verify(METHOD, &reader(&moved), now),
+            check(&key, METHOD, &moved, BODY, now),
             Err(Refused::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_second_key_is_accepted_but_never_signs() {
+        let old = CallerKey::from_config("the old key").unwrap();
+        let new = CallerKey::from_config("the new key").unwrap();
+        let rotating = new.clone().accepting("the old key");
+        let now = chrono::Utc::now().timestamp();
+        let mut by_old = headers_of(&supervisor());
+        old.sign(METHOD, &mut by_old, BODY);
+        assert_eq!(check(&rotating, METHOD, &by_old, BODY, now), Ok(()));
+        assert_eq!(
+            check(&new, METHOD, &by_old, BODY, now),
+            Err(Refused::BadSignature)
+        );
+        // It signs with its current key, which the old-only key does not accept.
+        let mut by_rotating = headers_of(&supervisor());
+        rotating.sign(METHOD, &mut by_rotating, BODY);
+        assert_eq!(check(&new, METHOD, &by_rotating, BODY, now), Ok(()));
+        assert_eq!(
+            check(&old, METHOD, &by_rotating, BODY, now),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            check(&new.clone().accepting(""), METHOD, &by_old, BODY, now),
+            Err(Refused::BadSignature)
+        );
+    }
+
+    #[test]
+    fn each_signature_is_admitted_once_within_its_window() {
+        let key = CallerKey::from_config("k").unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let cache = ReplayCache::with_capacity(2);
+        let signed = |_| {
+            let mut h = headers_of(&supervisor());
+            key.sign(METHOD, &mut h, BODY);
+            Signature::parse(&h, now).unwrap()
+        };
+        let (a, b, c) = (signed(1), signed(2), signed(3));
+        assert_ne!(a.nonce(), b.nonce(), "every call has its own nonce");
+        assert_eq!(cache.admit(&a, now), Ok(()));
+        assert_eq!(cache.admit(&a, now), Err(NotAdmitted::Replayed));
+        assert_eq!(
+            cache.admit(&a, now + MAX_SKEW_SECONDS),
+            Err(NotAdmitted::Replayed),
+            "remembered as long as its signature is not stale"
+        );
+        assert_eq!(cache.admit(&b, now), Ok(()));
+        assert_eq!(cache.admit(&c, now), Err(NotAdmitted::Full), "bounded");
+        // Once their window passed they are forgotten (and stale anyway).
+        let later = now + 2 * MAX_SKEW_SECONDS + 1;
+        assert_eq!(cache.admit(&c, later), Ok(()));
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]
     fn unsigned_and_garbled_signatures_are_refused() {
         let key = CallerKey::from_config("k").unwrap();
         let now = chrono::Utc::now().timestamp();
-        let mut md = MetadataMap::new();
-        supervisor().write_to(&mut md);
-        assert_eq!(key.verify(METHOD, &reader(&md), now), Err(Refused::Missing));
-        for garbage in ["", "x", "12.zz", "abc.00", "1.0"] {
-            md.insert(SIGNATURE, garbage.parse().unwrap());
+        let mut h = headers_of(&supervisor());
+        assert_eq!(check(&key, METHOD, &h, BODY, now), Err(Refused::Missing));
+        let nonce = "0".repeat(32);
+        for garbage in [
+            "".to_owned(),
+            "x".into(),
+            "12.zz".into(),
+            "abc.00".into(),
+            "1.0".into(),
+            format!("{now}.{nonce}.zz"),
+            format!("{now}.abc.00"),
+            format!("{now}.{nonce}.00.00"),
+            format!("{now}.{nonce}.00"),
+        ] {
+            h.insert(SIGNATURE, garbage.parse().unwrap());
             assert!(
                 matches!(
-                    key.verify(METHOD, &reader(&md), now),
+                    check(&key, METHOD, &h, BODY, now),
                     Err(Refused::Malformed | Refused::BadSignature | Refused::Stale)
                 ),
                 "{garbage:?}"

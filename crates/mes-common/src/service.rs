@@ -92,18 +92,16 @@ pub struct Infra {
 }
 
 impl Infra {
-    /// Creates and migrates the service's database (waiting up to a minute for PostgreSQL),
+    /// Checks the internal key (required outside demo mode, see
+    /// [`crate::ServiceSettings::validate_internal_key`]), creates and migrates the service's
+    /// database (waiting up to a minute for PostgreSQL),
     /// connects Redis (without waiting for it) and binds the listeners (port 0 picks a free one).
     pub async fn connect(
         s: &crate::ServiceSettings,
         migrator: &sqlx::migrate::Migrator,
     ) -> anyhow::Result<Self> {
+        // Outside demo mode, no start without the internal key.
         s.validate_internal_key()?;
-        if s.internal_key.is_empty() {
-            tracing::warn!(
-                "no internal key (MES_INTERNAL_KEY): caller identities between the services are not signed, so anything that reaches a service port can act as any user; set the same key on all four services"
-            );
-        }
         let pool = db::prepare(
             &s.database_url,
             s.database_max_connections,

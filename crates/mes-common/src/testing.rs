@@ -1,5 +1,5 @@
-//! Clean-up guards for tests (feature `testing`): each test gets its own databases and Redis
-//! key prefix, and these remove them when the test ends, also when it fails or panics. The
+//! Test support (feature `testing`): the test internal key and signed channels, and clean-up
+//! guards: each test gets its own databases and Redis key prefix, and these remove them when the test ends, also when it fails or panics. The
 //! work runs on a thread with a runtime of its own, because `Drop` may run inside the test's
 //! runtime (or after it is gone).
 
@@ -15,7 +15,10 @@ impl Drop for DbGuard {
         let url = self.url.clone();
         on_own_runtime(async move {
             if let Err(e) = crate::db::drop_database(&url).await {
-                eprintln!("cannot drop test database {url}: {e:#}");
+                eprintln!(
+                    "cannot drop test database {}: {e:#}",
+                    crate::config::redact_url(&url)
+                );
             }
         });
     }
@@ -84,8 +87,33 @@ where
     }
 }
 
-/// A channel to a service on a loopback `port`, connecting on first use.
-pub fn lazy_channel(port: u16) -> tonic::transport::Channel {
+/// The internal key every test harness gives its services (`MES_INTERNAL_KEY`).
+pub const INTERNAL_KEY: &str = "mes-tests-internal-key-0123456789abcdef";
+
+/// [`INTERNAL_KEY`] as settings hold it.
+pub fn internal_key() -> crate::config::Secret {
+    crate::config::Secret(INTERNAL_KEY.to_owned())
+}
+
+/// A channel whose calls are signed with [`INTERNAL_KEY`], as the services sign theirs.
+pub type Channel = crate::grpc::Signed<tonic::transport::Channel>;
+
+/// `channel`, its calls signed with [`INTERNAL_KEY`].
+pub fn signed(channel: tonic::transport::Channel) -> Channel {
+    crate::grpc::signed(
+        channel,
+        crate::identity::CallerKey::from_config(INTERNAL_KEY),
+    )
+}
+
+/// A channel to a service on a loopback `port`, connecting on first use, its calls signed
+/// with [`INTERNAL_KEY`].
+pub fn lazy_channel(port: u16) -> Channel {
+    signed(unsigned_channel(port))
+}
+
+/// A channel to a service on a loopback `port`, connecting on first use, not signing.
+pub fn unsigned_channel(port: u16) -> tonic::transport::Channel {
     tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .expect("url")
         .connect_lazy()

@@ -141,8 +141,7 @@ impl Application {
 
         let api = api::Api::new(state.clone(), shutdown.clone());
         let result = grpc::server("scan-ingest", settings.service.caller_key())
-            .add_service(health_service)
-            .add_service(grpc::reflection()?)
+            .add_routes(grpc::standard_services(health_service)?)
             .add_service(ScanIngestServer::new(api.clone()))
             .add_service(MasterDataServer::new(api.clone()))
             .add_service(EventFeedServer::new(api))

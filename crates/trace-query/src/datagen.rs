@@ -22,7 +22,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use mes_common::grpc::TracePropagation;
 use mes_common::identity::{Caller, CallerKey};
 use mes_proto::v1 as pb;
 use rust_decimal::Decimal;
@@ -32,8 +31,7 @@ use uuid::Uuid;
 
 use crate::domain::timestamp;
 
-type Traced =
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TracePropagation>;
+type Traced = mes_common::grpc::Signed<tonic::transport::Channel>;
 
 /// The shape of the generated plant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -812,11 +810,8 @@ pub async fn load_grpc(
     )?;
     let mut load = GrpcLoad {
         caller,
-        master: MasterDataClient::with_interceptor(
-            channel.clone(),
-            TracePropagation::signing(key.clone()),
-        ),
-        ingest: ScanIngestClient::with_interceptor(channel, TracePropagation::signing(key)),
+        master: MasterDataClient::new(mes_common::grpc::signed(channel.clone(), key.clone())),
+        ingest: ScanIngestClient::new(mes_common::grpc::signed(channel, key)),
         materials: Vec::new(),
         stations: Vec::new(),
         lots: Vec::new(),
@@ -927,7 +922,7 @@ pub async fn bench(
         Duration::from_secs(5),
         Duration::from_secs(30),
     )?;
-    let client = TraceQueryClient::with_interceptor(channel, TracePropagation::signing(key));
+    let client = TraceQueryClient::new(mes_common::grpc::signed(channel, key));
     let top = plan.level_size(plan.depth).min(spread.max(1));
     let raw = plan.level_size(0).min(spread.max(1));
     let started = std::time::Instant::now();

@@ -14,14 +14,13 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use mes_common::Shutdown;
-use mes_common::grpc::{self, TracePropagation};
+use mes_common::grpc::{self, Signed};
 use mes_common::identity::Caller;
 use mes_proto::v1 as pb;
 use mes_proto::v1::event_feed_client::EventFeedClient;
 use rand::Rng;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -29,7 +28,7 @@ use crate::cache::QueryCache;
 use crate::config::Settings;
 use crate::store::apply;
 
-type Feed = EventFeedClient<InterceptedService<Channel, TracePropagation>>;
+type Feed = EventFeedClient<Signed<Channel>>;
 
 #[derive(Clone)]
 pub struct Projection {
@@ -50,12 +49,12 @@ impl Projection {
             Duration::from_secs(3),
             Duration::from_secs(365 * 86_400),
         )?;
-        let traced = TracePropagation::signing(settings.service.caller_key());
+        let feed = EventFeedClient::new(grpc::signed(channel, settings.service.caller_key()));
         Ok(Self {
             pool,
             cache,
             settings,
-            feed: EventFeedClient::with_interceptor(channel, traced),
+            feed,
             resubscribe: Arc::new(Notify::new()),
         })
     }

@@ -18,7 +18,8 @@ use mes_proto::v1::scan_ingest_client::ScanIngestClient;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+// Channels signing with the test internal key, as the services sign their calls.
+use mes_common::testing::Channel;
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
@@ -106,6 +107,7 @@ impl TestEnv {
         settings.service.metrics_addr = String::new();
         settings.service.redis_prefix = format!("test:erp-si:{unique}:");
         settings.service.shutdown_grace_seconds = 3;
+        settings.service.internal_key = mes_common::testing::internal_key();
         let app = scan_ingest::Application::build(settings)
             .await
             .expect("scan-ingest starts");
@@ -154,6 +156,7 @@ impl TestEnv {
         s.service.metrics_addr = String::new();
         s.service.redis_prefix = format!("test:erp-sync:{}:", self.unique);
         s.service.shutdown_grace_seconds = 3;
+        s.service.internal_key = mes_common::testing::internal_key();
         s.scan_ingest_url = format!("http://127.0.0.1:{}", self.scan_ingest_port);
         s.leader_retry_ms = 200;
         s.erp.plant_file = options

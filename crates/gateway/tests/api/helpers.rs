@@ -69,6 +69,7 @@ pub fn test_settings() -> Settings {
     s.service.redis_prefix = format!("test:gateway:{id}:");
     s.service.listen_addr = "127.0.0.1:0".into();
     s.service.demo = true;
+    s.service.internal_key = mes_common::testing::internal_key();
     s.service.shutdown_grace_seconds = 2;
     s.jwt_secret = Secret(TEST_SECRET.into());
     s.cors_allowed_origins = vec![ALLOWED_ORIGIN.into()];

@@ -15,7 +15,8 @@ use mes_proto::v1::{
     scan_ingest_client::ScanIngestClient,
 };
 use scan_ingest::{Application, Settings};
-use tonic::transport::Channel;
+// Channels signing with the test internal key, as the services sign their calls.
+use mes_common::testing::Channel;
 
 pub struct TestApp {
     pub port: u16,
@@ -165,6 +166,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     settings.service.listen_addr = "127.0.0.1:0".into();
     settings.service.metrics_addr = String::new();
     settings.service.redis_prefix = format!("test:{name}:");
+    settings.service.internal_key = mes_common::testing::internal_key();
     settings.sequencer_interval_ms = 50;
     settings.ledger_check_interval_seconds = 0;
     customise(&mut settings);
@@ -180,12 +182,14 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     let refcache = app.state().refcache.clone();
     let shutdown = Shutdown::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    let channel = mes_common::grpc::channel(
-        &format!("http://127.0.0.1:{port}"),
-        Duration::from_secs(2),
-        Duration::from_secs(30),
-    )
-    .expect("channel");
+    let channel = mes_common::testing::signed(
+        mes_common::grpc::channel(
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+        .expect("channel"),
+    );
     TestApp {
         port,
         db_url,

@@ -19,7 +19,8 @@ use mes_proto::v1::{
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+// Channels signing with the test internal key, as the services sign their calls.
+use mes_common::testing::Channel;
 use trace_query::AppState;
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
@@ -71,6 +72,7 @@ async fn start_scan_ingest(url: &str, unique: &str, listen: &str) -> ScanIngest 
     settings.service.metrics_addr = String::new();
     settings.service.redis_prefix = format!("test:tq-si:{unique}:");
     settings.service.shutdown_grace_seconds = 3;
+    settings.service.internal_key = mes_common::testing::internal_key();
     settings.sequencer_interval_ms = 50;
     settings.ledger_check_interval_seconds = 0;
     let mut last = None;
@@ -192,6 +194,7 @@ impl TestEnv {
         s.service.metrics_addr = String::new();
         s.service.redis_prefix = format!("test:tq:{}:", self.unique);
         s.service.shutdown_grace_seconds = 3;
+        s.service.internal_key = mes_common::testing::internal_key();
         if let Some(url) = options.redis_url {
             s.service.redis_url = url;
         }
