@@ -134,3 +134,37 @@ pub fn with_caller<T>(message: T, caller: crate::identity::Caller) -> tonic::Req
     caller.write_to(req.metadata_mut());
     req
 }
+
+/// The services a server lists through gRPC reflection, asked in the protocol's `v1alpha`
+/// version (grpcurl 1.8 and other older clients) or in `v1`.
+pub async fn reflection_services(
+    channel: tonic::transport::Channel,
+    v1alpha: bool,
+) -> Result<Vec<String>, tonic::Status> {
+    macro_rules! list {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter(vec![req]))
+                .await?
+                .into_inner();
+            match stream.message().await?.and_then(|r| r.message_response) {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    Ok(list.service.into_iter().map(|s| s.name).collect())
+                }
+                other => Err(tonic::Status::internal(format!(
+                    "not a list of services: {other:?}"
+                ))),
+            }
+        }};
+    }
+    if v1alpha { list!(v1alpha) } else { list!(v1) }
+}
