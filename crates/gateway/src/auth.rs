@@ -3,6 +3,8 @@
 //! [`Principal`] extractor that authenticates a request, applies the rate limits and records
 //! the user on the request span.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use argon2::Argon2;
@@ -12,6 +14,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use mes_common::identity::Caller;
 
@@ -39,18 +42,88 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 }
 
 /// Verifies a password against a PHC hash, off the async threads (false on any error).
+/// Unbounded: for admin commands and seeding; logins go through a [`HashPool`].
 pub async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .map(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false)
+    tokio::task::spawn_blocking(move || verify_blocking(&password, &hash))
+        .await
+        .unwrap_or(false)
+}
+
+/// Bounds the password checks of logins: each argon2id check takes 19 MiB for its whole run,
+/// so at most `permits` run at once (the memory of logins is bounded whatever their number);
+/// a login that cannot get a permit within `wait` is refused (503) rather than queued.
+pub struct HashPool {
+    permits: Arc<Semaphore>,
+    size: usize,
+    wait: Duration,
+    in_flight: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+
+/// No password check could start in time.
+#[derive(Debug)]
+pub struct Busy;
+
+impl HashPool {
+    pub fn new(size: usize, wait: Duration) -> Self {
+        let size = size.max(1);
+        metrics::gauge!("gateway_login_hash_permits").set(size as f64);
+        Self {
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+            wait,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            peak: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// How many checks may run at once.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The most checks that ran at once since start.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Verifies `password` against a PHC hash (false on any error) once a permit is free. The
+    /// permit goes with the blocking task: a login abandoned by its client still holds it
+    /// until its hash is done, so the bound is real.
+    pub async fn verify(&self, password: String, hash: String) -> Result<bool, Busy> {
+        let permit =
+            match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    metrics::counter!("gateway_login_hash_busy_total").increment(1);
+                    return Err(Busy);
+                }
+            };
+        let in_flight = self.in_flight.clone();
+        let peak = self.peak.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            metrics::gauge!("gateway_login_hashes_in_flight").increment(1.0);
+            let ok = verify_blocking(&password, &hash);
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            metrics::gauge!("gateway_login_hashes_in_flight").decrement(1.0);
+            ok
+        })
+        .await
+        .map_err(|_| Busy)
+    }
+}
+
+fn verify_blocking(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
 }
 
 /// A hash of a random password nobody knows: verifying against it makes an unknown user cost

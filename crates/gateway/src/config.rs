@@ -31,6 +31,27 @@ pub struct Settings {
     pub rate_limit_per_minute_user: u32,
     /// Requests per minute per enrolled device, shared by every replica through Redis.
     pub rate_limit_per_minute_device: u32,
+    /// Password checks (argon2id, 19 MiB of memory each) that may run at once; `0`: the number
+    /// of CPUs, at most 4. Bounds the memory logins can take (and so a login flood).
+    pub login_max_concurrent_hashes: usize,
+    /// How long a login waits for a free password check before it is refused with 503
+    /// `unavailable` and `Retry-After`.
+    pub login_hash_wait_ms: u64,
+    /// Login attempts per username per window that may fail (429 `rate_limited` after);
+    /// unknown usernames count the same. An attempt counts before its password is checked, so
+    /// parallel guesses cannot pass the limit; a successful login does not count.
+    pub login_attempts_per_user: u32,
+    /// Failed login attempts per client address per window (429 after), whatever usernames.
+    pub login_attempts_per_ip: u32,
+    /// The window of both login limits (starts at the first attempt).
+    pub login_window_seconds: u64,
+    /// How long a login waits for Redis to count its attempt; slower (or down), the attempt is
+    /// counted by this replica alone (the limits still hold, per replica).
+    pub login_redis_timeout_ms: u64,
+    /// Request header holding the client address, when the gateway runs behind a proxy that
+    /// sets it (e.g. `x-forwarded-for`: its last entry, the one the proxy added, is used).
+    /// Empty: the TCP peer address. Only set it behind such a proxy: clients could forge it.
+    pub client_ip_header: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Whole-request timeout.
@@ -63,6 +84,13 @@ impl Settings {
             cors_allowed_origins: Vec::new(),
             rate_limit_per_minute_user: 600,
             rate_limit_per_minute_device: 600,
+            login_max_concurrent_hashes: 0,
+            login_hash_wait_ms: 2_000,
+            login_attempts_per_user: 10,
+            login_attempts_per_ip: 50,
+            login_window_seconds: 300,
+            login_redis_timeout_ms: 250,
+            client_ip_header: String::new(),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 15_000,
             grpc_connect_timeout_ms: 1_000,
@@ -72,6 +100,17 @@ impl Settings {
             shutdown_readiness_delay_ms: 0,
             disk_min_free_bytes: 1024 * 1024 * 1024,
         }
+    }
+
+    /// The number of password checks that may run at once.
+    pub fn concurrent_hashes(&self) -> usize {
+        if self.login_max_concurrent_hashes > 0 {
+            return self.login_max_concurrent_hashes;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4)
     }
 
     /// Loads the settings (defaults → file → environment); [`Settings::validate`] runs when
@@ -99,6 +138,20 @@ impl Settings {
         anyhow::ensure!(
             self.rate_limit_per_minute_user > 0 && self.rate_limit_per_minute_device > 0,
             "rate limits must be > 0"
+        );
+        anyhow::ensure!(
+            self.login_attempts_per_user > 0 && self.login_attempts_per_ip > 0,
+            "login_attempts_per_user and login_attempts_per_ip must be > 0"
+        );
+        anyhow::ensure!(
+            self.login_window_seconds > 0,
+            "login_window_seconds must be > 0"
+        );
+        anyhow::ensure!(
+            self.client_ip_header.is_empty()
+                || http::HeaderName::from_bytes(self.client_ip_header.as_bytes()).is_ok(),
+            "client_ip_header: {:?} is not a header name",
+            self.client_ip_header
         );
         for origin in &self.cors_allowed_origins {
             anyhow::ensure!(

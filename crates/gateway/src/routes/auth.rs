@@ -1,17 +1,19 @@
 //! `POST /api/v1/auth/token`, `POST /api/v1/auth/logout`.
 
-use axum::Json;
+use std::net::SocketAddr;
+
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::auth::{Principal, verify_password};
+use crate::auth::{Busy, Principal};
 use crate::input::{Fields, json_body};
-use crate::limits::Subject;
 use crate::problem::Problem;
 use crate::routes::db_error;
 use crate::store;
@@ -46,8 +48,11 @@ pub struct TokenResponse {
 
 /// Log in
 ///
-/// Exchanges credentials for a bearer token (HS256 JWT). Failed logins of one username are
-/// limited like requests (429 `rate_limited` after too many).
+/// Exchanges credentials for a bearer token (HS256 JWT). Failed login attempts are limited
+/// per username (known or not) and per client address (429 `rate_limited` with `Retry-After`
+/// after too many in the window, even with the right password); an attempt counts before its
+/// password is checked. Password checks run a few at a time: when all are busy for too long
+/// the login is refused with 503 `unavailable` and `Retry-After`.
 #[utoipa::path(
     post, path = "/api/v1/auth/token", operation_id = "login", tag = "auth",
     request_body = TokenRequest,
@@ -56,11 +61,14 @@ pub struct TokenResponse {
         (status = 400, description = "`malformed_json` or `validation_failed`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthenticated`: bad credentials, or a device that is not enrolled", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many failed logins", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many failed logins of this username or from this address", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: too many logins at once, or the database is unreachable; retry after `Retry-After`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
     )
 )]
 pub async fn token(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TokenResponse>, Problem> {
     let value = json_body(body, state.settings.max_body_bytes)?;
@@ -76,24 +84,41 @@ pub async fn token(
         return Err(Problem::validation(errors));
     }
     tracing::Span::current().record("user", username.as_str());
-    if let Some(retry) = state.limits.exceeded(Subject::FailedLogin(&username)).await {
-        return Err(Problem::rate_limited(retry));
-    }
+    let client = client_address(&state, peer.map(|Extension(ConnectInfo(a))| a), &headers);
+    // Counted before the password is checked (parallel guesses cannot pass the limit);
+    // unknown usernames count the same.
+    let attempt = state.limits.reserve_login(&username, &client).await?;
     let retry_after = state.settings.retry_after_seconds;
-    let user = store::find_user(&state.pool, &username)
-        .await
-        .map_err(|e| db_error(e, retry_after))?;
+    let user = match store::find_user(&state.pool, &username).await {
+        Ok(user) => user,
+        Err(e) => {
+            state.limits.refund_login(attempt).await;
+            return Err(db_error(e, retry_after));
+        }
+    };
     let (hash, usable) = match &user {
         Some(u) if u.active => (u.password_hash.clone(), true),
+        // The same argon2 parameters: an unknown user costs the same time and memory.
         _ => (state.dummy_hash.clone(), false),
     };
-    let verified = verify_password(password, hash).await;
+    let verified = match state.hashes.verify(password, hash).await {
+        Ok(v) => v,
+        Err(Busy) => {
+            // Not checked: the attempt is given back.
+            state.limits.refund_login(attempt).await;
+            tracing::warn!("login refused: every password check is busy");
+            return Err(Problem::unavailable(
+                "too many logins at once; retry shortly",
+                retry_after,
+            ));
+        }
+    };
     let Some(user) = user.filter(|_| usable && verified) else {
         metrics::counter!("gateway_auth_failures_total", "reason" => "credentials").increment(1);
-        tracing::info!("login refused: bad credentials");
-        let _ = state.limits.hit(&[Subject::FailedLogin(&username)]).await;
+        tracing::info!(client = %client, "login refused: bad credentials");
         return Err(Problem::unauthenticated("invalid username or password"));
     };
+    state.limits.refund_login(attempt).await;
     let (device, station) = match device_id {
         None => (None, None),
         Some(id) => match store::find_device(&state.pool, &id)
@@ -126,6 +151,25 @@ pub async fn token(
         roles: claims.roles,
         station: claims.station,
     }))
+}
+
+/// The client address of a login: the configured proxy header's last entry, else the TCP
+/// peer.
+fn client_address(state: &AppState, peer: Option<SocketAddr>, headers: &HeaderMap) -> String {
+    let header = state.settings.client_ip_header.as_str();
+    if !header.is_empty()
+        && let Some(last) = headers
+            .get_all(header)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|v| !v.is_empty())
+    {
+        return last.chars().take(64).collect();
+    }
+    peer.map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Log out

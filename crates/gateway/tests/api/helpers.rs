@@ -55,6 +55,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub shutdown: Shutdown,
     pub settings: Settings,
+    /// The running gateway's shared state (its password-check pool, its limits).
+    pub state: gateway::AppState,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     owns_storage: bool,
 }
@@ -99,6 +101,7 @@ async fn spawn_inner(settings: Settings, owns_storage: bool) -> TestApp {
         .await
         .expect("gateway builds");
     let port = app.port();
+    let state = app.state().clone();
     let shutdown = Shutdown::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
@@ -110,6 +113,7 @@ async fn spawn_inner(settings: Settings, owns_storage: bool) -> TestApp {
             .expect("client"),
         shutdown,
         settings,
+        state,
         server: Some(server),
         owns_storage,
     }

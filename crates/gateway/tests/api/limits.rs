@@ -62,7 +62,7 @@ async fn the_per_device_limit_spans_users() {
 #[tokio::test(flavor = "multi_thread")]
 async fn repeated_failed_logins_are_rate_limited() {
     let mut settings = test_settings();
-    settings.rate_limit_per_minute_user = 3;
+    settings.login_attempts_per_user = 3;
     let app = spawn_with(settings).await;
     for _ in 0..3 {
         let res = app

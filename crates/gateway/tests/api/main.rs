@@ -9,5 +9,6 @@ mod fakes;
 mod helpers;
 mod input;
 mod limits;
+mod logins;
 mod operations;
 mod rbac;
