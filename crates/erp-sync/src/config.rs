@@ -40,6 +40,13 @@ pub struct ErpSettings {
     pub retry_initial_ms: u64,
     /// Longest retry delay of a failed delivery, in milliseconds.
     pub retry_max_ms: u64,
+    /// Delivery attempts of one outbox row before it becomes a dead letter (its work order's
+    /// later rows wait behind it; other work orders go on). With the default backoff, 30
+    /// attempts are about 25 minutes of retrying. Refused credentials burn no attempt.
+    pub max_attempts: u32,
+    /// How long the delivery pauses after the ERP refused erp-sync's credentials (401/403, a
+    /// refused login), in milliseconds: an operator must act; no attempt is counted.
+    pub auth_retry_ms: u64,
     /// Consecutive failed calls that open the circuit breaker.
     pub breaker_failure_threshold: u32,
     /// How long the breaker stays open before one trial call (half-open), in milliseconds.
@@ -94,6 +101,8 @@ impl Default for ErpSettings {
             call_timeout_ms: 5_000,
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
+            max_attempts: 30,
+            auth_retry_ms: 60_000,
             breaker_failure_threshold: 5,
             breaker_open_ms: 30_000,
             reconcile_interval_seconds: 3_600,

@@ -1,8 +1,20 @@
-//! Outbound, second half: posts the outbox to the ERP in queue order, with the idempotency
-//! key, a per-call timeout, exponential backoff with jitter, and a circuit breaker
+//! Outbound, second half: posts the outbox to the ERP, in queue order per work order, with the
+//! idempotency key, a per-call timeout, exponential backoff with jitter, and a circuit breaker
 //! (`erp_breaker_state`: 0 closed, 1 half-open, 2 open). `erp_outbox_depth` is the number of
-//! confirmations and reversals waiting. Rows the ERP refuses for good leave the queue and are
-//! recorded as dead letters (entity `outbox`), which `ErpSync.ReplayDeadLetters` re-queues.
+//! confirmations and reversals waiting.
+//!
+//! - A row the ERP refuses for good, or one that failed `erp.max_attempts` times (a poison
+//!   row: the ERP keeps answering 500 for it), leaves the queue as a dead letter (entity
+//!   `outbox`, in `GetStatus.dead_letters`, `erp_outbox_dead_lettered_total`, an error log),
+//!   which `ErpSync.ReplayDeadLetters` re-queues with fresh attempts.
+//! - Other work orders go on; the later rows of a work order whose confirmation is a dead
+//!   letter are held behind it (`erp_outbox_held`; they stay in `queue_depth`) until the
+//!   replay delivers it.
+//! - Refused credentials (401/403, a refused login) are an operator's problem, not the row's:
+//!   `erp_auth_failed` is 1 and `erp_auth_failures_total` counts, an error is logged, the
+//!   delivery pauses `erp.auth_retry_ms` and no attempt is counted (the breaker is not fed).
+//! - Every step runs in a transaction fenced by the scheduler's lease token
+//!   ([`crate::store::lease`]): a deposed leader neither posts nor marks anything.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +27,7 @@ use tracing::Instrument;
 use crate::adapter::{AdapterError, ErpAdapter, Posted};
 use crate::breaker::{self, Breaker, State};
 use crate::domain::{Confirmation, Reversal};
+use crate::store::lease::{FenceError, Fenced};
 use crate::store::outbound::{OutboxKind, OutboxRow};
 use crate::store::{self, inbound, outbound};
 
@@ -51,6 +64,24 @@ const IDLE_POLL: Duration = Duration::from_secs(2);
 /// Key of the breaker state in `erp_state`.
 pub const BREAKER_KEY: &str = "breaker";
 
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Another replica took the lease: this delivery must stop.
+    #[error("{0}")]
+    Fenced(FenceError),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<FenceError> for StepError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Db(e) => StepError::Db(e),
+            fenced => StepError::Fenced(fenced),
+        }
+    }
+}
+
 pub struct Delivery {
     pub pool: PgPool,
     pub adapter: Arc<dyn ErpAdapter>,
@@ -59,25 +90,36 @@ pub struct Delivery {
     pub call_timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Attempts before a row becomes a dead letter (at least 1).
+    pub max_attempts: u32,
+    /// The pause after refused credentials.
+    pub auth_retry: Duration,
+    /// The scheduler's lease token this delivery holds.
+    pub token: i64,
 }
 
 impl Delivery {
-    /// Delivers until `stop`.
+    /// Delivers until `stop`, or until another replica took the lease.
     pub async fn run(self, stop: Shutdown) {
         let state = self.breaker_state();
         self.publish_breaker(state).await;
+        let mut held = -1;
         loop {
             if stop.is_triggered() {
                 return;
             }
             let wait = match self.step().await {
                 Ok(wait) => wait,
-                Err(e) => {
+                Err(StepError::Fenced(e)) => {
+                    tracing::error!(error = %e, "another replica leads the erp jobs; delivery stops");
+                    return;
+                }
+                Err(StepError::Db(e)) => {
                     tracing::warn!(error = %e, "outbox delivery cannot reach its database");
                     Some(IDLE_POLL)
                 }
             };
-            self.publish_depth().await;
+            held = self.publish_depth(held).await;
             if let Some(wait) = wait {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -102,16 +144,31 @@ impl Delivery {
         }
     }
 
-    async fn publish_depth(&self) {
+    /// Publishes the queue's depth and the held rows; logs when the number held changes.
+    async fn publish_depth(&self, held_before: i64) -> i64 {
         if let Ok((depth, oldest)) = outbound::depth(&self.pool).await {
             metrics::gauge!("erp_outbox_depth").set(depth as f64);
             metrics::gauge!("erp_outbox_oldest_pending_seconds").set(oldest);
         }
+        match outbound::held(&self.pool).await {
+            Ok(held) => {
+                metrics::gauge!("erp_outbox_held").set(held as f64);
+                if held != held_before && held > 0 {
+                    tracing::warn!(
+                        held,
+                        "outbox rows held behind a dead-lettered confirmation of their work order; replay it"
+                    );
+                }
+                held
+            }
+            Err(_) => held_before,
+        }
     }
 
-    /// Tries the head of the queue; returns how long to wait before the next step (`None`:
-    /// go on at once).
-    async fn step(&self) -> Result<Option<Duration>, sqlx::Error> {
+    /// Tries the next due row (see [`outbound::next_pending`]); returns how long to wait
+    /// before the next step (`None`: go on at once). Refused with [`StepError::Fenced`], before
+    /// any ERP call or outbox change, once another replica took the lease.
+    pub async fn step(&self) -> Result<Option<Duration>, StepError> {
         let Some(row) = outbound::next_pending(&self.pool).await? else {
             return Ok(Some(IDLE_POLL));
         };
@@ -120,17 +177,23 @@ impl Delivery {
             let wait = (row.next_attempt_at - now).to_std().unwrap_or(IDLE_POLL);
             return Ok(Some(wait));
         }
+        // The whole step (the ERP call included) holds the lease: a new leader waits for it.
+        let hold_for = self.call_timeout + Duration::from_secs(5);
+        let mut fenced = Fenced::begin(&self.pool, self.token, hold_for).await?;
         let document = match Document::read(&row) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(idempotency_key = %row.idempotency_key, error = %e,
                     "unreadable outbox row; set aside");
-                self.set_aside(
+                set_aside(
+                    &mut fenced,
                     &row,
                     "unreadable_payload",
                     &format!("unreadable payload: {e}"),
+                    false,
                 )
                 .await?;
+                fenced.commit().await?;
                 return Ok(None);
             }
         };
@@ -189,11 +252,19 @@ impl Delivery {
         };
         metrics::histogram!("erp_call_duration_seconds", "call" => "post_confirmation")
             .record(started.elapsed().as_secs_f64());
+        // Whether the ERP took erp-sync's credentials (`None`: it did not answer).
+        let credentials_refused = match &result {
+            Err(AdapterError::Unauthorized(_)) => Some(true),
+            Ok(_) => Some(false),
+            Err(e) if !e.is_transient() => Some(false),
+            Err(_) => None,
+        };
 
         let (wait, after) = match result {
             Ok(posted) => {
                 let state = self.on_result(true);
-                outbound::mark_delivered(&self.pool, row.id).await?;
+                outbound::mark_delivered(fenced.conn(), row.id).await?;
+                fenced.commit().await?;
                 let how = match posted {
                     Posted::New => "new",
                     Posted::AlreadyThere => "already_there",
@@ -212,11 +283,26 @@ impl Delivery {
                     kind = row.kind.as_str(), "delivered to the erp");
                 (None, state)
             }
+            Err(AdapterError::Unauthorized(e)) => {
+                // An operator must fix the credentials: pause, alarm, count no attempt, and
+                // leave the breaker alone (the ERP itself may be fine).
+                let next = chrono::Utc::now()
+                    + chrono::Duration::from_std(self.auth_retry)
+                        .unwrap_or(chrono::Duration::seconds(60));
+                let error = format!("erp refused the credentials: {e}");
+                outbound::reschedule(fenced.conn(), row.id, next, &error, false).await?;
+                fenced.commit().await?;
+                metrics::counter!("erp_auth_failures_total").increment(1);
+                tracing::error!(idempotency_key = %row.idempotency_key, error = %e,
+                    retry_in_ms = self.auth_retry.as_millis() as u64,
+                    "the erp refused erp-sync's credentials; fix the token or password (delivery paused, no attempt counted)");
+                (Some(self.auth_retry), self.breaker_state())
+            }
             Err(e) if !e.is_transient() => {
                 // The ERP answered: the link is fine, this confirmation is not.
                 let state = self.on_result(true);
-                self.set_aside(&row, "rejected_by_erp", &e.to_string())
-                    .await?;
+                set_aside(&mut fenced, &row, "rejected_by_erp", &e.to_string(), true).await?;
+                fenced.commit().await?;
                 match row.kind {
                     OutboxKind::Confirmation => {
                         metrics::counter!("erp_confirmations_failed_total").increment(1);
@@ -232,37 +318,40 @@ impl Delivery {
             Err(e) => {
                 let state = self.on_result(false);
                 let attempt = u32::try_from(row.attempts + 1).unwrap_or(u32::MAX);
-                let delay = breaker::backoff(attempt, self.retry_initial, self.retry_max);
-                let next = chrono::Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
-                outbound::reschedule(&self.pool, row.id, next, &e.to_string()).await?;
                 metrics::counter!("erp_delivery_failures_total").increment(1);
-                tracing::warn!(idempotency_key = %row.idempotency_key, error = %e, attempt,
-                    retry_in_ms = delay.as_millis() as u64, "confirmation delivery failed");
-                (Some(delay), state)
+                if attempt >= self.max_attempts.max(1) {
+                    // A poison row: it must not stall its work order's queue, nor the others.
+                    let error = format!("gave up after {attempt} attempts: {e}");
+                    set_aside(&mut fenced, &row, "attempts_exhausted", &error, true).await?;
+                    fenced.commit().await?;
+                    metrics::counter!("erp_outbox_dead_lettered_total", "kind" => row.kind.as_str())
+                        .increment(1);
+                    tracing::error!(idempotency_key = %row.idempotency_key, error = %e, attempt,
+                        work_order = %document.work_order(), kind = row.kind.as_str(),
+                        "delivery attempts exhausted; dead letter (replay it once the erp takes it; later rows of its work order wait)");
+                    (None, state)
+                } else {
+                    let delay = breaker::backoff(attempt, self.retry_initial, self.retry_max);
+                    let next = chrono::Utc::now()
+                        + chrono::Duration::from_std(delay)
+                            .unwrap_or(chrono::Duration::seconds(60));
+                    outbound::reschedule(fenced.conn(), row.id, next, &e.to_string(), true).await?;
+                    fenced.commit().await?;
+                    tracing::warn!(idempotency_key = %row.idempotency_key, error = %e, attempt,
+                        retry_in_ms = delay.as_millis() as u64, "confirmation delivery failed");
+                    // Other work orders' rows may be due before this one.
+                    (None, state)
+                }
             }
         };
+        if let Some(refused) = credentials_refused {
+            metrics::gauge!("erp_auth_failed").set(if refused { 1.0 } else { 0.0 });
+        }
         if after != during {
             tracing::info!(breaker = after.as_str(), "erp breaker changed");
             self.publish_breaker(after).await;
         }
         Ok(wait)
-    }
-
-    /// Takes a row out of the queue for good and records it as an outbound dead letter (the
-    /// operator sees it in `GetStatus.dead_letters` and can replay it).
-    async fn set_aside(&self, row: &OutboxRow, kind: &str, error: &str) -> Result<(), sqlx::Error> {
-        outbound::mark_failed(&self.pool, row.id, error).await?;
-        metrics::counter!("erp_dead_letters_total", "entity" => OUTBOX_ENTITY).increment(1);
-        inbound::dead_letter(
-            &self.pool,
-            OUTBOX_ENTITY,
-            &row.idempotency_key,
-            kind,
-            error,
-            &row.payload,
-        )
-        .await
     }
 
     fn on_result(&self, ok: bool) -> State {
@@ -278,4 +367,26 @@ impl Delivery {
             Err(_) => State::Closed,
         }
     }
+}
+
+/// Takes a row out of the queue for good and records it as an outbound dead letter (the
+/// operator sees it in `GetStatus.dead_letters` and can replay it), in the fenced transaction.
+async fn set_aside(
+    fenced: &mut Fenced,
+    row: &OutboxRow,
+    kind: &str,
+    error: &str,
+    attempted: bool,
+) -> Result<(), sqlx::Error> {
+    outbound::mark_failed(fenced.conn(), row.id, error, attempted).await?;
+    metrics::counter!("erp_dead_letters_total", "entity" => OUTBOX_ENTITY).increment(1);
+    inbound::dead_letter(
+        fenced.conn(),
+        OUTBOX_ENTITY,
+        &row.idempotency_key,
+        kind,
+        error,
+        &row.payload,
+    )
+    .await
 }

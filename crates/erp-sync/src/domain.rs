@@ -135,6 +135,11 @@ pub struct LotQuantity {
 
 /// A production confirmation: what one operation of a work order produced, scrapped and
 /// consumed, reported to the ERP when the operation completes.
+///
+/// A **follow-up** (`follows` set) reports production booked after the operation's
+/// confirmation (a tablet that delivers its scans late): only those scans' quantities (the
+/// delta), under its own idempotency key `{work_order}:{operation}:followup:{first late scan}`.
+/// Confirmation, follow-ups and reversals of one operation add up to what the MES shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
     pub work_order: String,
@@ -154,18 +159,35 @@ pub struct Confirmation {
     pub completed_at: DateTime<Utc>,
     /// Who completed it.
     pub completed_by: String,
-    /// The completing scan.
+    /// The completing scan; for a follow-up, the first late scan it reports.
     pub completion_scan: String,
+    /// For a follow-up: the idempotency key of the operation's confirmation it adds to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
 }
 
 impl Confirmation {
-    /// The idempotency key: one confirmation per completing scan.
+    /// The idempotency key: one confirmation per completing scan, one follow-up per first
+    /// late scan.
     pub fn idempotency_key(&self) -> String {
-        format!(
-            "{}:{}:{}",
-            self.work_order, self.operation, self.completion_scan
-        )
+        if self.follows.is_some() {
+            follow_up_key(&self.work_order, self.operation, &self.completion_scan)
+        } else {
+            format!(
+                "{}:{}:{}",
+                self.work_order, self.operation, self.completion_scan
+            )
+        }
     }
+
+    pub fn is_follow_up(&self) -> bool {
+        self.follows.is_some()
+    }
+}
+
+/// The idempotency key of the follow-up whose first late scan is `first_scan`.
+pub fn follow_up_key(work_order: &str, operation: u32, first_scan: &str) -> String {
+    format!("{work_order}:{operation}:followup:{first_scan}")
 }
 
 /// A production reversal: a produce, consume or scrap scan that was already reported in a
@@ -359,6 +381,32 @@ pub fn build_confirmation(completion: &Completion, lines: &[ProductionLine]) -> 
         completed_at: completion.completed_at,
         completed_by: completion.completed_by.clone(),
         completion_scan: completion.scan_id.clone(),
+        follows: None,
+    }
+}
+
+/// The follow-up of the confirmation `follows`: the late scans' lines only. `last` is the
+/// latest late scan (its time and operator), `first_scan` the earliest (it keys the follow-up).
+pub fn build_follow_up(
+    follows: &str,
+    work_order: &str,
+    operation: u32,
+    station: &str,
+    first_scan: &str,
+    last: (DateTime<Utc>, &str),
+    lines: &[ProductionLine],
+) -> Confirmation {
+    let completion = Completion {
+        work_order: work_order.to_owned(),
+        operation,
+        station: station.to_owned(),
+        completed_at: last.0,
+        completed_by: last.1.to_owned(),
+        scan_id: first_scan.to_owned(),
+    };
+    Confirmation {
+        follows: Some(follows.to_owned()),
+        ..build_confirmation(&completion, lines)
     }
 }
 

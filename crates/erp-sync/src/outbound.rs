@@ -130,11 +130,22 @@ fn scan_fact(stored: &pb::StoredScan) -> Fact {
 
 /// Follows the feed until `stop`; reconnects with backoff (from the stored cursor) when the
 /// stream breaks. `queued` is woken when confirmations were queued.
-pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, stop: Shutdown) {
+/// Every batch is applied under the scheduler's lease `token`; once another replica took the
+/// lease, the consumer stops.
+pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, token: i64, stop: Shutdown) {
     let mut failures = 0u32;
     loop {
-        match follow_once(&pool, &mes, &queued, &stop).await {
+        match follow_once(&pool, &mes, &queued, token, &stop).await {
             Ok(()) if stop.is_triggered() => return,
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<outbound::ApplyError>(),
+                    Some(outbound::ApplyError::Fenced(_))
+                ) =>
+            {
+                tracing::error!(error = %format!("{e:#}"), "another replica leads the erp jobs; the feed consumer stops");
+                return;
+            }
             Ok(()) => {
                 tracing::info!("event feed ended; resubscribing");
                 failures = 0;
@@ -160,6 +171,7 @@ async fn follow_once(
     pool: &PgPool,
     mes: &Mes,
     queued: &Notify,
+    token: i64,
     stop: &Shutdown,
 ) -> anyhow::Result<()> {
     let after = outbound::feed_position(pool, mes::CALLER).await?;
@@ -203,14 +215,17 @@ async fn follow_once(
                 mes_common::propagation::context_from_traceparent(tp),
             );
         }
-        let applied = outbound::apply(pool, mes::CALLER, &events)
+        let applied = outbound::apply(pool, mes::CALLER, token, &events)
             .instrument(span)
             .await?;
         metrics::gauge!("erp_feed_position").set(applied.position as f64);
         if applied.reversals > 0 {
             metrics::counter!("erp_reversals_total").increment(applied.reversals as u64);
         }
-        if applied.confirmations > 0 || applied.reversals > 0 {
+        if applied.follow_ups > 0 {
+            metrics::counter!("erp_follow_ups_total").increment(applied.follow_ups as u64);
+        }
+        if applied.confirmations > 0 || applied.reversals > 0 || applied.follow_ups > 0 {
             queued.notify_one();
         }
         if let Some(status) = broken {

@@ -2,7 +2,10 @@
 //! outbox delivery and the scheduled reconciliation — at a time: the one holding a PostgreSQL
 //! advisory lock on a dedicated connection. The lock goes away with that connection (crash,
 //! network loss, shutdown), and
-//! another replica takes over within `leader_retry_ms`.
+//! another replica takes over within `leader_retry_ms`. Taking over also takes the lease
+//! ([`crate::store::lease`]): a fencing token that the delivery and the feed consumer check on
+//! every ERP write and outbox change, so a deposed leader that has not noticed yet (a paused
+//! process, a lock connection that died unnoticed) is refused by the database.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +15,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::AppState;
 use crate::delivery::Delivery;
+use crate::store::lease;
 
 /// The advisory lock key of erp-sync's scheduler (advisory locks are per database).
 const LOCK_KEY: i64 = 0x4d45_535f_4552_5031; // "MES_ERP1"
@@ -88,6 +92,18 @@ pub async fn run(state: AppState, shutdown: Shutdown) {
 }
 
 async fn lead(state: &AppState, mut lock: LeaderLock, shutdown: &Shutdown) {
+    // The lease's fencing token: every outbox change and ERP write below checks it, so this
+    // replica cannot write once another one took the lock (and a new token) after it.
+    let token = match lease::take(&state.pool, &state.settings.instance_id).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take the scheduler lease");
+            lock.release().await;
+            return;
+        }
+    };
+    tracing::info!(token, "scheduler lease taken");
+    metrics::gauge!("erp_scheduler_lease_token").set(token as f64);
     // The jobs stop when shutdown starts or when the lock is lost.
     let stop = Shutdown::new();
     let erp = &state.settings.erp;
@@ -99,6 +115,9 @@ async fn lead(state: &AppState, mut lock: LeaderLock, shutdown: &Shutdown) {
         call_timeout: Duration::from_millis(erp.call_timeout_ms.max(1)),
         retry_initial: Duration::from_millis(erp.retry_initial_ms.max(1)),
         retry_max: Duration::from_millis(erp.retry_max_ms.max(1)),
+        max_attempts: erp.max_attempts.max(1),
+        auth_retry: Duration::from_millis(erp.auth_retry_ms.max(1)),
+        token,
     };
     let mut jobs = tokio::task::JoinSet::new();
     jobs.spawn(crate::pull::schedule(
@@ -110,6 +129,7 @@ async fn lead(state: &AppState, mut lock: LeaderLock, shutdown: &Shutdown) {
         state.pool.clone(),
         state.mes.clone(),
         state.outbox_wake.clone(),
+        token,
         stop.clone(),
     ));
     jobs.spawn(delivery.run(stop.clone()));

@@ -962,3 +962,280 @@ async fn a_fixed_dead_letter_is_replayed_once_and_kept_as_history() {
     erp.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_production_is_a_follow_up_in_the_file_and_a_replayed_feed_adds_nothing() {
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("erp/confirmations.jsonl");
+    let options = ErpOptions {
+        outbox_file: Some(outbox_file.clone()),
+        ..Default::default()
+    };
+    let first = env.spawn_erp_sync(options.clone()).await;
+    first.wait_for_successful_pulls(1).await;
+    let mut si = env.scan_ingest_client();
+    let bike = |serial: &str| {
+        support::Scan::new(pb::ScanKind::Produce, "WO-1001", 10, "ST-20")
+            .lot(serial)
+            .material("BIKE-100")
+            .quantity("1")
+            .build()
+    };
+    let wheels = |q: &str| {
+        support::Scan::new(pb::ScanKind::Consume, "WO-1001", 10, "ST-20")
+            .lot("WHEEL-L1")
+            .quantity(q)
+            .build()
+    };
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1001", 10, "ST-20");
+    let key = format!("WO-1001:10:{}", complete.scan_id);
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1001", 10, "ST-20"),
+            wheels("10"),
+            bike("BIKE-1"),
+            bike("BIKE-2"),
+            complete,
+        ],
+    )
+    .await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            support::lines_with_key(&outbox_file, &key).len() == 1
+        })
+        .await
+    );
+    // Late: 3 more bikes and their wheels, after the operation was completed.
+    let late = bike("BIKE-3");
+    let follow_up_key = format!("WO-1001:10:followup:{}", late.scan_id);
+    support::submit_all(
+        &mut si,
+        vec![late, bike("BIKE-4"), bike("BIKE-5"), wheels("6")],
+    )
+    .await;
+    let booked = wait_for(Duration::from_secs(15), || async {
+        !all_follow_ups(&outbox_file).is_empty()
+            && all_follow_ups(&outbox_file)
+                .iter()
+                .map(|l| {
+                    l["good_quantity"]
+                        .as_str()
+                        .unwrap_or("0")
+                        .parse::<f64>()
+                        .unwrap()
+                })
+                .sum::<f64>()
+                == 3.0
+    })
+    .await;
+    assert!(booked, "{:?}", support::all_lines(&outbox_file));
+    let line = support::lines_with_key(&outbox_file, &follow_up_key).remove(0);
+    assert_eq!(line["type"], "production_confirmation");
+    assert_eq!(line["follows"], key.as_str());
+    assert_eq!(line["good_quantity"], "3");
+    let agreed = first
+        .client()
+        .reconcile(admin(pb::ReconcileRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agreed.differences, 0, "{:?}", agreed.details);
+
+    // The whole feed is replayed from the start (a restored cursor): nothing is booked twice.
+    first.stop().await;
+    let pool = env.erp_pool().await;
+    let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE feed_cursor SET position = 0")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let second = env.spawn_erp_sync(options).await;
+    let head: i64 = sqlx::query_scalar("SELECT max(position) FROM production_scans")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            sqlx::query_scalar::<_, i64>("SELECT position FROM feed_cursor")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+                >= head
+        })
+        .await
+    );
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, outbox_rows, "a replayed feed queues nothing new");
+    let lines = support::all_lines(&outbox_file);
+    let mut keys: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["idempotency_key"].as_str())
+        .collect();
+    let n = keys.len();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "each key once in the erp: {keys:?}");
+
+    second.stop().await;
+    env.stop().await;
+}
+
+fn all_follow_ups(path: &std::path::Path) -> Vec<serde_json::Value> {
+    support::all_lines(path)
+        .into_iter()
+        .filter(|l| l["follows"].is_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_can_neither_post_nor_mark_with_its_old_lease_token() {
+    use erp_sync::delivery::{Delivery, StepError};
+    use erp_sync::store::lease::{self, FenceError, Fenced};
+
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("erp/confirmations.jsonl");
+    let options = ErpOptions {
+        outbox_file: Some(outbox_file.clone()),
+        ..Default::default()
+    };
+    // An instance leads (lease token 1), and confirms an operation.
+    let app = env.spawn_erp_sync(options.clone()).await;
+    app.wait_for_successful_pulls(1).await;
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let key = format!("WO-1000:10:{}", complete.scan_id);
+    support::submit_all(
+        &mut env.scan_ingest_client(),
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            complete,
+        ],
+    )
+    .await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            support::lines_with_key(&outbox_file, &key).len() == 1
+        })
+        .await
+    );
+    app.stop().await;
+    let pool = env.erp_pool().await;
+    let first = lease::current(&pool).await.unwrap();
+    assert!(first >= 1, "the leader took a lease: {first}");
+
+    // A confirmation waits in the queue. Replica A takes the lease, then B takes it from A.
+    let payload: Value = sqlx::query_scalar("SELECT payload FROM outbox LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut payload = payload;
+    payload["completion_scan"] = json!("late-leader-test");
+    let queued = "WO-1000:10:late-leader-test";
+    sqlx::query(
+        "INSERT INTO outbox (idempotency_key, work_order, operation, payload)
+         VALUES ($1, 'WO-1000', 10, $2)",
+    )
+    .bind(queued)
+    .bind(&payload)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let a = lease::take(&pool, "replica-a").await.unwrap();
+    let b = lease::take(&pool, "replica-b").await.unwrap();
+    assert!(b > a && a > first, "tokens grow: {first} < {a} < {b}");
+
+    let delivery = |token: i64| Delivery {
+        pool: pool.clone(),
+        adapter: std::sync::Arc::new(erp_sync::adapter::file::FileAdapter::new(
+            support::demo_plant_path(),
+            &outbox_file,
+        )),
+        breaker: std::sync::Arc::new(std::sync::Mutex::new(erp_sync::breaker::Breaker::new(
+            5,
+            Duration::from_secs(1),
+        ))),
+        wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+        call_timeout: Duration::from_secs(3),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(500),
+        max_attempts: 3,
+        auth_retry: Duration::from_secs(1),
+        token,
+    };
+    // A wakes up still believing it leads: refused before it posts anything.
+    let refused = delivery(a).step().await;
+    assert!(
+        matches!(refused, Err(StepError::Fenced(_))),
+        "A is fenced: {refused:?}"
+    );
+    assert!(support::lines_with_key(&outbox_file, queued).is_empty());
+    // Nor can it mark a row, or apply the feed, with its old token.
+    let marking = Fenced::begin(&pool, a, Duration::from_secs(5)).await;
+    assert!(matches!(
+        marking,
+        Err(FenceError::Fenced { held, current }) if held == a && current == b
+    ));
+    let applying = erp_sync::store::outbound::apply(&pool, "erp-sync", a, &[]).await;
+    assert!(
+        matches!(
+            applying,
+            Err(erp_sync::store::outbound::ApplyError::Fenced(_))
+        ),
+        "{applying:?}"
+    );
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox WHERE idempotency_key = $1")
+            .bind(queued)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), attempts), ("pending", 0));
+
+    // B, the current leader, delivers it once.
+    assert!(delivery(b).step().await.is_ok());
+    assert_eq!(support::lines_with_key(&outbox_file, queued).len(), 1);
+    let status: String = sqlx::query_scalar("SELECT status FROM outbox WHERE idempotency_key = $1")
+        .bind(queued)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "delivered");
+
+    // A new leader waits for the old one's fenced step (ERP call included) to end.
+    let mut holding = Fenced::begin(&pool, b, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let taking = tokio::spawn({
+        let pool = pool.clone();
+        async move { lease::take(&pool, "replica-c").await }
+    });
+    let waits = wait_for(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    assert!(
+        waits && !taking.is_finished(),
+        "the lease is not taken over a step in flight"
+    );
+    erp_sync::store::outbound::mark_delivered(holding.conn(), 0)
+        .await
+        .unwrap();
+    holding.commit().await.unwrap();
+    let c = taking.await.unwrap().unwrap();
+    assert_eq!(c, b + 1);
+
+    env.stop().await;
+}

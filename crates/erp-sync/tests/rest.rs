@@ -443,3 +443,361 @@ async fn a_refused_reversal_is_a_dead_letter_that_replays_once_the_bridge_takes_
     app.stop().await;
     env.stop().await;
 }
+
+/// `n` produce scans of one bike each (serials `BIKE-<tag>-<i>`) on WO-1001, operation 10.
+fn bikes(tag: &str, n: usize) -> Vec<pb::Scan> {
+    (1..=n)
+        .map(|i| {
+            support::Scan::new(pb::ScanKind::Produce, "WO-1001", 10, "ST-20")
+                .lot(&format!("BIKE-{tag}-{i}"))
+                .material("BIKE-100")
+                .quantity("1")
+                .build()
+        })
+        .collect()
+}
+
+async fn mes_produced(env: &TestEnv, work_order: &str) -> rust_decimal::Decimal {
+    env.scan_ingest_client()
+        .get_work_order(pb::GetWorkOrderRequest {
+            number: work_order.into(),
+        })
+        .await
+        .expect("work order")
+        .into_inner()
+        .produced_quantity
+        .parse()
+        .expect("decimal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_booked_after_the_confirmation_reaches_the_erp_as_follow_ups() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let erp = env.spawn_erp_sync(rest_options(&double)).await;
+    erp.wait_for_successful_pulls(1).await;
+    let mut si = env.scan_ingest_client();
+
+    // Operation 10 completes with 5 good: confirmed once.
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1001", 10, "ST-20");
+    let key = format!("WO-1001:10:{}", complete.scan_id);
+    let mut scans = vec![support::scan(
+        pb::ScanKind::StartOperation,
+        "WO-1001",
+        10,
+        "ST-20",
+    )];
+    scans.extend(bikes("A", 5));
+    scans.push(complete);
+    support::submit_all(&mut si, scans).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.confirmation(&key).is_some()
+        })
+        .await,
+        "the confirmation reached the erp"
+    );
+    assert_eq!(double.confirmation(&key).unwrap()["good_quantity"], "5");
+
+    // A tablet delivers production late, after the operation was completed: 3 good, then 1
+    // good and 4 wheels consumed; that 1 is voided afterwards.
+    support::submit_all(&mut si, bikes("B", 3)).await;
+    let late = bikes("C", 1).remove(0);
+    let late_id = late.scan_id.clone();
+    support::submit_all(
+        &mut si,
+        vec![
+            late,
+            support::Scan::new(pb::ScanKind::Consume, "WO-1001", 10, "ST-20")
+                .lot("WHEEL-L1")
+                .quantity("4")
+                .build(),
+        ],
+    )
+    .await;
+    assert_eq!(mes_produced(&env, "WO-1001").await.to_string(), "9");
+    // Voided once erp-sync has reported it in a follow-up (a void that reaches erp-sync before
+    // that leaves the scan out instead; the books agree either way).
+    let late_uuid = uuid::Uuid::parse_str(&late_id).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT confirmation_key FROM production_scans WHERE scan_id = $1",
+            )
+            .bind(late_uuid)
+            .fetch_optional(&erp.pool)
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+            .is_some()
+        })
+        .await,
+        "the late scan was reported"
+    );
+    let void_id = support::void_scan(&mut si, &late_id, "counted twice").await;
+    assert_eq!(mes_produced(&env, "WO-1001").await.to_string(), "8");
+
+    // The erp ends with what the mes shows: 5 + 3 + 1 - 1 = 8.
+    let eight: rust_decimal::Decimal = "8".parse().unwrap();
+    let agreed = wait_for(Duration::from_secs(20), || async {
+        double.good_quantities().get("WO-1001") == Some(&eight)
+            && status(&erp).await.queue_depth == 0
+    })
+    .await;
+    assert!(
+        agreed,
+        "the erp has {:?} for WO-1001, the mes 8; erp keys: {:?}",
+        double.good_quantities().get("WO-1001"),
+        double.confirmation_counts()
+    );
+    let counts = double.confirmation_counts();
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each key once: {counts:?}"
+    );
+    // Follow-ups carry their own key, name the confirmation they follow and only the delta.
+    let follow_ups: Vec<serde_json::Value> = counts
+        .keys()
+        .filter(|k| k.starts_with("WO-1001:10:followup:"))
+        .map(|k| double.confirmation(k).unwrap())
+        .collect();
+    assert!(!follow_ups.is_empty(), "{counts:?}");
+    let mut good = rust_decimal::Decimal::ZERO;
+    let mut consumed = rust_decimal::Decimal::ZERO;
+    for f in &follow_ups {
+        assert_eq!(f["follows"], key.as_str(), "{f}");
+        assert_eq!(f["operation"], 10, "{f}");
+        good += f["good_quantity"]
+            .as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap();
+        for l in f["consumed_lots"].as_array().unwrap() {
+            consumed += l["quantity"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        (good.to_string(), consumed.to_string()),
+        ("4".into(), "4".into())
+    );
+    // The void reverses the follow-up that reported the scan.
+    let reversal = double
+        .confirmation(&format!("reversal:{void_id}"))
+        .expect("the reversal reached the erp");
+    assert!(
+        reversal["reverses"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("WO-1001:10:followup:")),
+        "{reversal}"
+    );
+    // Nothing stays unreported in erp-sync's books.
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM production_scans WHERE confirmation_key IS NULL AND NOT voided",
+    )
+    .fetch_one(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0);
+    // And the reconciliation agrees.
+    let r = erp
+        .client()
+        .reconcile(admin(pb::ReconcileRequest {}))
+        .await
+        .expect("reconcile")
+        .into_inner();
+    assert!(
+        !r.details.iter().any(|d| d.key == "WO-1001"),
+        "{:?}",
+        r.details
+    );
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+fn metric(name: &str) -> Option<f64> {
+    mes_common::metrics::install()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_the_erp_keeps_refusing_is_dead_lettered_and_blocks_only_its_work_order() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            retry_ms: (10, 40),
+            max_attempts: 3,
+            breaker_open_ms: 100,
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // The erp answers 500 to every confirmation of WO-1001, forever.
+    double.refuse_work_order(Some("WO-1001"));
+    let poison = complete_operation(&env, "WO-1001", 10, "ST-20").await;
+    let other = complete_operation(&env, "WO-1000", 10, "ST-10").await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            double.confirmation(&other).is_some()
+        })
+        .await,
+        "another work order's confirmation reached the erp: {:?}",
+        double.confirmation_counts()
+    );
+    let dead = wait_for(Duration::from_secs(20), || async {
+        status(&erp).await.dead_letters == 1
+    })
+    .await;
+    let rows: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT idempotency_key, status, attempts FROM outbox ORDER BY id")
+            .fetch_all(&erp.pool)
+            .await
+            .unwrap();
+    assert!(dead, "the refused confirmation is a dead letter: {rows:?}");
+    let (status_of_poison, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox WHERE idempotency_key = $1")
+            .bind(&poison)
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!((status_of_poison.as_str(), attempts), ("failed", 3));
+    let (kind, record): (String, String) =
+        sqlx::query_as("SELECT kind, record_key FROM dead_letters WHERE resolved_at IS NULL")
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), record.as_str()),
+        ("attempts_exhausted", poison.as_str())
+    );
+
+    // A later confirmation of the same work order waits behind the dead letter (held, never
+    // tried), and the hold is visible.
+    let later = complete_operation(&env, "WO-1001", 20, "ST-30").await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            metric("erp_outbox_held") == Some(1.0)
+        })
+        .await,
+        "the held confirmation is counted"
+    );
+    let (held_status, held_attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox WHERE idempotency_key = $1")
+            .bind(&later)
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!((held_status.as_str(), held_attempts), ("pending", 0));
+    assert_eq!(status(&erp).await.queue_depth, 1);
+    assert!(metric("erp_outbox_dead_lettered_total").is_some_and(|n| n >= 1.0));
+
+    // The erp recovers; the replay delivers the dead letter once, then the held one.
+    double.refuse_work_order(None);
+    let r = erp
+        .client()
+        .replay_dead_letters(admin(pb::ReplayDeadLettersRequest {
+            ids: vec![],
+            all: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.replayed, r.still_failing), (1, 0), "{:?}", r.errors);
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            let s = status(&erp).await;
+            (s.queue_depth, s.dead_letters) == (0, 0) && double.confirmation(&later).is_some()
+        })
+        .await,
+        "{:?}",
+        double.confirmation_counts()
+    );
+    let counts = double.confirmation_counts();
+    assert_eq!(
+        (counts.get(&poison), counts.get(&later), counts.get(&other)),
+        (Some(&1), Some(&1), Some(&1))
+    );
+    let order: Vec<String> = sqlx::query_scalar(
+        "SELECT idempotency_key FROM outbox WHERE work_order = 'WO-1001' ORDER BY delivered_at",
+    )
+    .fetch_all(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!(order, [poison, later], "per work order, queue order");
+    assert_eq!(metric("erp_outbox_held"), Some(0.0));
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_alarm_and_pause_without_burning_attempts() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            retry_ms: (10, 40),
+            max_attempts: 2,
+            auth_retry_ms: 300,
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // The bridge's token was rotated and erp-sync still has the old one: 401 on every call.
+    double.set_token(Some("rotated-token"));
+    let started = Instant::now();
+    let key = complete_operation(&env, "WO-1000", 10, "ST-10").await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.requests("POST").len() >= 4
+        })
+        .await,
+        "erp-sync keeps trying, slowly"
+    );
+    let posts = double.requests("POST").len() as f64;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        posts <= elapsed / 0.3 + 2.0,
+        "no tight loop: {posts} posts in {elapsed:.1} s"
+    );
+    let (row_status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox WHERE idempotency_key = $1")
+            .bind(&key)
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (row_status.as_str(), attempts),
+        ("pending", 0),
+        "an operator problem burns no attempts and makes no dead letter"
+    );
+    assert_eq!(status(&erp).await.dead_letters, 0);
+    assert!(metric("erp_auth_failures_total").is_some_and(|n| n >= 4.0));
+    assert_eq!(metric("erp_auth_failed"), Some(1.0));
+
+    // The operator fixes the token: delivered once, the alarm clears.
+    double.set_token(Some(TOKEN));
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.confirmation(&key).is_some() && status(&erp).await.queue_depth == 0
+        })
+        .await
+    );
+    assert_eq!(double.confirmation_counts()[&key], 1);
+    assert_eq!(metric("erp_auth_failed"), Some(0.0));
+
+    erp.stop().await;
+    env.stop().await;
+}

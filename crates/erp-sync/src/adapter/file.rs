@@ -365,6 +365,7 @@ mod tests {
             completed_at: chrono::Utc::now(),
             completed_by: "op1".into(),
             completion_scan: scan.into(),
+            follows: None,
         }
     }
 

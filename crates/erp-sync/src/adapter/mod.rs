@@ -57,6 +57,10 @@ pub enum AdapterError {
     /// The ERP's answer as a whole does not follow the contract (e.g. not JSON).
     #[error("erp document unreadable: {0}")]
     Unreadable(String),
+    /// The ERP refused erp-sync's credentials (401/403, a refused login): an operator must fix
+    /// the token or password. Retried later, but it says nothing about the request itself.
+    #[error("erp refused the credentials: {0}")]
+    Unauthorized(String),
 }
 
 impl AdapterError {
@@ -64,7 +68,7 @@ impl AdapterError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            AdapterError::Unavailable(_) | AdapterError::Timeout(_)
+            AdapterError::Unavailable(_) | AdapterError::Timeout(_) | AdapterError::Unauthorized(_)
         )
     }
 }

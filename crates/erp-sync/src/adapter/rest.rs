@@ -9,8 +9,8 @@
 //! - `POST {base}/confirmations` with `Idempotency-Key`: 2xx accepted (201 new, 200 a replay
 //!   of a key the ERP already has), 409 already done; 5xx, 408, 429, timeouts and connection
 //!   errors are retried; any other 4xx is permanent (the confirmation is set aside). 401/403
-//!   are retried too: a wrong token is an operations problem that must not set aside the
-//!   whole queue.
+//!   are `Unauthorized`: a wrong token is an operations problem that must not set aside the
+//!   whole queue (the delivery pauses and alarms, and burns no attempt).
 //! - `POST {base}/reversals` with `Idempotency-Key` (`reversal:<void scan>`): a scan reported
 //!   in a confirmation was voided in the MES; the body names the confirmation it `reverses` and
 //!   carries the voided scan's quantities negated. Same answers as `/confirmations`; a bridge
@@ -267,17 +267,16 @@ pub(crate) fn transport_error(e: reqwest::Error, timeout: Duration) -> AdapterEr
     }
 }
 
-/// A non-2xx answer: 5xx, 408, 429 (and 401/403, see the module) are transient.
+/// A non-2xx answer: 5xx, 408, 429 are transient, 401/403 `Unauthorized` (see the module).
 fn status_error(status: StatusCode, what: &str, body: &[u8]) -> AdapterError {
     let detail: String = String::from_utf8_lossy(body).chars().take(300).collect();
     let msg = format!("{what} answered {status}: {detail}");
-    if status.is_server_error()
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        AdapterError::Unauthorized(msg)
+    } else if status.is_server_error()
         || matches!(
             status,
-            StatusCode::REQUEST_TIMEOUT
-                | StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::UNAUTHORIZED
-                | StatusCode::FORBIDDEN
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
         )
     {
         AdapterError::Unavailable(msg)
@@ -415,6 +414,10 @@ mod tests {
 
     #[test]
     fn statuses_map_to_retryable_or_permanent() {
+        for s in [401, 403] {
+            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"");
+            assert!(matches!(e, AdapterError::Unauthorized(_)), "{s}");
+        }
         for s in [500, 502, 503, 504, 408, 429, 401, 403] {
             let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"");
             assert!(e.is_transient(), "{s}");

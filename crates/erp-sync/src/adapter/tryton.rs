@@ -238,7 +238,7 @@ impl TrytonAdapter {
             Ok(r) => r,
             // A refused login is an operations problem (wrong password): retry, set nothing aside.
             Err(CallError::Relogin) => {
-                return Err(AdapterError::Unavailable(format!(
+                return Err(AdapterError::Unauthorized(format!(
                     "tryton refused the login of {:?}",
                     self.settings.user
                 )));
@@ -722,7 +722,7 @@ fn id_of(v: &Value) -> Result<i64, AdapterError> {
 
 fn relogin_unavailable(e: CallError) -> AdapterError {
     match e {
-        CallError::Relogin => AdapterError::Unavailable("tryton refused the new session".into()),
+        CallError::Relogin => AdapterError::Unauthorized("tryton refused the new session".into()),
         CallError::Erp(e) => e,
     }
 }

@@ -117,8 +117,8 @@ pub async fn finish_run(
 }
 
 /// Stores a record that could not be used (once per distinct payload; later sightings count).
-pub async fn dead_letter(
-    pool: &PgPool,
+pub async fn dead_letter<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
     entity: &str,
     record_key: &str,
     kind: &str,
@@ -144,7 +144,7 @@ pub async fn dead_letter(
     .bind(reason)
     .bind(payload)
     .bind(hash)
-    .execute(pool)
+    .execute(exec)
     .await?;
     Ok(())
 }

@@ -3,8 +3,10 @@
 //! - [`inbound`]: sync cursors, pull runs, dead letters and contract-drift records.
 //! - [`outbound`]: the feed cursor, production scans and the confirmation outbox.
 //! - [`reconciliations`]: reconciliation reports.
+//! - [`lease`]: the scheduler's fencing token.
 
 pub mod inbound;
+pub mod lease;
 pub mod outbound;
 pub mod reconciliations;
 

@@ -3,10 +3,12 @@
 //! Events are applied in one transaction together with the cursor that covers them, so each
 //! event takes effect exactly once however often the feed is replayed.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{self, Completion, ProductionKind, ProductionLine, VoidOf};
@@ -50,8 +52,20 @@ pub struct FeedEvent {
 pub enum ApplyError {
     #[error("feed gap: expected position {expected}, got {got}")]
     Gap { expected: i64, got: i64 },
+    /// Another replica took the scheduler's lease: this one must stop.
+    #[error(transparent)]
+    Fenced(crate::store::lease::FenceError),
     #[error("database error")]
     Db(#[from] sqlx::Error),
+}
+
+impl From<crate::store::lease::FenceError> for ApplyError {
+    fn from(e: crate::store::lease::FenceError) -> Self {
+        match e {
+            crate::store::lease::FenceError::Db(e) => ApplyError::Db(e),
+            fenced => ApplyError::Fenced(fenced),
+        }
+    }
 }
 
 /// The result of applying a batch of events.
@@ -63,6 +77,8 @@ pub struct Applied {
     pub confirmations: usize,
     /// Reversals queued (voids of scans already confirmed to the ERP).
     pub reversals: usize,
+    /// Follow-ups queued (production booked after its operation's confirmation).
+    pub follow_ups: usize,
 }
 
 pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
@@ -75,14 +91,17 @@ pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::E
     )
 }
 
-/// Applies `events` (in position order) and moves the cursor, in one transaction. Events at
-/// or before the stored cursor are skipped (a replay); a hole in the positions is refused.
+/// Applies `events` (in position order) and moves the cursor, in one transaction, while the
+/// scheduler's lease `token` is current. Events at or before the stored cursor are skipped (a
+/// replay); a hole in the positions is refused.
 pub async fn apply(
     pool: &PgPool,
     consumer: &str,
+    token: i64,
     events: &[FeedEvent],
 ) -> Result<Applied, ApplyError> {
     let mut tx = pool.begin().await?;
+    crate::store::lease::check(&mut tx, token).await?;
     sqlx::query(
         "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
     )
@@ -98,6 +117,9 @@ pub async fn apply(
         position: start,
         ..Default::default()
     };
+    // Production events of this batch not yet looked at as late production, by position.
+    let mut flushed = start;
+    let mut traceparents: BTreeMap<i64, &str> = BTreeMap::new();
     for e in events {
         if e.position <= applied.position {
             continue;
@@ -136,8 +158,14 @@ pub async fn apply(
                 .bind(scanned_at)
                 .execute(&mut *tx)
                 .await?;
+                traceparents.insert(e.position, e.traceparent.as_str());
             }
             Fact::Completed(completion) => {
+                // Late production before this completion follows the confirmation it came
+                // after (feed order), before this completion confirms anything.
+                applied.follow_ups +=
+                    queue_follow_ups(&mut tx, flushed, applied.position, &traceparents).await?;
+                flushed = applied.position;
                 if queue_confirmation(&mut tx, completion, e.position, &e.traceparent).await? {
                     applied.confirmations += 1;
                 }
@@ -198,6 +226,8 @@ pub async fn apply(
         }
         applied.position = e.position;
     }
+    applied.follow_ups +=
+        queue_follow_ups(&mut tx, flushed, applied.position, &traceparents).await?;
     if applied.position != start {
         sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
             .bind(consumer)
@@ -271,6 +301,143 @@ async fn queue_confirmation(
     Ok(true)
 }
 
+/// Production scans at positions `after < position <= upto` that nothing reported yet and whose
+/// operation was confirmed already (late production: the MES accepts scans on a completed
+/// operation, e.g. from a tablet that was offline) become follow-ups: one per confirmation
+/// they follow and per call (i.e. per batch of the feed, split at completions), keyed by the
+/// first late scan, carrying only their own quantities. The scans are marked with the
+/// follow-up's key in the same transaction as the cursor, so a replayed feed finds them
+/// reported and queues nothing (and the key is derived from the scans, not from the batch).
+/// A scan voided before it was reported is left out; voided after, it is reversed against
+/// the follow-up like any confirmed scan. Returns the number of follow-ups queued.
+async fn queue_follow_ups(
+    tx: &mut Transaction<'_, Postgres>,
+    after: i64,
+    upto: i64,
+    traceparents: &BTreeMap<i64, &str>,
+) -> Result<usize, sqlx::Error> {
+    if upto <= after {
+        return Ok(0);
+    }
+    let rows = sqlx::query(
+        "SELECT scan_id, position, work_order, operation, station, kind, lot, material, quantity,
+                operator, scanned_at
+         FROM production_scans
+         WHERE position > $1 AND position <= $2 AND confirmation_key IS NULL AND NOT voided
+         ORDER BY position",
+    )
+    .bind(after)
+    .bind(upto)
+    .fetch_all(&mut **tx)
+    .await?;
+    // Confirmation key → (operation, station, late scans in feed order).
+    struct Late {
+        work_order: String,
+        operation: i32,
+        station: String,
+        scans: Vec<sqlx::postgres::PgRow>,
+    }
+    let mut groups: Vec<(String, Late)> = Vec::new();
+    for row in rows {
+        let work_order: String = row.get("work_order");
+        let operation: i32 = row.get("operation");
+        let station: String = row.get("station");
+        // The operation's own (latest) confirmation; a scan that named no operation (older
+        // feeds) belongs to the one at its station.
+        let confirmed = sqlx::query(
+            "SELECT idempotency_key, operation, COALESCE(payload->>'station', '') AS station
+             FROM outbox
+             WHERE kind = 'confirmation' AND follows IS NULL AND work_order = $1
+               AND (operation = $2 OR ($2 = 0 AND payload->>'station' = $3))
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(&work_order)
+        .bind(operation)
+        .bind(&station)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(confirmed) = confirmed else {
+            // Not late: the operation's completion will confirm it.
+            continue;
+        };
+        let key: String = confirmed.get("idempotency_key");
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, late)) => late.scans.push(row),
+            None => groups.push((
+                key,
+                Late {
+                    work_order,
+                    operation: confirmed.get("operation"),
+                    station: confirmed.get("station"),
+                    scans: vec![row],
+                },
+            )),
+        }
+    }
+    let mut queued = 0;
+    for (follows, late) in groups {
+        let (Some(first), Some(last)) = (late.scans.first(), late.scans.last()) else {
+            continue;
+        };
+        let first_scan: Uuid = first.get("scan_id");
+        let first_position: i64 = first.get("position");
+        let operation = u32::try_from(late.operation).unwrap_or(0);
+        let key = domain::follow_up_key(&late.work_order, operation, &first_scan.to_string());
+        let ids: Vec<Uuid> = late.scans.iter().map(|r| r.get("scan_id")).collect();
+        let lines: Vec<ProductionLine> = late
+            .scans
+            .iter()
+            .filter_map(|r| {
+                Some(ProductionLine {
+                    kind: ProductionKind::parse(r.get::<&str, _>("kind"))?,
+                    lot: r.get("lot"),
+                    material: r.get("material"),
+                    quantity: r.get::<Decimal, _>("quantity"),
+                })
+            })
+            .collect();
+        let last_at: DateTime<Utc> = last.get("scanned_at");
+        let last_by: String = last.get("operator");
+        let follow_up = domain::build_follow_up(
+            &follows,
+            &late.work_order,
+            operation,
+            &late.station,
+            &first_scan.to_string(),
+            (last_at, &last_by),
+            &lines,
+        );
+        let payload =
+            serde_json::to_value(&follow_up).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        sqlx::query("UPDATE production_scans SET confirmation_key = $2 WHERE scan_id = ANY($1)")
+            .bind(&ids)
+            .bind(&key)
+            .execute(&mut **tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO outbox (idempotency_key, work_order, operation, payload, traceparent, follows)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&key)
+        .bind(&late.work_order)
+        .bind(late.operation)
+        .bind(payload)
+        .bind(traceparents.get(&first_position).copied().unwrap_or_default())
+        .bind(&follows)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if inserted {
+            queued += 1;
+            tracing::info!(work_order = %late.work_order, operation, idempotency_key = %key,
+                follows = %follows, scans = ids.len(), good = %follow_up.good_quantity,
+                scrap = %follow_up.scrap_quantity, "late production: follow-up queued");
+        }
+    }
+    Ok(queued)
+}
+
 /// Queues the reversal of a voided scan that `void.reverses` reported, once per void scan
 /// (a replayed feed finds it queued). The operation is the confirmation's (the scan may have
 /// named none). Returns whether it was queued now.
@@ -339,11 +506,19 @@ pub struct OutboxRow {
     pub next_attempt_at: DateTime<Utc>,
 }
 
-/// The oldest pending confirmation (delivery is in queue order).
+/// The next row to deliver: among the heads of the work orders' queues (per work order,
+/// delivery is in queue order), the one due first. A row waits while an earlier row of its
+/// work order is still pending, or is a confirmation set aside as a dead letter (a follow-up
+/// or a reversal must not reach the ERP before the confirmation it amends, nor a later
+/// confirmation overtake it): that work order is held, the others go on. A dead-lettered
+/// reversal holds nothing (no later row depends on it).
 pub async fn next_pending(pool: &PgPool) -> Result<Option<OutboxRow>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT id, kind, idempotency_key, payload, traceparent, attempts, next_attempt_at
-         FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1",
+         FROM outbox o WHERE status = 'pending' AND NOT EXISTS (
+             SELECT 1 FROM outbox e WHERE e.work_order = o.work_order AND e.id < o.id
+               AND (e.status = 'pending' OR (e.status = 'failed' AND e.kind = 'confirmation')))
+         ORDER BY next_attempt_at, id LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
@@ -361,34 +536,54 @@ pub async fn next_pending(pool: &PgPool) -> Result<Option<OutboxRow>, sqlx::Erro
     }))
 }
 
-pub async fn mark_delivered(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+/// Pending rows held behind a dead-lettered confirmation of their work order.
+pub async fn held(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox o WHERE status = 'pending' AND EXISTS (
+             SELECT 1 FROM outbox e WHERE e.work_order = o.work_order AND e.id < o.id
+               AND e.status = 'failed' AND e.kind = 'confirmation')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The changes below run in the delivery's fenced transaction (see [`crate::store::lease`]).
+pub async fn mark_delivered(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE outbox SET status = 'delivered', delivered_at = now(), attempts = attempts + 1,
              last_error = '' WHERE id = $1",
     )
     .bind(id)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
 
-/// The ERP refused the confirmation itself: it leaves the queue (kept for inspection).
-pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), sqlx::Error> {
+/// The ERP refused the row for good, or it exhausted its attempts: it leaves the queue (kept
+/// for inspection and replay).
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    id: i64,
+    error: &str,
+    attempted: bool,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = $2 WHERE id = $1",
+        "UPDATE outbox SET status = 'failed', attempts = attempts + $3, last_error = $2 WHERE id = $1",
     )
     .bind(id)
     .bind(error)
-    .execute(pool)
+    .bind(i32::from(attempted))
+    .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Puts a refused (`failed`) outbox row back into the queue, to be tried at once. Returns
-/// false when there is no such failed row (delivered or pending already).
+/// Puts a refused or exhausted (`failed`) outbox row back into the queue, to be tried at once
+/// with a fresh count of attempts. Returns false when there is no such failed row (delivered
+/// or pending already).
 pub async fn requeue_failed(pool: &PgPool, idempotency_key: &str) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(
-        "UPDATE outbox SET status = 'pending', next_attempt_at = now()
+        "UPDATE outbox SET status = 'pending', next_attempt_at = now(), attempts = 0
          WHERE idempotency_key = $1 AND status = 'failed'",
     )
     .bind(idempotency_key)
@@ -409,20 +604,23 @@ pub async fn status_of(
         .await
 }
 
-/// A transient failure: try again at `next_attempt_at`.
+/// A transient failure: try again at `next_attempt_at`; `attempted`: count it as an attempt
+/// (refused credentials are not the row's fault and count none).
 pub async fn reschedule(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: i64,
     next_attempt_at: DateTime<Utc>,
     error: &str,
+    attempted: bool,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3 WHERE id = $1",
+        "UPDATE outbox SET attempts = attempts + $4, next_attempt_at = $2, last_error = $3 WHERE id = $1",
     )
     .bind(id)
     .bind(next_attempt_at)
     .bind(error)
-    .execute(pool)
+    .bind(i32::from(attempted))
+    .execute(conn)
     .await?;
     Ok(())
 }

@@ -48,13 +48,16 @@ struct Inner {
     confirmations: BTreeMap<String, Vec<Value>>,
     /// Whether `POST /reversals` exists (otherwise 404, like a bridge that predates it).
     reversals: bool,
+    /// Work orders whose confirmations and reversals the ERP answers with 500 (a poison row).
+    refused: Vec<String>,
+    /// The bearer token it requires (`None`: none).
+    token: Option<String>,
     requests: Vec<Seen>,
 }
 
 #[derive(Clone)]
 pub struct ErpDouble {
     inner: Arc<Mutex<Inner>>,
-    token: Option<String>,
     addr: SocketAddr,
 }
 
@@ -72,9 +75,10 @@ impl ErpDouble {
                 renames: Vec::new(),
                 confirmations: BTreeMap::new(),
                 reversals: true,
+                refused: Vec::new(),
+                token: token.map(str::to_owned),
                 requests: Vec::new(),
             })),
-            token: token.map(str::to_owned),
             addr,
         };
         let api = Router::new()
@@ -118,6 +122,35 @@ impl ErpDouble {
     /// Whether the double implements `POST /reversals` (default: yes).
     pub fn accept_reversals(&self, yes: bool) {
         self.lock().reversals = yes;
+    }
+
+    /// Answers 500 to every confirmation and reversal of `work_order` (until `None`).
+    pub fn refuse_work_order(&self, work_order: Option<&str>) {
+        self.lock().refused = work_order.into_iter().map(str::to_owned).collect();
+    }
+
+    /// The bearer token the double requires from now on.
+    pub fn set_token(&self, token: Option<&str>) {
+        self.lock().token = token.map(str::to_owned);
+    }
+
+    /// Work order → sum of the good quantities of every accepted confirmation and reversal
+    /// (what the ERP's books say was produced).
+    pub fn good_quantities(&self) -> BTreeMap<String, rust_decimal::Decimal> {
+        let inner = self.lock();
+        let mut out: BTreeMap<String, rust_decimal::Decimal> = BTreeMap::new();
+        for body in inner.confirmations.values().flatten() {
+            let (Some(wo), Some(good)) = (
+                body.get("work_order").and_then(Value::as_str),
+                body.get("good_quantity")
+                    .and_then(Value::as_str)
+                    .and_then(|q| q.parse::<rust_decimal::Decimal>().ok()),
+            ) else {
+                continue;
+            };
+            *out.entry(wo.to_owned()).or_default() += good;
+        }
+        out
     }
 
     pub fn clear_renames(&self) {
@@ -201,7 +234,8 @@ async fn faults(State(d): State<ErpDouble>, req: Request, next: Next) -> Respons
     let mut resp = match fault {
         Fault::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "erp down").into_response(),
         _ => {
-            let authorized = match &d.token {
+            let token = d.lock().token.clone();
+            let authorized = match &token {
                 None => true,
                 Some(t) => {
                     req.headers()
@@ -244,7 +278,9 @@ async fn work_orders(State(d): State<ErpDouble>) -> Response {
     d.page("work_orders", "number")
 }
 
+/// Work orders: the good quantity of the confirmations (and reversals) it accepted.
 async fn quantities(State(d): State<ErpDouble>) -> Response {
+    let good = d.good_quantities();
     let inner = d.lock();
     let mut wo = serde_json::Map::new();
     for w in inner
@@ -255,7 +291,8 @@ async fn quantities(State(d): State<ErpDouble>) -> Response {
         .flatten()
     {
         if let Some(n) = w.get("number").and_then(Value::as_str) {
-            wo.insert(n.to_owned(), json!("0"));
+            let q = good.get(n).copied().unwrap_or_default().normalize();
+            wo.insert(n.to_owned(), json!(q.to_string()));
         }
     }
     axum::Json(json!({"work_orders": wo, "lots": {}})).into_response()
@@ -275,6 +312,13 @@ async fn confirm(State(d): State<ErpDouble>, headers: HeaderMap, body: String) -
         return (StatusCode::BAD_REQUEST, "not json").into_response();
     };
     let mut inner = d.lock();
+    if value
+        .get("work_order")
+        .and_then(Value::as_str)
+        .is_some_and(|wo| inner.refused.iter().any(|r| r == wo))
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "erp cannot book it").into_response();
+    }
     if inner.confirmations.contains_key(&key) {
         return (StatusCode::CONFLICT, "already confirmed").into_response();
     }

@@ -59,6 +59,10 @@ pub struct ErpOptions {
     /// 0: 3000.
     pub call_timeout_ms: u64,
     pub tryton: Option<TrytonOptions>,
+    /// Delivery attempts before an outbox row becomes a dead letter; 0: the default.
+    pub max_attempts: u32,
+    /// Pause of the delivery after the ERP refused erp-sync's credentials, in ms; 0: the default.
+    pub auth_retry_ms: u64,
 }
 
 #[derive(Clone, Default)]
@@ -199,6 +203,12 @@ impl TestEnv {
         };
         s.erp.retry_initial_ms = initial;
         s.erp.retry_max_ms = max;
+        if options.max_attempts > 0 {
+            s.erp.max_attempts = options.max_attempts;
+        }
+        if options.auth_retry_ms > 0 {
+            s.erp.auth_retry_ms = options.auth_retry_ms;
+        }
         let instance = s.instance_id.clone();
         let app = erp_sync::Application::build(s)
             .await
