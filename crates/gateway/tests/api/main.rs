@@ -3,6 +3,7 @@
 
 mod auth;
 mod backends;
+mod deploy;
 mod edge;
 mod failures;
 mod fakes;
