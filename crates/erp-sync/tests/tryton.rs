@@ -400,3 +400,134 @@ async fn a_tryton_production_order_is_produced_in_the_mes_and_done_in_tryton() {
     env.stop().await;
     drop(erp);
 }
+
+fn tryton_adapter(erp: &Tryton) -> erp_sync::adapter::tryton::TrytonAdapter {
+    erp_sync::adapter::tryton::TrytonAdapter::new(
+        erp_sync::adapter::tryton::TrytonSettings {
+            url: erp.url.clone(),
+            database: tryton::DATABASE.into(),
+            user: "admin".into(),
+            password: tryton::PASSWORD.into(),
+            company: erp.company,
+            station: STATION.into(),
+        },
+        Duration::from_secs(20),
+    )
+    .unwrap()
+}
+
+fn lots(entries: &[(&str, &str, i64)]) -> Vec<erp_sync::domain::LotQuantity> {
+    entries
+        .iter()
+        .map(|(lot, material, q)| erp_sync::domain::LotQuantity {
+            lot: (*lot).into(),
+            material: (*material).into(),
+            quantity: Decimal::from(*q),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_confirmation_is_keyed_in_tryton_so_a_done_order_still_takes_later_ones() {
+    use erp_sync::adapter::{ErpAdapter, Posted};
+    use erp_sync::domain::Confirmation;
+
+    let mut erp = Tryton::start().await;
+    let number = erp.seed().await;
+    let adapter = tryton_adapter(&erp);
+    let confirmation =
+        |scan: &str, good: i64, produced, consumed, follows: Option<String>| Confirmation {
+            work_order: number.clone(),
+            operation: 10,
+            station: STATION.into(),
+            good_quantity: Decimal::from(good),
+            scrap_quantity: Decimal::ZERO,
+            produced_lots: produced,
+            consumed_lots: consumed,
+            scrapped_lots: vec![],
+            completed_at: chrono::Utc::now(),
+            completed_by: "op1".into(),
+            completion_scan: scan.into(),
+            follows,
+        };
+
+    // The operation's confirmation: the order is done, once.
+    let first = confirmation(
+        "c1",
+        10,
+        lots(&[("WID-L1", "WID", 10)]),
+        lots(&[("STL-L1", "STL", 19)]),
+        None,
+    );
+    let first_key = first.idempotency_key();
+    assert_eq!(
+        adapter.post_confirmation(&first, &first_key).await.unwrap(),
+        Posted::New
+    );
+    assert_eq!(erp.production(&number).await["state"], "done");
+    assert_eq!(
+        adapter.post_confirmation(&first, &first_key).await.unwrap(),
+        Posted::AlreadyThere
+    );
+    assert_eq!(erp.lot_quantity_in_storage("WID-L1").await, 10.0);
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 81.0);
+
+    // A second confirmation of the done order (a void and redo, an order closed by hand):
+    // its quantities are booked, under its own key, once.
+    let second = confirmation(
+        "c2",
+        2,
+        lots(&[("WID-L1", "WID", 2)]),
+        lots(&[("STL-L1", "STL", 4)]),
+        None,
+    );
+    let second_key = second.idempotency_key();
+    assert_eq!(
+        adapter
+            .post_confirmation(&second, &second_key)
+            .await
+            .unwrap(),
+        Posted::New,
+        "a second confirmation of a done order is booked, not dropped"
+    );
+    assert_eq!(
+        adapter
+            .post_confirmation(&second, &second_key)
+            .await
+            .unwrap(),
+        Posted::AlreadyThere
+    );
+    assert_eq!(erp.lot_quantity_in_storage("WID-L1").await, 12.0);
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 77.0);
+
+    // A follow-up (late production, a new lot): the delta only, once.
+    let follow_up = confirmation(
+        "late-1",
+        3,
+        lots(&[("WID-L9", "WID", 3)]),
+        lots(&[("STL-L1", "STL", 6)]),
+        Some(first_key.clone()),
+    );
+    let key = follow_up.idempotency_key();
+    for expected in [Posted::New, Posted::AlreadyThere] {
+        assert_eq!(
+            adapter.post_confirmation(&follow_up, &key).await.unwrap(),
+            expected
+        );
+    }
+    assert_eq!(erp.lot_quantity_in_storage("WID-L9").await, 3.0);
+    assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 71.0);
+
+    // Tryton's books, as erp-sync reconciles them, count every confirmation; the corrections
+    // are not work orders.
+    let books = adapter.quantities().await.expect("tryton's books");
+    assert_eq!(books.work_orders[&number], Decimal::from(15), "{books:?}");
+    assert_eq!(books.work_orders.len(), 1, "{books:?}");
+    let pulled = adapter.pull_work_orders(None).await.expect("pull");
+    assert!(
+        pulled.items.iter().all(|c| c.key == number),
+        "{:?}",
+        pulled.items.iter().map(|c| &c.key).collect::<Vec<_>>()
+    );
+    drop(erp);
+}

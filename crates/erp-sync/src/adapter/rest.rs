@@ -11,6 +11,8 @@
 //!   errors are retried; any other 4xx is permanent (the confirmation is set aside). 401/403
 //!   are `Unauthorized`: a wrong token is an operations problem that must not set aside the
 //!   whole queue (the delivery pauses and alarms, and burns no attempt).
+//!   Follow-ups (production booked after the operation's confirmation) are confirmations
+//!   with `follows` set and their own key (`<wo>:<op>:followup:<first late scan>`).
 //! - `POST {base}/reversals` with `Idempotency-Key` (`reversal:<void scan>`): a scan reported
 //!   in a confirmation was voided in the MES; the body names the confirmation it `reverses` and
 //!   carries the voided scan's quantities negated. Same answers as `/confirmations`; a bridge

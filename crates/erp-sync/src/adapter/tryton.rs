@@ -14,9 +14,17 @@
 //!   planned input moves when the order has no BOM).
 //! - a confirmation completes the order: consumed quantities and lots on the input moves
 //!   (`wait` first when needed), `assign_try` (or `assign_force`), `run`, the output `stock.lot`
-//!   created, quantity and lot on the output moves, `do`. Each step checks the order's state,
-//!   so a post interrupted half-way is finished by the retry; an order already `done` counts
-//!   as the same confirmation (Tryton has no idempotency keys: one operation per order).
+//!   created, quantity and lot on the output moves, an `ir.note` on the order whose message is
+//!   the idempotency key, `do`. Each step checks the order's state, so a post interrupted
+//!   half-way is finished by the retry; a `done` order that carries the key is this
+//!   confirmation (`AlreadyThere`).
+//! - a confirmation of an order that is `done` without its key — a follow-up (production
+//!   booked after the operation's confirmation), a second confirmation after a void and redo,
+//!   an order closed by hand in Tryton — is booked next to it as keyed corrections, never
+//!   dropped: produced lots into storage as done moves (an `ir.note` with the key, the lot
+//!   created if new), consumed lots out of storage as a correction production (below).
+//!   Reconciliation counts them. An order closed by hand gets the MES's quantities on top of
+//!   what was booked by hand (reconciliation shows the difference if both were booked).
 //!   Scrap is not posted (base Tryton production has no scrap moves).
 //! - a reversal (a scan voided after its confirmation) is booked as an inventory correction
 //!   next to the `done` production (which Tryton cannot undo), with the locations of the
@@ -65,8 +73,9 @@ use crate::domain::{
 /// Overlap of incremental pulls (transaction-start timestamps commit late).
 const OVERLAP_SECONDS: i64 = 5;
 
-/// The `reference` prefix of the correction productions that book reversed produce scans
-/// (not work orders: left out of pulls and reconciliation).
+/// The `reference` prefix of the correction productions that book reversed produce scans and
+/// consumption confirmed after the order was done (not work orders: left out of pulls and
+/// reconciliation).
 pub const CORRECTION_PREFIX: &str = "erp-sync ";
 
 /// Productions that are not correction productions (`reference` may be empty).
@@ -74,11 +83,7 @@ fn not_correction() -> Value {
     json!([
         "OR",
         ["reference", "=", null],
-        [
-            "reference",
-            "not like",
-            format!("{CORRECTION_PREFIX}reversal:%")
-        ]
+        ["reference", "not like", format!("{CORRECTION_PREFIX}%")]
     ])
 }
 
@@ -1106,6 +1111,12 @@ impl ErpAdapter for TrytonAdapter {
                 confirmation.operation
             )));
         }
+        if confirmation.is_follow_up() {
+            // Late production: the order is done (its confirmation went first).
+            return self
+                .post_confirmation_corrections(confirmation, idempotency_key)
+                .await;
+        }
         let (ctx, _) = self.ctx().await?;
         let production = self.production(&confirmation.work_order, &ctx).await?;
         let id = id_of(&production)?;
@@ -1114,8 +1125,17 @@ impl ErpAdapter for TrytonAdapter {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        let keyed = self.production_keyed(id, idempotency_key, &ctx).await?;
         match state.as_str() {
-            "done" => return Ok(Posted::AlreadyThere),
+            // This confirmation did it (a retry after Tryton took it).
+            "done" if keyed => return Ok(Posted::AlreadyThere),
+            // Done by another confirmation (a void and redo) or by hand: this one's quantities
+            // are booked next to it, keyed, rather than dropped.
+            "done" => {
+                return self
+                    .post_confirmation_corrections(confirmation, idempotency_key)
+                    .await;
+            }
             "cancelled" => {
                 return Err(AdapterError::Rejected(format!(
                     "production order {} is cancelled in tryton",
@@ -1170,6 +1190,16 @@ impl ErpAdapter for TrytonAdapter {
         }
         self.apply_lots(&production, "outputs", &outputs, &ctx)
             .await?;
+        if !keyed {
+            // The key goes on the order before `do`: a retry after `do` finds it (and answers
+            // `AlreadyThere`), a retry before `do` finishes the order.
+            self.create(
+                "ir.note",
+                json!({"resource": format!("production,{id}"), "message": idempotency_key}),
+                &ctx,
+            )
+            .await?;
+        }
         self.button("production", "do", id, &ctx).await?;
         tracing::info!(
             idempotency_key,
@@ -1193,13 +1223,16 @@ impl ErpAdapter for TrytonAdapter {
                     "number",
                     "state",
                     "product",
+                    "location",
                     "outputs.product",
                     "outputs.quantity",
                 ],
                 ctx.clone(),
             )
             .await?;
-        // Reversals of produced quantities: done moves whose origin is an output move.
+        // Corrections of produced quantities: done moves whose origin is an output move, back
+        // into the production location (a reversal) or out of it (production confirmed after
+        // the order was done).
         let mut output_of: BTreeMap<String, &Value> = BTreeMap::new();
         for p in &productions {
             if p.get("state").and_then(Value::as_str) != Some("done") {
@@ -1223,7 +1256,7 @@ impl ErpAdapter for TrytonAdapter {
                 .search_read(
                     "stock.move",
                     json!([["state", "=", "done"], ["origin", "in", origins]]),
-                    &["origin", "product", "quantity"],
+                    &["origin", "product", "quantity", "to_location"],
                     ctx.clone(),
                 )
                 .await?;
@@ -1239,8 +1272,14 @@ impl ErpAdapter for TrytonAdapter {
                     && let Some(id) = p.get("id").and_then(Value::as_i64)
                 {
                     let q = m.get("quantity").and_then(decimal).unwrap_or_default();
+                    let back = m.get("to_location") == p.get("location");
                     let e = reversed.entry(id).or_default();
-                    *e = e.checked_add(q).unwrap_or(Decimal::MAX);
+                    *e = if back {
+                        e.checked_add(q)
+                    } else {
+                        e.checked_sub(q)
+                    }
+                    .unwrap_or(Decimal::MAX);
                 }
             }
         }
@@ -1296,8 +1335,9 @@ impl ErpAdapter for TrytonAdapter {
     }
 }
 
-/// One stock move a reversal books: `quantity` of `code` (lot `lot`) back to storage (a voided
-/// consume) or back to the production location (a voided produce).
+/// One correction next to a done production: `quantity` of `code` (lot `lot`) into storage
+/// (a voided consume, a produce confirmed after the order was done) or out of storage into
+/// the production location (a voided produce, a consume confirmed after the order was done).
 #[derive(Debug, Clone, PartialEq)]
 struct ReversalLine {
     /// The product's code; `None`: the production order's own product.
@@ -1305,6 +1345,58 @@ struct ReversalLine {
     lot: Option<String>,
     quantity: Decimal,
     to_storage: bool,
+    /// Whether it corrects the order's output (else its input) moves: the move it names as its
+    /// origin (and takes unit and cost from) is on that side.
+    corrects_output: bool,
+    /// Whether the lot may be new (produced late): it is created then.
+    new_lot_ok: bool,
+}
+
+/// The corrections that book a confirmation of an order that is `done` already (a follow-up,
+/// or a second confirmation after a void and redo): produced lots into storage, consumed lots
+/// out of it. Scrap is not posted (as for any confirmation).
+fn confirmation_lines(c: &Confirmation) -> Vec<ReversalLine> {
+    let mut lines = Vec::new();
+    for l in c
+        .produced_lots
+        .iter()
+        .filter(|l| l.quantity > Decimal::ZERO)
+    {
+        lines.push(ReversalLine {
+            code: Some(l.material.clone()),
+            lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
+            quantity: l.quantity,
+            to_storage: true,
+            corrects_output: true,
+            new_lot_ok: true,
+        });
+    }
+    if c.produced_lots.is_empty() && c.good_quantity > Decimal::ZERO {
+        // Produced without a lot: the order's own product.
+        lines.push(ReversalLine {
+            code: None,
+            lot: None,
+            quantity: c.good_quantity,
+            to_storage: true,
+            corrects_output: true,
+            new_lot_ok: true,
+        });
+    }
+    for l in c
+        .consumed_lots
+        .iter()
+        .filter(|l| l.quantity > Decimal::ZERO)
+    {
+        lines.push(ReversalLine {
+            code: Some(l.material.clone()),
+            lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
+            quantity: l.quantity,
+            to_storage: false,
+            corrects_output: false,
+            new_lot_ok: false,
+        });
+    }
+    lines
 }
 
 /// The moves a reversal books in Tryton, or why it cannot be posted (booked by hand).
@@ -1326,6 +1418,8 @@ fn reversal_lines(r: &Reversal) -> Result<Vec<ReversalLine>, String> {
                 lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
                 quantity: -l.quantity,
                 to_storage,
+                corrects_output: !to_storage,
+                new_lot_ok: false,
             });
         }
     }
@@ -1336,6 +1430,8 @@ fn reversal_lines(r: &Reversal) -> Result<Vec<ReversalLine>, String> {
             lot: None,
             quantity: -r.good_quantity,
             to_storage: false,
+            corrects_output: true,
+            new_lot_ok: false,
         });
     }
     if lines.is_empty() {
@@ -1349,14 +1445,78 @@ fn reversal_lines(r: &Reversal) -> Result<Vec<ReversalLine>, String> {
 type Postable<T> = Result<Result<T, String>, AdapterError>;
 
 impl TrytonAdapter {
+    /// Whether the production order `id` carries the confirmation key `key` (an `ir.note`).
+    async fn production_keyed(
+        &self,
+        id: i64,
+        key: &str,
+        ctx: &Value,
+    ) -> Result<bool, AdapterError> {
+        let notes = self
+            .search_read(
+                "ir.note",
+                json!([
+                    ["message", "=", key],
+                    ["resource", "=", format!("production,{id}")]
+                ]),
+                &["id"],
+                ctx.clone(),
+            )
+            .await?;
+        Ok(!notes.is_empty())
+    }
+
+    /// Books a confirmation of a `done` order as keyed corrections (see [`Self::post_corrections`]).
+    async fn post_confirmation_corrections(
+        &self,
+        c: &Confirmation,
+        key: &str,
+    ) -> Result<Posted, AdapterError> {
+        let lines = confirmation_lines(c);
+        if lines.is_empty() {
+            tracing::info!(
+                idempotency_key = key,
+                "nothing in the confirmation that tryton books (scrap is not posted)"
+            );
+            return Ok(Posted::New);
+        }
+        match self.post_corrections(&c.work_order, &lines, key).await? {
+            Ok(posted) => {
+                metrics::counter!("erp_confirmation_corrections_posted_total", "adapter" => "tryton")
+                    .increment(1);
+                tracing::info!(idempotency_key = key, ?posted, follows = ?c.follows,
+                    "tryton: confirmation of a done order booked as corrections");
+                Ok(posted)
+            }
+            Err(why) => Err(AdapterError::Rejected(format!(
+                "confirmation {key} of production order {} must be booked in Tryton by hand: {why}; \
+                 produced {:?}, consumed {:?}",
+                c.work_order, c.produced_lots, c.consumed_lots
+            ))),
+        }
+    }
+
     /// Posts a reversal as done stock moves, one `ir.note` carrying the idempotency key on each.
     async fn post_reversal_moves(&self, r: &Reversal, key: &str) -> Postable<Posted> {
         let lines = match reversal_lines(r) {
             Ok(l) => l,
             Err(why) => return Ok(Err(why)),
         };
+        self.post_corrections(&r.work_order, &lines, key).await
+    }
+
+    /// Books `lines` next to the `done` production order `work_order`, each keyed by `key`
+    /// (`key#n` when there are several): a move into storage is a lone done move with an
+    /// `ir.note` carrying the key, a move out of storage the input of a correction production
+    /// whose reference carries it. Posted before: `AlreadyThere`.
+    async fn post_corrections(
+        &self,
+        work_order: &str,
+        lines: &[ReversalLine],
+        key: &str,
+    ) -> Postable<Posted> {
         let (ctx, _) = self.ctx().await?;
-        let production = match self.production(&r.work_order, &ctx).await {
+        let production = match self.production(work_order, &ctx).await {
             Ok(p) => p,
             Err(AdapterError::Rejected(why)) => return Ok(Err(why)),
             Err(e) => return Err(e),
@@ -1368,8 +1528,7 @@ impl TrytonAdapter {
             .unwrap_or_default();
         if state != "done" {
             return Ok(Err(format!(
-                "production order {} is {state} in tryton, not done",
-                r.work_order
+                "production order {work_order} is {state} in tryton, not done"
             )));
         }
         let location = production.get("location").and_then(Value::as_i64);
@@ -1379,8 +1538,7 @@ impl TrytonAdapter {
             .and_then(Value::as_i64);
         let (Some(location), Some(storage)) = (location, storage) else {
             return Ok(Err(format!(
-                "production order {} has no production or storage location",
-                r.work_order
+                "production order {work_order} has no production or storage location"
             )));
         };
         let mut posted = Posted::AlreadyThere;
@@ -1635,6 +1793,7 @@ impl TrytonAdapter {
             },
         };
         let lot = match &line.lot {
+            Some(number) if line.new_lot_ok => Some(self.lot_id(number, product, ctx).await?),
             Some(number) => {
                 let found = self
                     .search_read(
@@ -1655,15 +1814,15 @@ impl TrytonAdapter {
             }
             None => None,
         };
-        // The production's own move of that product and lot: its unit and cost, and the
-        // reversal's origin (the move it corrects).
-        let side = if line.to_storage {
-            "production_input"
-        } else {
+        // The production's own move of that product (and lot, unless the lot is new): its
+        // unit and cost, and the correction's origin (the move it corrects).
+        let side = if line.corrects_output {
             "production_output"
+        } else {
+            "production_input"
         };
         let mut same = json!([[side, "=", pid], ["product", "=", product]]);
-        if let (Some(l), Some(d)) = (lot, same.as_array_mut()) {
+        if let (Some(l), Some(d), false) = (lot, same.as_array_mut(), line.new_lot_ok) {
             d.push(json!(["lot", "=", l]));
         }
         let originals = self
@@ -1677,7 +1836,11 @@ impl TrytonAdapter {
         let Some(original) = originals.first() else {
             return Ok(Err(format!(
                 "production order has no {} move of that product and lot to correct",
-                if line.to_storage { "input" } else { "output" }
+                if line.corrects_output {
+                    "output"
+                } else {
+                    "input"
+                }
             )));
         };
         Ok(Ok((product, lot, original.clone())))
@@ -1794,6 +1957,8 @@ mod tests {
                 lot: Some("L1".into()),
                 quantity: Decimal::from(25),
                 to_storage: true,
+                corrects_output: false,
+                new_lot_ok: false,
             }]
         );
         let produce = reversal_lines(&reversal_of(ProductionKind::Produce, "W1", "WID")).unwrap();
