@@ -262,11 +262,17 @@ WARNING: DEMO CREDENTIALS. These users exist only because MES_DEMO=true; their p
   qa1       demo-qa1     quality
   plan1     demo-plan1   planner
 
+  device    device_secret  station
+  --------  -------------  -------
+  TAB-10    demo-TAB-10    ST-10
+  TAB-20    demo-TAB-20    ST-20
+  TAB-30    demo-TAB-30    ST-30
+
 Try it (copy and paste into bash): log in as op1 on tablet TAB-10, then start WO-1000 operation 10 at ST-10:
 
 TOKEN=\$(curl -fsS -X POST $BASE/api/v1/auth/token \\
   -H 'content-type: application/json' \\
-  -d '{"username":"op1","password":"demo-op1","device_id":"TAB-10"}' \\
+  -d '{"username":"op1","password":"demo-op1","device_id":"TAB-10","device_secret":"demo-TAB-10"}' \\
   | sed -n 's/.*"access_token" *: *"\\([^"]*\\)".*/\\1/p')
 curl -sS -X POST $BASE/api/v1/scans \\
   -H "authorization: Bearer \$TOKEN" -H 'content-type: application/json' \\

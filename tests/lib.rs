@@ -308,7 +308,9 @@ impl System {
     ) -> anyhow::Result<String> {
         let mut body = serde_json::json!({"username": user, "password": password});
         if let Some(d) = device {
+            // The demo tablets' enrolment secrets are `demo-<device>`.
             body["device_id"] = d.into();
+            body["device_secret"] = format!("demo-{d}").into();
         }
         let r = http
             .post(format!("{}/api/v1/auth/token", self.gateway))

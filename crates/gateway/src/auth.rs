@@ -126,6 +126,40 @@ fn verify_blocking(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A new device enrolment secret: 256 random bits, hex (what `gateway device enrol` prints).
+pub fn new_device_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
+    hex(&bytes)
+}
+
+/// What is stored of a device secret: `sha256:<hex>`. A fast digest is enough: the secrets
+/// are random 256-bit values, not passwords (the demo ones are public anyway).
+pub fn device_secret_hash(secret: &str) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex(&sha2::Sha256::digest(secret.as_bytes())))
+}
+
+/// Whether `presented` is the secret of `stored` (a [`device_secret_hash`]), compared in
+/// constant time.
+pub fn device_secret_matches(stored: &str, presented: &str) -> bool {
+    let expected = stored.as_bytes();
+    let actual = device_secret_hash(presented);
+    let actual = actual.as_bytes();
+    if expected.len() != actual.len() {
+        return false;
+    }
+    let diff = expected
+        .iter()
+        .zip(actual)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A hash of a random password nobody knows: verifying against it makes an unknown user cost
 /// as much time as a known one (no user enumeration by timing).
 pub async fn dummy_hash() -> anyhow::Result<String> {
@@ -347,6 +381,19 @@ mod tests {
         assert!(t.verify(&forged).is_err());
         assert!(t.verify("not.a.token").is_err());
         assert!(t.verify("").is_err());
+    }
+
+    #[test]
+    fn device_secrets_are_stored_as_digests_and_checked() {
+        let secret = new_device_secret();
+        assert_eq!(secret.len(), 64);
+        assert_ne!(secret, new_device_secret());
+        let stored = device_secret_hash(&secret);
+        assert!(stored.starts_with("sha256:") && !stored.contains(&secret));
+        assert!(device_secret_matches(&stored, &secret));
+        assert!(!device_secret_matches(&stored, "demo-TAB-10"));
+        assert!(!device_secret_matches(&stored, ""));
+        assert!(!device_secret_matches("garbage", &secret));
     }
 
     #[tokio::test]

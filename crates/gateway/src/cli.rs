@@ -3,7 +3,7 @@
 //! ```text
 //! gateway user add --username alice --role operator [--role quality]   # password from stdin
 //! gateway user disable --username alice
-//! gateway device enrol --id TAB-40 --station ST-40
+//! gateway device enrol --id TAB-40 --station ST-40                  # prints the device secret
 //! gateway device withdraw --id TAB-40
 //! gateway serve                                                       # the default
 //! ```
@@ -24,7 +24,7 @@ pub const USAGE: &str = "usage:
   gateway [serve]
   gateway user add --username NAME --role ROLE [--role ROLE ...]   (password read from stdin)
   gateway user disable --username NAME
-  gateway device enrol --id DEVICE --station STATION
+  gateway device enrol --id DEVICE --station STATION   (prints the device's new secret, once)
   gateway device withdraw --id DEVICE
 roles: operator, supervisor, quality, planner, admin";
 
@@ -141,14 +141,20 @@ impl Command {
     }
 }
 
-/// Runs an admin command against the gateway's database.
+/// Runs an admin command against the gateway's database and prints what it did.
 pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    let out = execute(command, settings).await?;
+    println!("{out}");
+    Ok(())
+}
+
+/// Runs an admin command against the gateway's database: what it did, to print.
+pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<String> {
     if command == Command::Help {
-        println!("{USAGE}");
-        return Ok(());
+        return Ok(USAGE.to_owned());
     }
     let pool = store::prepare(&settings.service).await?;
-    match command {
+    let out = match command {
         Command::UserAdd { username, roles } => {
             eprintln!("password for {username} (one line on stdin):");
             let mut line = String::new();
@@ -160,27 +166,33 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             );
             let hash = hash_password(password).await?;
             store::upsert_user(&pool, &username, &hash, &roles).await?;
-            println!("user {username} saved with roles {}", roles.join(","));
+            format!("user {username} saved with roles {}", roles.join(","))
         }
         Command::UserDisable { username } => {
             anyhow::ensure!(
                 store::disable_user(&pool, &username).await?,
                 "no user {username}"
             );
-            println!("user {username} disabled");
+            format!("user {username} disabled")
         }
         Command::DeviceEnrol { id, station } => {
-            store::enrol_device(&pool, &id, &station).await?;
-            println!("device {id} enrolled at station {station}");
+            let secret = crate::auth::new_device_secret();
+            let hash = crate::auth::device_secret_hash(&secret);
+            store::enrol_device(&pool, &id, &station, &hash).await?;
+            format!(
+                "device {id} enrolled at station {station}; configure its secret on the device \
+                 (shown once, only its digest is stored; enrolling again issues a new one):\n\
+                 device secret: {secret}"
+            )
         }
         Command::DeviceWithdraw { id } => {
             anyhow::ensure!(store::withdraw_device(&pool, &id).await?, "no device {id}");
-            println!("device {id} withdrawn");
+            format!("device {id} withdrawn")
         }
-        Command::Help => {}
-    }
+        Command::Help => USAGE.to_owned(),
+    };
     pool.close().await;
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub struct Device {
     pub device_id: String,
     pub station: String,
     pub active: bool,
+    /// `sha256:<hex>` of the device's enrolment secret (None: enrolled before secrets existed;
+    /// it cannot bind a login until enrolled again).
+    pub secret_hash: Option<String>,
 }
 
 #[tracing::instrument(skip(pool))]
@@ -78,23 +81,31 @@ pub async fn disable_user(pool: &PgPool, username: &str) -> sqlx::Result<bool> {
 #[tracing::instrument(skip(pool))]
 pub async fn find_device(pool: &PgPool, device_id: &str) -> sqlx::Result<Option<Device>> {
     sqlx::query_as::<_, Device>(
-        "SELECT device_id, station, active FROM devices WHERE device_id = $1",
+        "SELECT device_id, station, active, secret_hash FROM devices WHERE device_id = $1",
     )
     .bind(device_id)
     .fetch_optional(pool)
     .await
 }
 
-/// Enrols a device at a station (or moves it there, re-activating it).
-#[tracing::instrument(skip(pool))]
-pub async fn enrol_device(pool: &PgPool, device_id: &str, station: &str) -> sqlx::Result<()> {
+/// Enrols a device at a station (or moves it there, re-activating it) with the digest of its
+/// enrolment secret (replacing any previous one).
+#[tracing::instrument(skip(pool, secret_hash))]
+pub async fn enrol_device(
+    pool: &PgPool,
+    device_id: &str,
+    station: &str,
+    secret_hash: &str,
+) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO devices (device_id, station) VALUES ($1, $2)
+        "INSERT INTO devices (device_id, station, secret_hash) VALUES ($1, $2, $3)
          ON CONFLICT (device_id) DO UPDATE
-           SET station = EXCLUDED.station, active = true, updated_at = now()",
+           SET station = EXCLUDED.station, secret_hash = EXCLUDED.secret_hash,
+               active = true, updated_at = now()",
     )
     .bind(device_id)
     .bind(station)
+    .bind(secret_hash)
     .execute(pool)
     .await?;
     Ok(())
@@ -120,6 +131,7 @@ pub const DEMO_USERS: &[(&str, &str, &str)] = &[
     ("plan1", "demo-plan1", "planner"),
 ];
 
+/// Demo devices and their stations; a demo device's enrolment secret is `demo-<device>`.
 pub const DEMO_DEVICES: &[(&str, &str)] = &[
     ("TAB-10", "ST-10"),
     ("TAB-20", "ST-20"),
@@ -147,12 +159,13 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<()> {
         });
     futures::future::try_join_all(seeded).await?;
     for &(device, station) in DEMO_DEVICES {
-        enrol_device(pool, device, station).await?;
+        let secret = crate::auth::device_secret_hash(&format!("demo-{device}"));
+        enrol_device(pool, device, station, &secret).await?;
     }
     tracing::warn!(
         users = DEMO_USERS.len(),
         devices = DEMO_DEVICES.len(),
-        "demo mode: demo users with well-known passwords are enabled; never use in production"
+        "demo mode: demo users and devices with well-known passwords and secrets are enabled; never use in production"
     );
     Ok(())
 }

@@ -12,14 +12,14 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::auth::{Busy, Principal};
+use crate::auth::{Busy, Principal, device_secret_matches};
 use crate::input::{Fields, json_body};
-use crate::problem::Problem;
+use crate::problem::{FieldError, Problem};
 use crate::routes::db_error;
 use crate::store;
 
-/// Credentials; `device_id`, when given, must be an enrolled device and binds the token to
-/// that device's station.
+/// Credentials; `device_id`, when given, must be an enrolled device, proven by its
+/// `device_secret` (issued at enrolment), and binds the token to that device's station.
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct TokenRequest {
@@ -29,6 +29,10 @@ pub struct TokenRequest {
     password: String,
     #[schema(example = "TAB-10")]
     device_id: Option<String>,
+    /// The device's enrolment secret (printed by `gateway device enrol`; `demo-<device>` for
+    /// the demo tablets). Required with `device_id`, refused without it.
+    #[schema(example = "demo-TAB-10", max_length = 256)]
+    device_secret: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -59,7 +63,7 @@ pub struct TokenResponse {
     responses(
         (status = 200, description = "The access token", body = TokenResponse),
         (status = 400, description = "`malformed_json` or `validation_failed`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthenticated`: bad credentials, or a device that is not enrolled", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthenticated`: bad credentials, or a device that is not enrolled or whose `device_secret` does not match", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`: too many failed logins of this username or from this address", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`: too many logins at once, or the database is unreachable; retry after `Retry-After`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
@@ -76,7 +80,20 @@ pub async fn token(
     let username = f.string("username", true, 64);
     let password = f.string("password", true, 256);
     let device_id = f.ident("device_id", false);
-    let errors = f.finish();
+    let device_secret = f.string("device_secret", false, 256);
+    let mut errors = f.finish();
+    match (&device_id, &device_secret) {
+        (Some(_), None) if !errors.iter().any(|e| e.field == "device_secret") => {
+            errors.push(FieldError::new(
+                "device_secret",
+                "is required with device_id",
+            ));
+        }
+        (None, Some(_)) if !errors.iter().any(|e| e.field == "device_id") => {
+            errors.push(FieldError::new("device_secret", "needs a device_id"));
+        }
+        _ => {}
+    }
     let (Some(username), Some(password)) = (username, password) else {
         return Err(Problem::validation(errors));
     };
@@ -118,23 +135,32 @@ pub async fn token(
         tracing::info!(client = %client, "login refused: bad credentials");
         return Err(Problem::unauthenticated("invalid username or password"));
     };
-    state.limits.refund_login(attempt).await;
     let (device, station) = match device_id {
         None => (None, None),
-        Some(id) => match store::find_device(&state.pool, &id)
-            .await
-            .map_err(|e| db_error(e, retry_after))?
-        {
-            Some(d) if d.active => (Some(d.device_id), Some(d.station)),
-            _ => {
+        Some(id) => match store::find_device(&state.pool, &id).await {
+            Err(e) => {
+                state.limits.refund_login(attempt).await;
+                return Err(db_error(e, retry_after));
+            }
+            Ok(Some(d))
+                if d.active
+                    && d.secret_hash.as_deref().is_some_and(|h| {
+                        device_secret_matches(h, device_secret.as_deref().unwrap_or_default())
+                    }) =>
+            {
+                (Some(d.device_id), Some(d.station))
+            }
+            Ok(_) => {
+                // The attempt stays counted: device secrets cannot be guessed either.
                 metrics::counter!("gateway_auth_failures_total", "reason" => "device").increment(1);
-                tracing::info!(device = %id, "login refused: device not enrolled");
+                tracing::info!(device = %id, "login refused: device not enrolled or wrong device secret");
                 return Err(Problem::unauthenticated(format!(
-                    "device {id} is not enrolled"
+                    "device {id} is not enrolled, or its device_secret does not match"
                 )));
             }
         },
     };
+    state.limits.refund_login(attempt).await;
     let (access_token, claims) = state
         .tokens
         .issue(&user.username, user.roles.clone(), device, station)

@@ -34,13 +34,63 @@ async fn login_on_an_enrolled_device_binds_its_station() {
             .post_json(
                 "/api/v1/auth/token",
                 None,
-                &json!({"username": "op1", "password": "demo-op1", "device_id": device}),
+                &json!({"username": "op1", "password": "demo-op1", "device_id": device,
+                        "device_secret": format!("demo-{device}")}),
             )
             .await;
         assert_eq!(res.status(), 200);
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["station"], station);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_station_binding_needs_the_devices_enrolment_secret() {
+    let app = &spawn_app().await;
+    let login = |body: Value| async move { app.post_json("/api/v1/auth/token", None, &body).await };
+    // Naming a tablet is not enough.
+    let res =
+        login(json!({"username": "op1", "password": "demo-op1", "device_id": "TAB-10"})).await;
+    let p = assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(error_fields(&p), vec!["device_secret"]);
+    // Another tablet's secret, or a wrong one.
+    for secret in ["demo-TAB-20", "demo-TAB-1", "", "x"] {
+        let res = login(json!({"username": "op1", "password": "demo-op1",
+            "device_id": "TAB-10", "device_secret": secret}))
+        .await;
+        let status = res.status().as_u16();
+        assert!(status == 401 || status == 400, "{secret:?}: {status}");
+        if status == 401 {
+            let p = assert_problem(res, 401, "unauthenticated").await;
+            assert!(!p["detail"].as_str().unwrap().contains("demo-"), "{p}");
+        }
+    }
+    // A secret without a device means nothing.
+    let res =
+        login(json!({"username": "op1", "password": "demo-op1", "device_secret": "demo-TAB-10"}))
+            .await;
+    let p = assert_problem(res, 400, "validation_failed").await;
+    assert_eq!(error_fields(&p), vec!["device_secret"]);
+    // The tablet's own secret binds its station.
+    let res = login(json!({"username": "op1", "password": "demo-op1",
+        "device_id": "TAB-10", "device_secret": "demo-TAB-10"}))
+    .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["station"], "ST-10");
+    // Stored hashed, never as given.
+    let pool = mes_common::db::lazy_pool(&app.settings.service.database_url, 1).unwrap();
+    let stored: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT secret_hash FROM devices ORDER BY device_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 3);
+    for hash in stored {
+        let hash = hash.expect("every demo device has a secret");
+        assert!(!hash.contains("demo-"), "{hash}");
+    }
+    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -64,7 +114,8 @@ async fn an_unknown_device_is_401() {
         .post_json(
             "/api/v1/auth/token",
             None,
-            &json!({"username": "op1", "password": "demo-op1", "device_id": "TAB-99"}),
+            &json!({"username": "op1", "password": "demo-op1", "device_id": "TAB-99",
+                    "device_secret": "demo-TAB-99"}),
         )
         .await;
     assert_problem(res, 401, "unauthenticated").await;
@@ -208,7 +259,7 @@ async fn users_created_by_the_admin_commands_can_log_in() {
     gateway::store::upsert_user(&pool, "alice", &hash, &["quality".to_owned()])
         .await
         .unwrap();
-    gateway::cli::run(
+    let enrolled = gateway::cli::execute(
         gateway::cli::Command::parse(
             "device enrol --id TAB-40 --station ST-40"
                 .split(' ')
@@ -220,11 +271,19 @@ async fn users_created_by_the_admin_commands_can_log_in() {
     )
     .await
     .unwrap();
+    // The enrolment prints the device's secret once.
+    let secret = enrolled
+        .lines()
+        .find_map(|l| l.strip_prefix("device secret: "))
+        .expect("the secret is printed")
+        .to_owned();
+    assert!(secret.len() >= 32, "{secret}");
     let res = app
         .post_json(
             "/api/v1/auth/token",
             None,
-            &json!({"username": "alice", "password": "a-long-password", "device_id": "TAB-40"}),
+            &json!({"username": "alice", "password": "a-long-password", "device_id": "TAB-40",
+                    "device_secret": secret}),
         )
         .await;
     assert_eq!(res.status(), 200);

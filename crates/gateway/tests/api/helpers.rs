@@ -124,11 +124,13 @@ impl TestApp {
         format!("{}{path}", self.address)
     }
 
-    /// Logs in, returning the token (panics unless 200).
+    /// Logs in, returning the token (panics unless 200). A device logs in with its demo
+    /// enrolment secret (`demo-<device>`).
     pub async fn login(&self, username: &str, password: &str, device: Option<&str>) -> String {
         let mut body = json!({"username": username, "password": password});
         if let Some(d) = device {
             body["device_id"] = json!(d);
+            body["device_secret"] = json!(format!("demo-{d}"));
         }
         let res = self
             .client
