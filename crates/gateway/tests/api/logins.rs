@@ -86,8 +86,12 @@ async fn forty_concurrent_bad_logins_keep_password_checks_and_memory_bounded() {
         "{} password checks ran at once",
         app.state.hashes.peak()
     );
-    // Two 19 MiB work areas at a time, and some slack; 40 at once would be ~760 MiB.
-    assert!(grown < 160 << 20, "RSS grew by {} MiB", grown >> 20);
+    // Two 19 MiB work areas at a time, and some slack; 40 at once would be ~760 MiB. Only
+    // meaningful when this test has its process to itself (nextest; `cargo test` runs the other
+    // tests, and their gateways' hashes, in the same process).
+    if std::env::var("NEXTEST_EXECUTION_MODE").as_deref() == Ok("process-per-test") {
+        assert!(grown < 160 << 20, "RSS grew by {} MiB", grown >> 20);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
