@@ -518,10 +518,40 @@ async fn every_confirmation_is_keyed_in_tryton_so_a_done_order_still_takes_later
     assert_eq!(erp.lot_quantity_in_storage("WID-L9").await, 3.0);
     assert_eq!(erp.lot_quantity_in_storage("STL-L1").await, 71.0);
 
-    // Tryton's books, as erp-sync reconciles them, count every confirmation; the corrections
-    // are not work orders.
+    // One of the late widgets is voided: reversed against the follow-up, in Tryton too.
+    let reversal = erp_sync::domain::Reversal {
+        work_order: number.clone(),
+        operation: 10,
+        station: STATION.into(),
+        reverses: key.clone(),
+        voided_scan: "late-1".into(),
+        voided_kind: "produce".into(),
+        void_scan: "void-late-1".into(),
+        good_quantity: Decimal::from(-1),
+        scrap_quantity: Decimal::ZERO,
+        produced_lots: lots(&[("WID-L9", "WID", -1)]),
+        consumed_lots: vec![],
+        scrapped_lots: vec![],
+        voided_at: chrono::Utc::now(),
+        voided_by: "sup1".into(),
+        reason: "counted twice".into(),
+    };
+    let reversal_key = reversal.idempotency_key();
+    for expected in [Posted::New, Posted::AlreadyThere] {
+        assert_eq!(
+            adapter
+                .post_reversal(&reversal, &reversal_key)
+                .await
+                .expect("reversed"),
+            expected
+        );
+    }
+    assert_eq!(erp.lot_quantity_in_storage("WID-L9").await, 2.0);
+
+    // Tryton's books, as erp-sync reconciles them, count every confirmation, follow-up and
+    // reversal (10 + 2 + 3 - 1); the corrections are not work orders.
     let books = adapter.quantities().await.expect("tryton's books");
-    assert_eq!(books.work_orders[&number], Decimal::from(15), "{books:?}");
+    assert_eq!(books.work_orders[&number], Decimal::from(14), "{books:?}");
     assert_eq!(books.work_orders.len(), 1, "{books:?}");
     let pulled = adapter.pull_work_orders(None).await.expect("pull");
     assert!(

@@ -46,7 +46,7 @@
 //!   stopped between the move and its note) is adopted rather than doubled.
 //!   What cannot be posted lands in the dead letters with the quantities to book by hand
 //!   (`erp_reversals_manual_total`): scrap (never posted), an order that is not `done`, an
-//!   unknown product or lot, an order without a move of that product and lot.
+//!   unknown product or lot, an order without a move of that product.
 //!
 //! Incremental pulls ask for records created or written since the cursor (the newest
 //! `create_date`/`write_date` seen, minus a few seconds of overlap: Tryton stamps the start of
@@ -1821,21 +1821,33 @@ impl TrytonAdapter {
         } else {
             "production_input"
         };
-        let mut same = json!([[side, "=", pid], ["product", "=", product]]);
-        if let (Some(l), Some(d), false) = (lot, same.as_array_mut(), line.new_lot_ok) {
-            d.push(json!(["lot", "=", l]));
+        let fields = ["unit", "cost_price", "unit_price", "currency", "company"];
+        let mut originals = Vec::new();
+        if let (Some(l), false) = (lot, line.new_lot_ok) {
+            originals = self
+                .search_read(
+                    "stock.move",
+                    json!([[side, "=", pid], ["product", "=", product], ["lot", "=", l]]),
+                    &fields,
+                    ctx.clone(),
+                )
+                .await?;
         }
-        let originals = self
-            .search_read(
-                "stock.move",
-                same,
-                &["unit", "cost_price", "unit_price", "currency", "company"],
-                ctx.clone(),
-            )
-            .await?;
+        if originals.is_empty() {
+            // A new lot, or one the order got in a correction (a late scan, then voided): the
+            // order's move of that product.
+            originals = self
+                .search_read(
+                    "stock.move",
+                    json!([[side, "=", pid], ["product", "=", product]]),
+                    &fields,
+                    ctx.clone(),
+                )
+                .await?;
+        }
         let Some(original) = originals.first() else {
             return Ok(Err(format!(
-                "production order has no {} move of that product and lot to correct",
+                "production order has no {} move of that product to correct",
                 if line.corrects_output {
                     "output"
                 } else {
