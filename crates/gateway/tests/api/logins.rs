@@ -214,3 +214,74 @@ async fn logins_beyond_the_password_checks_wait_then_get_503_with_retry_after() 
     assert_eq!(app.settings.login_attempts_per_user, 10);
     assert_eq!(login(&app, "op1", "demo-op1").await.status(), 200);
 }
+
+/// A TCP proxy to the test Redis whose answers can be delayed (a slow, not down, Redis).
+struct SlowRedis {
+    port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn slow_redis() -> SlowRedis {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let delay = delay_ms.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                continue;
+            };
+            let delay = delay.clone();
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut redis_rx, mut redis_tx) = redis.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rx, &mut redis_tx).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = redis_rx.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
+                    if ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    if client_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    SlowRedis { port, delay_ms }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_slow_login_limits_hold_and_logins_do_not_wait_for_it() {
+    let redis = slow_redis().await;
+    let mut settings = test_settings();
+    settings.service.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    settings.login_attempts_per_user = 3;
+    settings.login_redis_timeout_ms = 250;
+    let app = spawn_with(settings).await;
+    assert_eq!(login(&app, "qa1", "demo-qa1").await.status(), 200);
+    // Redis now answers after 3 s.
+    redis
+        .delay_ms
+        .store(3_000, std::sync::atomic::Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        statuses.push(login(&app, "op1", "guess").await.status().as_u16());
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "a login waited {:?} for Redis",
+            started.elapsed()
+        );
+    }
+    assert_eq!(statuses, vec![401, 401, 401, 429, 429]);
+    let res = login(&app, "op1", "demo-op1").await;
+    assert_problem(res, 429, "rate_limited").await;
+}
