@@ -273,9 +273,12 @@ fn transport_failure(status: &tonic::Status) -> bool {
         "h2 protocol error",
         "transport error",
         "Unexpected EOF",
-        "protocol error: missing grpc-status",
+        // Answers tonic could not read (not a service's handler speaking).
+        "protocol error",
         "grpc-status header missing",
         "Missing response message",
+        "failed to decode Protobuf message",
+        "Error decompressing",
     ]
     .iter()
     .any(|m| message.starts_with(m))
@@ -479,6 +482,12 @@ mod tests {
             reset,
             cancelled,
             tonic::Status::internal("Unexpected EOF decoding stream."),
+            tonic::Status::internal(
+                "failed to decode Protobuf message: WorkOrder.number: invalid string value: data is not UTF-8 encoded",
+            ),
+            tonic::Status::internal(
+                "protocol error: received message with invalid compression flag: 9 (valid flags are 0 and 1) while receiving response with status: 200 OK",
+            ),
             tonic::Status::unknown(
                 "protocol error: missing grpc-status trailer, stream was terminated without a final status",
             ),
