@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::fakes::{SIGNATURE_REFUSALS, start_scan_ingest};
+use crate::fakes::{SIGNATURE_REFUSALS, start_scan_ingest, start_scan_ingest_keyed};
 use crate::helpers::*;
 
 fn retry_after(res: &reqwest::Response) -> Option<u64> {
@@ -125,4 +125,31 @@ async fn a_services_own_role_refusal_stays_403_and_its_own_internal_error_500() 
         .await;
     let p = assert_problem(res, 500, "internal").await;
     assert!(!p["detail"].as_str().unwrap().contains("relation"), "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_signature_check_refusing_the_gateway_is_503_not_401() {
+    // The service runs with another deployment's key (a rotation gone wrong).
+    let other = mes_common::identity::CallerKey::from_config(
+        "another deployment's internal key, 32+ bytes",
+    );
+    let fake = start_scan_ingest_keyed(other.clone()).await;
+    // Signed with the wrong key, and not signed at all (demo gateway without a key).
+    for key in [mes_common::testing::internal_key(), Default::default()] {
+        let mut settings = test_settings();
+        settings.scan_ingest_url = fake.url.clone();
+        settings.service.internal_key = key;
+        let app = spawn_with(settings).await;
+        let token = app.demo_token("op1", Some("TAB-10")).await;
+        let res = app
+            .post_json(
+                "/api/v1/scans",
+                Some(&token),
+                &json!({"scans": [scan("ST-10")]}),
+            )
+            .await;
+        assert_eq!(retry_after(&res), Some(app.settings.retry_after_seconds));
+        assert_problem(res, 503, "unavailable").await;
+    }
+    assert!(fake.fake.calls().is_empty(), "refused before the handler");
 }

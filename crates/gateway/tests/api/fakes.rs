@@ -240,6 +240,12 @@ impl Drop for FakeServer {
 }
 
 pub async fn start_scan_ingest() -> FakeServer {
+    start_scan_ingest_keyed(None).await
+}
+
+/// A fake scan-ingest behind the services' real caller-signature check, with `key` as its
+/// deployment's internal key.
+pub async fn start_scan_ingest_keyed(key: Option<mes_common::identity::CallerKey>) -> FakeServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -259,7 +265,7 @@ pub async fn start_scan_ingest() -> FakeServer {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let svc = ScanIngestServer::new(fake.clone());
     tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
+        let _ = mes_common::grpc::server("fake-scan-ingest", key)
             .add_service(health)
             .add_service(svc)
             .serve_with_incoming_shutdown(
