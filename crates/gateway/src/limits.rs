@@ -140,9 +140,15 @@ impl Limits {
     pub async fn refund_login(&self, attempt: Attempt) {
         self.login.refund_locally(&attempt.keys);
         let pipeline = self.redis.client().pipeline();
+        let window = self.login.window.as_millis() as i64;
         let queued: Result<(), Error> = async {
             for (key, _) in &attempt.keys {
-                let () = pipeline.decr(self.redis.key(key)).await?;
+                let key = self.redis.key(key);
+                let () = pipeline.decr(&key).await?;
+                // Had the window just ended, DECR made a new key: it must expire too.
+                let () = pipeline
+                    .pexpire(&key, window, Some(ExpireOptions::NX))
+                    .await?;
             }
             Ok(())
         }
