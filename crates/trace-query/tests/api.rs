@@ -1098,12 +1098,14 @@ async fn generated_plant_loads_through_scan_ingest_and_is_traced_to_full_depth()
     };
     let url = format!("http://127.0.0.1:{}", env.si.as_ref().unwrap().port);
     let caller = mes_common::identity::Caller::system("mes-datagen");
+    // Signed with the internal key the harness gives the services.
+    let key = mes_common::identity::CallerKey::from_config(mes_common::testing::INTERNAL_KEY);
     let mut quiet = |_: u64, _: u64| {};
-    datagen::load_grpc(&url, &plan, &caller, None, &mut quiet)
+    datagen::load_grpc(&url, &plan, &caller, key.clone(), &mut quiet)
         .await
         .expect("load through scan-ingest");
     // Loading again changes nothing: the same scan ids come back as duplicates.
-    datagen::load_grpc(&url, &plan, &caller, None, &mut quiet)
+    datagen::load_grpc(&url, &plan, &caller, key, &mut quiet)
         .await
         .expect("reload");
     env.caught_up(&app).await;
