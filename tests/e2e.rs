@@ -399,15 +399,20 @@ async fn every_service_answers_health_and_reflection() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(serving, "{service} is not SERVING");
-        let services = reflection_services(channel).await;
-        assert!(
-            services.iter().any(|s| s == name),
-            "{service} reflection lists {services:?}"
-        );
-        assert!(
-            services.iter().any(|s| s == "grpc.health.v1.Health"),
-            "{service}: {services:?}"
-        );
+        // Both versions of the reflection protocol (grpcurl 1.8 and older clients: v1alpha).
+        for v1alpha in [false, true] {
+            let services = mes_common::testing::reflection_services(channel.clone(), v1alpha)
+                .await
+                .unwrap_or_else(|e| panic!("{service} reflection (v1alpha: {v1alpha}): {e:?}"));
+            assert!(
+                services.iter().any(|s| s == name),
+                "{service} reflection lists {services:?}"
+            );
+            assert!(
+                services.iter().any(|s| s == "grpc.health.v1.Health"),
+                "{service}: {services:?}"
+            );
+        }
     }
     let health = reqwest::get(format!("{}/api/v1/health", sys.gateway))
         .await
@@ -515,30 +520,6 @@ async fn forged_internal_calls_are_refused_and_signed_ones_pass() {
         .expect("a signed supervisor may hold")
         .into_inner();
     assert_eq!(held.status, "on_hold");
-}
-
-async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    if let Some(resp) = stream.message().await.unwrap()
-        && let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response
-    {
-        out = list.service.into_iter().map(|s| s.name).collect();
-    }
-    out
 }
 
 /// Schema-driven fuzzing (schemathesis) of every route of the served OpenAPI document, as an
