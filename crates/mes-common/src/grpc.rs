@@ -610,6 +610,21 @@ mod tests {
             .expect("a new signed call is served");
     }
 
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_before_it_is_verified() {
+        let key = CallerKey::from_config(KEY);
+        let (port, _stop) = serve(key.clone()).await;
+        let mut caller = EventFeedClient::new(signed(plain(port), key));
+        let huge = "x".repeat(MAX_SIGNED_BODY);
+        let status = first_event(&mut caller, subscribe(1, &huge, "sys"))
+            .await
+            .expect_err("too large");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        first_event(&mut caller, subscribe(1, "small", "sys"))
+            .await
+            .expect("the next call is served");
+    }
+
     /// Settings as an operator writes them, through the real configuration loader.
     #[allow(clippy::result_large_err)]
     fn settings_from_env(vars: &[(&str, &str)]) -> crate::ServiceSettings {
