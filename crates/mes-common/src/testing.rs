@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub mod proxy;
+
 /// Drops the database of `url` when dropped.
 pub struct DbGuard {
     pub url: String,

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxy::Proxy;
 use common::*;
+use mes_common::testing::proxy::Proxy;
 use mes_proto::v1 as pb;
 use pb::ScanKind as K;
 use pb::ScanStatus as S;

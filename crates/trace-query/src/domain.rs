@@ -288,6 +288,30 @@ pub struct Invalidation {
     pub changes: Changes,
 }
 
+impl Invalidation {
+    /// The cache keys (without the service's key prefix) whose answers this makes stale:
+    /// genealogies, histories, work-order summaries, "not found" entries of lots and work
+    /// orders that now exist, and the reports. Sorted, without duplicates.
+    pub fn keys(&self) -> Vec<String> {
+        let c = &self.changes;
+        let mut keys: Vec<String> = Vec::new();
+        keys.extend(self.backward.iter().map(|l| format!("g:b:{l}")));
+        keys.extend(self.forward.iter().map(|l| format!("g:f:{l}")));
+        keys.extend(c.history.iter().map(|l| format!("h:{l}")));
+        keys.extend(c.new_lots.iter().map(|l| format!("nf:lot:{l}")));
+        for wo in &c.work_orders {
+            keys.push(format!("wo:{wo}"));
+            keys.push(format!("nf:wo:{wo}"));
+        }
+        if c.reports {
+            keys.push("reports".into());
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

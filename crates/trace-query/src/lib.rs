@@ -43,6 +43,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// SERVING).
 pub const REDIS_HEALTH: &str = "redis";
 
+/// The gRPC health service name that reports the feed consumer: NOT_SERVING while it is
+/// stopped in front of an event it cannot apply (answers are then stale; the service itself
+/// stays SERVING).
+pub const FEED_HEALTH: &str = "feed";
+
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -54,23 +59,33 @@ pub struct AppState {
     pub settings: Arc<Settings>,
 }
 
-/// Mirrors the query cache's state as the health service [`REDIS_HEALTH`].
+/// Mirrors the query cache's state as the health service [`REDIS_HEALTH`], and the feed
+/// consumer's as [`FEED_HEALTH`].
 async fn cache_health(
     reporter: tonic_health::server::HealthReporter,
-    cache: cache::QueryCache,
+    state: AppState,
     shutdown: Shutdown,
 ) {
-    let mut last = None;
+    let status = |ok: bool| {
+        if ok {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        }
+    };
+    let (mut last_cache, mut last_feed) = (None, None);
     loop {
-        let up = cache.redis_available();
-        if last != Some(up) {
-            let status = if up {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            reporter.set_service_status(REDIS_HEALTH, status).await;
-            last = Some(up);
+        let up = state.cache.redis_available();
+        if last_cache != Some(up) {
+            reporter.set_service_status(REDIS_HEALTH, status(up)).await;
+            last_cache = Some(up);
+        }
+        let flowing = state.projection.stalled().is_none();
+        if last_feed != Some(flowing) {
+            reporter
+                .set_service_status(FEED_HEALTH, status(flowing))
+                .await;
+            last_feed = Some(flowing);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -146,7 +161,7 @@ impl Application {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(cache_health(
             reporter.clone(),
-            state.cache.clone(),
+            state.clone(),
             shutdown.clone(),
         ));
         // Database (decides SERVING) and Redis (reported only: without it the service answers

@@ -9,7 +9,7 @@
 //! each event carries the feed's head position), `event_feed_lag_seconds` (age of the last
 //! applied event while more are waiting; 0 when caught up).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::cache::QueryCache;
 use crate::config::Settings;
-use crate::store::apply;
+use crate::store::apply::{self, Stop};
 
 type Feed = EventFeedClient<Signed<Channel>>;
 
@@ -38,6 +38,8 @@ pub struct Projection {
     feed: Feed,
     /// Makes the consumer resubscribe from the stored cursor (after a rebuild).
     resubscribe: Arc<Notify>,
+    /// The event the consumer is stopped in front of, if any.
+    stalled: Arc<Mutex<Option<Stop>>>,
 }
 
 impl Projection {
@@ -56,11 +58,31 @@ impl Projection {
             settings,
             feed,
             resubscribe: Arc::new(Notify::new()),
+            stalled: Arc::new(Mutex::new(None)),
         })
     }
 
     fn consumer(&self) -> &str {
         &self.settings.feed_consumer
+    }
+
+    /// The event the consumer cannot apply and waits in front of, if any.
+    pub fn stalled(&self) -> Option<Stop> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_stalled(&self, stop: Option<Stop>) {
+        let consumer = self.consumer().to_owned();
+        metrics::gauge!("event_feed_stalled", "consumer" => consumer.clone())
+            .set(if stop.is_some() { 1.0 } else { 0.0 });
+        if let Some(stop) = &stop {
+            metrics::gauge!("event_feed_stalled_position", "consumer" => consumer)
+                .set(stop.position as f64);
+        }
+        *self.stalled.lock().unwrap_or_else(|p| p.into_inner()) = stop;
     }
 
     /// The stored cursor.
@@ -192,11 +214,25 @@ impl Projection {
                 .set(behind as f64);
             if applied.events > 0 {
                 self.cache
-                    .applied(&applied.invalidation, !more)
+                    .applied(&applied.invalidation, !more, applied.pending)
                     .instrument(span)
                     .await;
             }
             drop(in_progress);
+            if let Some(stop) = applied.stopped {
+                tracing::error!(
+                    position = stop.position,
+                    kind = %stop.kind,
+                    reason = %stop.reason,
+                    "event feed stalled: this trace-query cannot apply the event; upgrade it, or record the position in feed_skips to pass it"
+                );
+                self.set_stalled(Some(stop.clone()));
+                anyhow::bail!("{stop}");
+            }
+            if applied.events > 0 && self.stalled().is_some() {
+                self.set_stalled(None);
+                tracing::info!(position, "event feed no longer stalled");
+            }
             if let Some(status) = broken {
                 return Err(status.into());
             }

@@ -3,8 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod proxy;
-
 use std::time::Duration;
 
 use mes_common::Shutdown;

@@ -7,23 +7,29 @@
 //!   the holder's answer to appear, then asks the database itself (never hangs).
 //! - **Writes**: answers get a TTL with random jitter (no synchronized expiry); "not found" a
 //!   short one.
-//! - **Invalidation**: the projection commits, then deletes the keys its events made stale
-//!   (computed by the store, [`crate::store::apply`]), and deletes them again
-//!   `cache_second_delete_ms` later, against a reader that refilled a key from an older
-//!   snapshot. Every cached answer thus reflects an applied event within about that delay.
+//! - **Invalidation**: the projection commits a batch together with the list of keys it made
+//!   stale (table `cache_invalidations`), then bumps each key's version and deletes the key,
+//!   then deletes the row. Every store is conditional on the version read *before* the loader
+//!   asked the database (one Lua script), so a loader that began before a commit and finishes
+//!   after its deletions can never store its older answer. A second plain delete
+//!   `cache_second_delete_ms` later stays as a belt and braces.
+//! - **Staleness bound**: with Redis up, a cached answer is gone once the batch that made it
+//!   stale has run its deletions (right after its commit, within milliseconds). If the replica
+//!   dies between its commit and its deletions, any replica's watchdog replays rows older than
+//!   [`ABANDONED_AFTER`] within about one more second ([`STALENESS_BOUND`] in all). A hash of
+//!   genealogy depths keeps the TTL of its first store (a later depth never extends it).
 //! - **Penetration**: the membership filter ([`filter`]) and short-lived "not found" entries.
 //! - **Pre-warming**: the backward genealogy of freshly produced lots is computed in the
 //!   background (after the second delete, so it is not thrown away).
 //! - **Redis down**: every Redis call has a short timeout; a failure closes the gate and
 //!   requests go straight to PostgreSQL. A watchdog reopens it once Redis answers again and the
-//!   deletions that failed meanwhile were replayed (or, if too many, the whole cache purged), so
-//!   a recovered Redis never serves an answer the projection meanwhile made stale. A Redis that
+//!   deletions owed in `cache_invalidations` were replayed (or, if too many, the whole cache
+//!   purged), so a recovered Redis never serves an answer the projection meanwhile made stale. A Redis that
 //!   restarted empty is detected by the filter's sentinel bit, and the filter rebuilt.
 
 pub mod filter;
 pub mod flight;
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,14 +51,41 @@ use crate::stats::{CacheResult, Query, Stats};
 use filter::BloomParams;
 use flight::Flights;
 
-/// Pending deletions kept while Redis is unreachable; beyond this the whole cache is purged on
-/// recovery instead.
-const MAX_PENDING_KEYS: usize = 100_000;
-/// Keys per DEL command.
+/// Owed invalidation rows beyond which recovery purges the whole cache instead of replaying.
+const MAX_PENDING_ROWS: i64 = 10_000;
+/// Keys per DEL command (and per invalidation script).
 const DELETE_CHUNK: usize = 500;
+/// An owed invalidation row this old was abandoned by its replica (which deletes its own rows
+/// milliseconds after its commit): any replica replays it.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(2);
+/// The longest a cached answer outlives the commit that made it stale while Redis answers,
+/// whatever replica crashes: abandoned rows are replayed by the watchdog's next round.
+pub const STALENESS_BOUND: Duration = Duration::from_secs(4);
+/// How long a key's version outlives its last invalidation (well beyond any loader's run).
+const VERSION_TTL_MS: i64 = 3_600_000;
 const RELEASE_LOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
-const HSET_WITH_TTL: &str =
-    "redis.call('hset', KEYS[1], ARGV[1], ARGV[2]); return redis.call('pexpire', KEYS[1], ARGV[3])";
+/// Stores an answer only if the key's version is still the one read before the load.
+/// KEYS: data key, version key. ARGV: expected version ('' = none), value, TTL ms, hash field
+/// ('' for a string key). A hash keeps the TTL of its first field.
+const STORE_IF_CURRENT: &str = "
+local v = redis.call('get', KEYS[2]) or ''
+if v ~= ARGV[1] then return 0 end
+if ARGV[4] == '' then
+  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('hset', KEYS[1], ARGV[4], ARGV[2])
+  if redis.call('pttl', KEYS[1]) < 0 then redis.call('pexpire', KEYS[1], ARGV[3]) end
+end
+return 1";
+/// Bumps each key's version, then deletes the key. KEYS: data key, version key, pairwise.
+/// ARGV: version TTL ms.
+const INVALIDATE: &str = "
+for i = 1, #KEYS, 2 do
+  redis.call('incr', KEYS[i + 1])
+  redis.call('pexpire', KEYS[i + 1], ARGV[1])
+  redis.call('unlink', KEYS[i])
+end
+return #KEYS / 2";
 
 /// Where an answer is cached.
 #[derive(Debug, Clone)]
@@ -95,7 +128,8 @@ struct Inner {
     flights: Flights<(Shared, CacheResult)>,
     bloom: BloomParams,
     filter_key: String,
-    /// Deletions that failed (replayed when Redis is back).
+    /// Whether a deletion or filter update failed since the last replay of
+    /// `cache_invalidations` (the gate then stays closed until one more replay).
     pending: Mutex<Pending>,
     prewarm: Arc<Semaphore>,
     /// Delayed deletes and pre-warmings not finished yet.
@@ -120,9 +154,10 @@ impl Drop for Busy {
 
 #[derive(Default)]
 struct Pending {
-    keys: BTreeSet<String>,
-    lots: BTreeSet<String>,
-    overflow: bool,
+    /// An invalidation failed: its row in `cache_invalidations` must be replayed.
+    failed: bool,
+    /// The cache must be purged (a rebuild while Redis was down).
+    purge: bool,
 }
 
 #[derive(Clone)]
@@ -248,33 +283,29 @@ impl QueryCache {
         }
     }
 
-    /// After the projection committed a batch: known lots into the filter, stale keys deleted
-    /// now and once more after `cache_second_delete_ms`, pre-warming of produced lots when the
-    /// consumer is caught up (`warm`).
-    pub async fn applied(&self, inv: &Invalidation, warm: bool) {
+    /// After the projection committed a batch: known lots into the filter, stale keys
+    /// invalidated (version bumped, key deleted) now and deleted once more after
+    /// `cache_second_delete_ms`, the batch's `cache_invalidations` row (`pending`) removed once
+    /// all that succeeded, pre-warming of produced lots when the consumer is caught up (`warm`).
+    pub async fn applied(&self, inv: &Invalidation, warm: bool, pending: Option<i64>) {
         let inner = &self.inner;
         let c = &inv.changes;
+        let mut done = true;
         if !c.new_lots.is_empty() {
-            inner.filter_add(c.new_lots.iter().cloned().collect()).await;
+            done &= inner.filter_add(c.new_lots.iter().cloned().collect()).await;
         }
-        let mut keys: Vec<String> = Vec::new();
-        keys.extend(inv.backward.iter().map(|l| self.key(&format!("g:b:{l}"))));
-        keys.extend(inv.forward.iter().map(|l| self.key(&format!("g:f:{l}"))));
-        keys.extend(c.history.iter().map(|l| self.key(&format!("h:{l}"))));
-        keys.extend(c.new_lots.iter().map(|l| self.key(&format!("nf:lot:{l}"))));
-        for wo in &c.work_orders {
-            keys.push(self.key(&format!("wo:{wo}")));
-            keys.push(self.key(&format!("nf:wo:{wo}")));
+        let keys: Vec<String> = inv.keys().iter().map(|k| self.key(k)).collect();
+        if !keys.is_empty() {
+            done &= inner.invalidate(&keys).await;
         }
-        if c.reports {
-            keys.push(self.key("reports"));
+        if let Some(id) = pending
+            && done
+        {
+            inner.forget(&[id]).await;
         }
         if keys.is_empty() {
             return;
         }
-        keys.sort();
-        keys.dedup();
-        inner.delete(keys.clone()).await;
         let delayed = inner.clone();
         let delay = Duration::from_millis(inner.settings.cache_second_delete_ms);
         let busy = Busy::new(&inner.background);
@@ -341,6 +372,16 @@ impl QueryCache {
         loop {
             if !inner.up.load(Ordering::Acquire) {
                 inner.try_recover().await;
+            }
+            if inner.up.load(Ordering::Acquire) {
+                // Deletions owed by a replica that died between its commit and its deletions.
+                match inner.replay(Some(ABANDONED_AFTER)).await {
+                    Ok(true) => {}
+                    Ok(false) => inner.note_failure(),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "owed cache invalidations not read")
+                    }
+                }
             }
             if inner.up.load(Ordering::Acquire) {
                 let sentinel = inner.filter_sentinel().await;
@@ -571,6 +612,9 @@ impl Inner {
                 }
             }
         }
+        // The versions before the database is asked: an invalidation committed after this
+        // point bumps them, and the store below is then refused.
+        let versions = self.versions(&lookup).await;
         let started = std::time::Instant::now();
         self.stats.db_query(lookup.query);
         let loaded = load().await;
@@ -579,21 +623,17 @@ impl Inner {
         let result = match loaded {
             Ok(Some(bytes)) => {
                 let bytes = Bytes::from(bytes);
-                let ttl = self.ttl_ms(self.settings.cache_ttl_seconds.saturating_mul(1000));
-                self.store(&lookup.slot, bytes.clone(), ttl).await;
+                if let Some((version, _)) = &versions {
+                    let ttl = self.ttl_ms(self.settings.cache_ttl_seconds.saturating_mul(1000));
+                    self.store(&lookup.slot, version, Value::Bytes(bytes.clone()), ttl)
+                        .await;
+                }
                 Ok(Some(bytes))
             }
             Ok(None) => {
-                if let Some(neg) = &lookup.negative {
+                if let (Some(neg), Some((_, Some(version)))) = (&lookup.negative, &versions) {
                     let ttl = self.ttl_ms(self.settings.cache_negative_ttl_ms);
-                    let _: Option<()> = self
-                        .call(self.redis.client().set(
-                            neg.as_str(),
-                            "1",
-                            Some(Expiration::PX(ttl)),
-                            None,
-                            false,
-                        ))
+                    self.store(&Slot::Key(neg.clone()), version, Value::from("1"), ttl)
                         .await;
                 }
                 Ok(None)
@@ -621,60 +661,213 @@ impl Inner {
             .await;
     }
 
-    async fn store(&self, slot: &Slot, bytes: Bytes, ttl_ms: i64) {
-        match slot {
-            Slot::Key(k) => {
-                let _: Option<()> = self
-                    .call(self.redis.client().set(
-                        k.as_str(),
-                        Value::Bytes(bytes),
-                        Some(Expiration::PX(ttl_ms)),
-                        None,
-                        false,
-                    ))
-                    .await;
-            }
-            Slot::Field { key, field } => {
-                let _: Option<Value> = self
-                    .call(self.redis.client().custom(
-                        fred::cmd!("EVAL"),
-                        vec![
-                            Value::from(HSET_WITH_TTL),
-                            Value::Integer(1),
-                            Value::from(key.as_str()),
-                            Value::from(field.as_str()),
-                            Value::Bytes(bytes),
-                            Value::Integer(ttl_ms),
-                        ],
-                    ))
-                    .await;
-            }
+    /// Where the version of a cached `key` lives (`<prefix>ver:<key without prefix>`).
+    fn version_key(&self, key: &str) -> String {
+        let prefix = self.redis.prefix();
+        let logical = key.strip_prefix(prefix).unwrap_or(key);
+        format!("{prefix}ver:{logical}")
+    }
+
+    /// The current versions of the lookup's answer key and of its "not found" key (`""`
+    /// when never invalidated); `None` when Redis did not answer (nothing is stored then).
+    async fn versions(&self, lookup: &Lookup) -> Option<(String, Option<String>)> {
+        let slot_key = match &lookup.slot {
+            Slot::Key(k) => k,
+            Slot::Field { key, .. } => key,
+        };
+        let mut keys = vec![self.version_key(slot_key)];
+        if let Some(neg) = &lookup.negative {
+            keys.push(self.version_key(neg));
+        }
+        let values: Vec<Option<String>> = self.call(self.redis.client().mget(keys)).await?;
+        let mut values = values.into_iter().map(Option::unwrap_or_default);
+        let slot = values.next().unwrap_or_default();
+        Some((slot, lookup.negative.as_ref().and(values.next())))
+    }
+
+    /// Stores `value` at `slot` if the key's version is still `version` (see
+    /// [`STORE_IF_CURRENT`]); a refused store is counted.
+    async fn store(&self, slot: &Slot, version: &str, value: Value, ttl_ms: i64) {
+        let (key, field) = match slot {
+            Slot::Key(k) => (k.as_str(), ""),
+            Slot::Field { key, field } => (key.as_str(), field.as_str()),
+        };
+        let stored: Option<i64> = self
+            .call(self.redis.client().custom(
+                fred::cmd!("EVAL"),
+                vec![
+                    Value::from(STORE_IF_CURRENT),
+                    Value::Integer(2),
+                    Value::from(key),
+                    Value::from(self.version_key(key)),
+                    Value::from(version),
+                    value,
+                    Value::Integer(ttl_ms),
+                    Value::from(field),
+                ],
+            ))
+            .await;
+        if stored == Some(0) {
+            metrics::counter!("trace_cache_stale_stores_refused_total").increment(1);
         }
     }
 
-    /// Deletes `keys`; what cannot be deleted now is kept for the watchdog to replay.
+    /// Bumps the versions of `keys` and deletes them; false (and the gate closed, the failure
+    /// noted for the next replay) if Redis did not do it all.
+    async fn invalidate(&self, keys: &[String]) -> bool {
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            let mut args = vec![
+                Value::from(INVALIDATE),
+                Value::Integer(2 * chunk.len() as i64),
+            ];
+            for k in chunk {
+                args.push(Value::from(k.as_str()));
+                args.push(Value::from(self.version_key(k)));
+            }
+            args.push(Value::Integer(VERSION_TTL_MS));
+            let done: Option<i64> = self
+                .call(self.redis.client().custom(fred::cmd!("EVAL"), args))
+                .await;
+            if done.is_none() {
+                self.note_failure();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Deletes `keys` (the delayed second delete); a failure is noted like an invalidation's.
     async fn delete(&self, keys: Vec<String>) {
         for chunk in keys.chunks(DELETE_CHUNK) {
             let done: Option<i64> = self
                 .call(self.redis.client().unlink::<i64, _>(chunk.to_vec()))
                 .await;
             if done.is_none() {
-                let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                if !p.overflow {
-                    p.keys.extend(chunk.iter().cloned());
-                    if p.keys.len() > MAX_PENDING_KEYS {
-                        p.keys.clear();
-                        p.overflow = true;
-                    }
-                }
-                // Closed again under the lock: a recovery that drained the list just before
-                // cannot reopen the cache over this delete (see `try_recover`).
-                self.up.store(false, Ordering::Release);
+                self.note_failure();
+                return;
             }
         }
     }
 
-    async fn filter_add(&self, lots: Vec<String>) {
+    /// An invalidation did not reach Redis: keep the gate closed until the owed rows were
+    /// replayed once more after this (see [`Inner::try_recover`]).
+    fn note_failure(&self) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        p.failed = true;
+        // Closed again under the lock: a recovery that replayed the rows just before cannot
+        // reopen the cache over this failure.
+        self.up.store(false, Ordering::Release);
+    }
+
+    /// Deletes owed invalidation rows once their deletions are done.
+    async fn forget(&self, ids: &[i64]) {
+        if let Err(e) = sqlx::query("DELETE FROM cache_invalidations WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+        {
+            // Replayed later by a watchdog: deletions are idempotent.
+            tracing::warn!(error = %e, "owed cache invalidations not cleared");
+        }
+    }
+
+    /// Replays owed invalidations (`older_than`: only rows abandoned that long ago) with
+    /// direct Redis calls (the gate may be closed); true if every row was replayed and cleared.
+    async fn replay(&self, older_than: Option<Duration>) -> anyhow::Result<bool> {
+        let age_ms = older_than.map(|d| d.as_millis() as i64).unwrap_or(-1);
+        let owed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM cache_invalidations
+             WHERE $1 < 0 OR created_at < now() - make_interval(secs => $1 / 1000.0)",
+        )
+        .bind(age_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        if owed == 0 {
+            return Ok(true);
+        }
+        if owed > MAX_PENDING_ROWS && older_than.is_none() {
+            let last: i64 =
+                sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM cache_invalidations")
+                    .fetch_one(&self.pool)
+                    .await?;
+            if !self.purge_answers_unchecked().await || self.rebuild_filter().await.is_err() {
+                return Ok(false);
+            }
+            sqlx::query("DELETE FROM cache_invalidations WHERE id <= $1")
+                .bind(last)
+                .execute(&self.pool)
+                .await?;
+            tracing::warn!(
+                rows = owed,
+                "too many owed cache invalidations: cache purged"
+            );
+            return Ok(true);
+        }
+        let client = self.redis.client();
+        let mut after = 0i64;
+        loop {
+            let rows: Vec<(i64, Vec<String>, Vec<String>)> = sqlx::query_as(
+                "SELECT id, keys, lots FROM cache_invalidations
+                 WHERE id > $1 AND ($2 < 0 OR created_at < now() - make_interval(secs => $2 / 1000.0))
+                 ORDER BY id LIMIT 200",
+            )
+            .bind(after)
+            .bind(age_ms)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(last) = rows.last().map(|r| r.0) else {
+                return Ok(true);
+            };
+            for (_, keys, lots) in &rows {
+                let keys: Vec<String> = keys.iter().map(|k| self.redis.key(k)).collect();
+                for chunk in keys.chunks(DELETE_CHUNK) {
+                    let mut args = vec![
+                        Value::from(INVALIDATE),
+                        Value::Integer(2 * chunk.len() as i64),
+                    ];
+                    for k in chunk {
+                        args.push(Value::from(k.as_str()));
+                        args.push(Value::from(self.version_key(k)));
+                    }
+                    args.push(Value::Integer(VERSION_TTL_MS));
+                    let r = tokio::time::timeout(
+                        self.timeout(),
+                        client.custom::<Value, Value>(fred::cmd!("EVAL"), args),
+                    )
+                    .await;
+                    if !matches!(r, Ok(Ok(_))) {
+                        return Ok(false);
+                    }
+                }
+                for chunk in lots.chunks(64) {
+                    let offsets: Vec<u64> =
+                        chunk.iter().flat_map(|l| self.bloom.positions(l)).collect();
+                    let r = tokio::time::timeout(
+                        self.timeout(),
+                        client.custom::<Value, Value>(
+                            fred::cmd!("BITFIELD"),
+                            self.bitfield_args(&offsets, true),
+                        ),
+                    )
+                    .await;
+                    if !matches!(r, Ok(Ok(_))) {
+                        return Ok(false);
+                    }
+                }
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            sqlx::query("DELETE FROM cache_invalidations WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&self.pool)
+                .await?;
+            metrics::counter!("trace_cache_invalidations_replayed_total")
+                .increment(ids.len() as u64);
+            after = last;
+        }
+    }
+
+    /// Adds `lots` to the membership filter; false (failure noted) if Redis did not.
+    async fn filter_add(&self, lots: Vec<String>) -> bool {
         for chunk in lots.chunks(64) {
             let offsets: Vec<u64> = chunk.iter().flat_map(|l| self.bloom.positions(l)).collect();
             let done: Option<Value> = self
@@ -685,11 +878,11 @@ impl Inner {
                 )
                 .await;
             if done.is_none() {
-                let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                p.lots.extend(chunk.iter().cloned());
-                self.up.store(false, Ordering::Release);
+                self.note_failure();
+                return false;
             }
         }
+        true
     }
 
     /// `Some(true)` when the filter is built, `Some(false)` when not (e.g. Redis restarted
@@ -759,55 +952,33 @@ impl Inner {
         if !matches!(ping, Ok(Ok(_))) {
             return;
         }
-        let (keys, lots, overflow) = {
+        let purge = {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                std::mem::take(&mut p.keys),
-                std::mem::take(&mut p.lots),
-                std::mem::replace(&mut p.overflow, false),
-            )
+            p.failed = false;
+            std::mem::replace(&mut p.purge, false)
         };
-        let client = self.redis.client();
-        let restore = |keys: BTreeSet<String>, lots: BTreeSet<String>, overflow: bool| {
+        let restore = |purge: bool| {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            p.keys.extend(keys);
-            p.lots.extend(lots);
-            p.overflow |= overflow;
+            p.failed = true;
+            p.purge |= purge;
         };
-        if overflow && !self.purge_answers_unchecked().await {
-            restore(keys, lots, overflow);
+        if purge && !self.purge_answers_unchecked().await {
+            restore(true);
             return;
         }
-        let keys_v: Vec<String> = keys.iter().cloned().collect();
-        for chunk in keys_v.chunks(DELETE_CHUNK) {
-            let r =
-                tokio::time::timeout(self.timeout(), client.unlink::<i64, _>(chunk.to_vec())).await;
-            if !matches!(r, Ok(Ok(_))) {
-                restore(keys, lots, false);
-                return;
-            }
-        }
-        let lots_v: Vec<String> = lots.iter().cloned().collect();
-        for chunk in lots_v.chunks(64) {
-            let offsets: Vec<u64> = chunk.iter().flat_map(|l| self.bloom.positions(l)).collect();
-            let r = tokio::time::timeout(
-                self.timeout(),
-                client.custom::<Value, Value>(
-                    fred::cmd!("BITFIELD"),
-                    self.bitfield_args(&offsets, true),
-                ),
-            )
-            .await;
-            if !matches!(r, Ok(Ok(_))) {
-                restore(BTreeSet::new(), lots, false);
-                return;
+        match self.replay(None).await {
+            Ok(true) => {}
+            Ok(false) => return restore(false),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "owed cache invalidations not replayed");
+                return restore(false);
             }
         }
         {
-            // Reopen only if nothing failed meanwhile: a delete or filter update that failed
-            // after the list was taken is in it now, and the next round replays it.
+            // Reopen only if nothing failed meanwhile: an invalidation that failed after the
+            // replay read the table is noted, and the next round replays it.
             let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if !p.keys.is_empty() || !p.lots.is_empty() || p.overflow {
+            if p.failed || p.purge {
                 return;
             }
             self.up.store(true, Ordering::Release);
@@ -819,7 +990,7 @@ impl Inner {
     async fn purge_answers(&self) -> bool {
         if !self.up.load(Ordering::Acquire) {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            p.overflow = true;
+            p.purge = true;
             return false;
         }
         self.purge_answers_unchecked().await
@@ -830,6 +1001,9 @@ impl Inner {
         let client = self.redis.client();
         let pattern = format!("{}*", glob_escape(self.redis.prefix()));
         let filter_prefix = self.redis.key("lots:filter:");
+        // Versions stay: they only ever grow, so a loader that read one before the purge
+        // still cannot store.
+        let version_prefix = self.redis.key("ver:");
         let mut cursor = "0".to_owned();
         loop {
             let r = tokio::time::timeout(
@@ -860,7 +1034,7 @@ impl Inner {
                 .unwrap_or_default()
                 .into_iter()
                 .filter_map(|k| k.as_bytes_str().map(|s| s.to_string()))
-                .filter(|k| !k.starts_with(&filter_prefix))
+                .filter(|k| !k.starts_with(&filter_prefix) && !k.starts_with(&version_prefix))
                 .collect();
             if !keys.is_empty()
                 && !matches!(

@@ -4,6 +4,12 @@
 //! each event takes effect exactly once however often the feed is replayed: events at or before
 //! the stored cursor are skipped, a hole in the positions is refused (the consumer then
 //! resubscribes from the stored cursor).
+//!
+//! An event this build cannot read (a kind added by a newer scan-ingest during a rolling
+//! upgrade, or a payload that does not decode) is never skipped silently: the batch is applied
+//! up to it, the cursor stops in front of it and the consumer reports the stall (log, metrics,
+//! health) until trace-query is upgraded — or an operator records the position in `feed_skips`,
+//! which lets the projection pass it with an audit trail.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +26,12 @@ use crate::domain::{self, Changes, Invalidation, MAX_DEPTH};
 pub enum ApplyError {
     #[error("feed gap: expected position {expected}, got {got}")]
     Gap { expected: i64, got: i64 },
+    #[error("event {position} ({kind}) cannot be applied: {reason}")]
+    Unreadable {
+        position: i64,
+        kind: String,
+        reason: String,
+    },
     #[error("database error")]
     Db(#[from] sqlx::Error),
 }
@@ -35,6 +47,29 @@ pub struct Applied {
     pub last_occurred_at: Option<DateTime<Utc>>,
     /// The cached answers the batch made stale.
     pub invalidation: Invalidation,
+    /// The event the batch stopped in front of (it cannot be applied by this build), if any.
+    pub stopped: Option<Stop>,
+    /// The `cache_invalidations` row committed with the batch (its cache deletions, done once
+    /// the cache has removed them), if the batch made anything stale.
+    pub pending: Option<i64>,
+}
+
+/// An event the projection cannot apply: the cursor stays in front of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    pub position: i64,
+    pub kind: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "event {} ({}) cannot be applied: {}",
+            self.position, self.kind, self.reason
+        )
+    }
 }
 
 /// The stored cursor of `consumer` (0: nothing applied yet).
@@ -103,7 +138,19 @@ pub async fn apply(
                 got: position,
             });
         }
-        apply_event(&mut tx, e, position, &mut st).await?;
+        if let Err(reason) = readable(e) {
+            if !skip_allowed(&mut tx, consumer, position).await? {
+                applied.stopped = Some(Stop {
+                    position,
+                    kind: e.kind.clone(),
+                    reason: reason.into(),
+                });
+                break;
+            }
+            tracing::warn!(position, kind = %e.kind, reason, "unreadable event skipped as recorded in feed_skips");
+        } else {
+            apply_event(&mut tx, e, position, &mut st).await?;
+        }
         applied.position = position;
         applied.events += 1;
         applied.last_occurred_at = domain::time_of(e.occurred_at.as_ref());
@@ -114,6 +161,27 @@ pub async fn apply(
     }
     write_rollup(&mut tx, &st.rollup).await?;
     applied.invalidation = expand(&mut tx, st.changes).await?;
+    // The deletions this batch owes the cache, committed with it: a crash between the commit
+    // and the deletions leaves them here for any replica to replay (see `crate::cache`).
+    let keys = applied.invalidation.keys();
+    let lots: Vec<String> = applied
+        .invalidation
+        .changes
+        .new_lots
+        .iter()
+        .cloned()
+        .collect();
+    if !keys.is_empty() || !lots.is_empty() {
+        applied.pending = Some(
+            sqlx::query_scalar(
+                "INSERT INTO cache_invalidations (keys, lots) VALUES ($1, $2) RETURNING id",
+            )
+            .bind(&keys)
+            .bind(&lots)
+            .fetch_one(&mut *tx)
+            .await?,
+        );
+    }
     sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
         .bind(consumer)
         .bind(applied.position)
@@ -121,6 +189,39 @@ pub async fn apply(
         .await?;
     tx.commit().await?;
     Ok(applied)
+}
+
+/// Whether this build can apply `e`: a payload it knows, with the fields the projection needs.
+fn readable(e: &pb::Event) -> Result<(), &'static str> {
+    let occurred_at = Utc::now();
+    match &e.payload {
+        None => Err("unknown event kind (is scan-ingest newer than this trace-query?)"),
+        Some(Payload::ScanAccepted(a)) => match &a.scan {
+            Some(stored) if ScanRow::from_stored(stored, occurred_at).is_some() => Ok(()),
+            _ => Err("the accepted scan does not decode"),
+        },
+        Some(Payload::ScanVoided(v)) => match &v.void_scan {
+            Some(stored) if ScanRow::from_stored(stored, occurred_at).is_some() => Ok(()),
+            _ => Err("the void scan does not decode"),
+        },
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether an operator recorded `position` in `feed_skips` (marked as used).
+async fn skip_allowed(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    position: i64,
+) -> Result<bool, sqlx::Error> {
+    let found = sqlx::query(
+        "UPDATE feed_skips SET skipped_at = now() WHERE consumer = $1 AND position = $2",
+    )
+    .bind(consumer)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
+    Ok(found.rows_affected() > 0)
 }
 
 fn kind_name(kind: i32) -> &'static str {
@@ -224,9 +325,9 @@ async fn apply_event(
     let occurred_at = domain::time_of(e.occurred_at.as_ref()).unwrap_or_else(Utc::now);
     match &e.payload {
         Some(Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) })) => {
-            match ScanRow::from_stored(stored, occurred_at) {
-                Some(row) => scan_accepted(tx, row, position, st).await?,
-                None => tracing::warn!(position, "unreadable scan.accepted event skipped"),
+            // `readable` checked it.
+            if let Some(row) = ScanRow::from_stored(stored, occurred_at) {
+                scan_accepted(tx, row, position, st).await?;
             }
         }
         Some(Payload::ScanVoided(v)) => {
@@ -238,11 +339,9 @@ async fn apply_event(
                 .original
                 .as_ref()
                 .and_then(|s| ScanRow::from_stored(s, occurred_at));
-            match (void, original) {
-                (Some(void), original) => {
-                    scan_voided(tx, void, original, position, st).await?;
-                }
-                _ => tracing::warn!(position, "unreadable scan.voided event skipped"),
+            // `readable` checked the void scan.
+            if let Some(void) = void {
+                scan_voided(tx, void, original, position, st).await?;
             }
         }
         Some(Payload::LotReceived(l)) => lot_received(tx, l, occurred_at, st).await?,

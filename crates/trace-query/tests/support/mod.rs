@@ -56,6 +56,8 @@ pub struct TqOptions {
     /// How long a replica waits for another's answer under the cross-replica lock (default:
     /// the service's).
     pub cache_lock_wait_ms: Option<u64>,
+    /// Random spread of cache TTLs in percent (default: the service's).
+    pub ttl_jitter_percent: Option<u64>,
 }
 
 pub struct TraceQueryApp {
@@ -208,6 +210,9 @@ impl TestEnv {
         s.cache_command_timeout_ms = options.redis_timeout_ms.unwrap_or(1000);
         if let Some(ms) = options.cache_lock_wait_ms {
             s.cache_lock_wait_ms = ms;
+        }
+        if let Some(pct) = options.ttl_jitter_percent {
+            s.cache_ttl_jitter_percent = pct;
         }
         let app = trace_query::Application::build(s)
             .await
