@@ -46,9 +46,25 @@ async fn login_on_an_enrolled_device_binds_its_station() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_station_binding_needs_the_devices_enrolment_secret() {
-    let app = &spawn_app().await;
+    let demo = spawn_app().await;
+    // In demo mode (secrets published in the README) naming a demo tablet is enough, as in
+    // API.md's login; the station is bound.
+    let res = demo
+        .post_json(
+            "/api/v1/auth/token",
+            None,
+            &json!({"username": "op1", "password": "demo-op1", "device_id": "TAB-10"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["station"], "ST-10");
+    // Outside demo mode (same users and devices), naming a tablet is not enough.
+    let mut settings = demo.settings.clone();
+    settings.service.demo = false;
+    let prod = spawn_with_storage_of(&demo, settings).await;
+    let app = &prod;
     let login = |body: Value| async move { app.post_json("/api/v1/auth/token", None, &body).await };
-    // Naming a tablet is not enough.
     let res =
         login(json!({"username": "op1", "password": "demo-op1", "device_id": "TAB-10"})).await;
     let p = assert_problem(res, 400, "validation_failed").await;

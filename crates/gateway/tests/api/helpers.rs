@@ -96,6 +96,14 @@ pub async fn spawn_replica(first: &TestApp) -> TestApp {
     spawn_inner(first.settings.clone(), false).await
 }
 
+/// An instance with other `settings` on `first`'s database and Redis prefix (cleaned up by
+/// `first`), e.g. the same plant outside demo mode.
+pub async fn spawn_with_storage_of(first: &TestApp, mut settings: Settings) -> TestApp {
+    settings.service.database_url = first.settings.service.database_url.clone();
+    settings.service.redis_prefix = first.settings.service.redis_prefix.clone();
+    spawn_inner(settings, false).await
+}
+
 async fn spawn_inner(settings: Settings, owns_storage: bool) -> TestApp {
     init_tracing();
     let app = Application::build(settings.clone())
