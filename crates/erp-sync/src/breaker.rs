@@ -61,6 +61,11 @@ impl Breaker {
         self.state
     }
 
+    /// Failed calls since the last success (0: the last call succeeded, or none was made).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+
     /// When an open breaker lets a trial call through.
     pub fn retry_at(&self) -> Option<Instant> {
         match self.state {

@@ -199,23 +199,27 @@ impl Delivery {
         };
 
         let before = self.breaker_state();
+        // Ok: the call may go out, with the failed calls since the last success.
         let allowed = match self.breaker.lock() {
             Ok(mut b) => {
                 if b.allow(Instant::now()) {
-                    Ok(())
+                    Ok(b.consecutive_failures())
                 } else {
                     Err(b.retry_at())
                 }
             }
-            Err(_) => Ok(()),
+            Err(_) => Ok(0),
         };
-        if let Err(retry_at) = allowed {
-            let wait = retry_at
-                .map(|t| t.saturating_duration_since(Instant::now()))
-                .unwrap_or(IDLE_POLL)
-                .max(Duration::from_millis(10));
-            return Ok(Some(wait));
-        }
+        let failures_before = match allowed {
+            Ok(failures) => failures,
+            Err(retry_at) => {
+                let wait = retry_at
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .unwrap_or(IDLE_POLL)
+                    .max(Duration::from_millis(10));
+                return Ok(Some(wait));
+            }
+        };
         let during = self.breaker_state();
         if during != before {
             tracing::info!(
@@ -317,9 +321,10 @@ impl Delivery {
             }
             Err(e) => {
                 let state = self.on_result(false);
+                let counted = counts_as_attempt(during, state, failures_before);
                 let attempt = u32::try_from(row.attempts + 1).unwrap_or(u32::MAX);
                 metrics::counter!("erp_delivery_failures_total").increment(1);
-                if attempt >= self.max_attempts.max(1) {
+                if counted && attempt >= self.max_attempts.max(1) {
                     // A poison row: it must not stall its work order's queue, nor the others.
                     let error = format!("gave up after {attempt} attempts: {e}");
                     set_aside(&mut fenced, &row, "attempts_exhausted", &error, true).await?;
@@ -335,10 +340,15 @@ impl Delivery {
                     let next = chrono::Utc::now()
                         + chrono::Duration::from_std(delay)
                             .unwrap_or(chrono::Duration::seconds(60));
-                    outbound::reschedule(fenced.conn(), row.id, next, &e.to_string(), true).await?;
+                    outbound::reschedule(fenced.conn(), row.id, next, &e.to_string(), counted)
+                        .await?;
                     fenced.commit().await?;
+                    if !counted {
+                        metrics::counter!("erp_delivery_failures_uncounted_total").increment(1);
+                    }
                     tracing::warn!(idempotency_key = %row.idempotency_key, error = %e, attempt,
-                        retry_in_ms = delay.as_millis() as u64, "confirmation delivery failed");
+                        counted, breaker = state.as_str(), retry_in_ms = delay.as_millis() as u64,
+                        "confirmation delivery failed");
                     // Other work orders' rows may be due before this one.
                     (None, state)
                 }
@@ -369,6 +379,16 @@ impl Delivery {
     }
 }
 
+/// Whether a transient failure counts toward `erp.max_attempts` (see the module doc): only
+/// when the ERP was taking other traffic, i.e. the breaker was closed for the call (`during`)
+/// and still is after it (`after`). A failure in half-open, or one that opens the breaker
+/// after a run of failures, is the ERP's (an outage), not the row's. With
+/// `breaker_failure_threshold` 1 every failure opens the breaker: there a failure right after
+/// a success (`failures_before` 0) counts, so that a poison row still ends as a dead letter.
+fn counts_as_attempt(during: State, after: State, failures_before: u32) -> bool {
+    during == State::Closed && (after == State::Closed || failures_before == 0)
+}
+
 /// Takes a row out of the queue for good and records it as an outbound dead letter (the
 /// operator sees it in `GetStatus.dead_letters` and can replay it), in the fenced transaction.
 async fn set_aside(
@@ -389,4 +409,24 @@ async fn set_aside(
         &row.payload,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_while_the_erp_takes_other_traffic_count() {
+        use State::{Closed, HalfOpen, Open};
+        // Closed before and after: the ERP takes other calls, this row fails.
+        assert!(counts_as_attempt(Closed, Closed, 0));
+        assert!(counts_as_attempt(Closed, Closed, 3));
+        // The failure that opens the breaker after a run of failures: an outage begins.
+        assert!(!counts_as_attempt(Closed, Open, 4));
+        // Half-open trials (failed: open again) are the outage's.
+        assert!(!counts_as_attempt(HalfOpen, Open, 5));
+        assert!(!counts_as_attempt(HalfOpen, Open, 0));
+        // Threshold 1: a failure right after a success opens the breaker, and still counts.
+        assert!(counts_as_attempt(Closed, Open, 0));
+    }
 }

@@ -801,3 +801,229 @@ async fn refused_credentials_alarm_and_pause_without_burning_attempts() {
     erp.stop().await;
     env.stop().await;
 }
+
+/// `(status, attempts)` of the outbox row with this key.
+async fn outbox_row(pool: &sqlx::PgPool, key: &str) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempts FROM outbox WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_one(pool)
+        .await
+        .expect("outbox row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_outage_far_longer_than_max_attempts_dead_letters_nothing_and_drains_exactly_once() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let max_attempts = 3;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            max_attempts,
+            // An outage's first failures (before the breaker opens) still count: at most
+            // threshold - 1 of them, below max_attempts.
+            breaker_failure_threshold: 2,
+            breaker_open_ms: 50,
+            retry_ms: (10, 40),
+            call_timeout_ms: 500,
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // The ERP goes down as a whole (500 to everything) while three operations of two work
+    // orders complete: two heads retry, the third row waits behind its work order's first.
+    double.set_fault(Fault::ServerError);
+    let keys = [
+        complete_operation(&env, "WO-1000", 10, "ST-10").await,
+        complete_operation(&env, "WO-1001", 10, "ST-20").await,
+        complete_operation(&env, "WO-1001", 20, "ST-30").await,
+    ];
+    // The outage lasts many times max_attempts retry cycles of each head; a dead letter ends
+    // the wait at once (that is the failure this test is about).
+    let cycles = 8 * max_attempts as usize;
+    let outlasted = |what: &'static str, n: usize| {
+        let double = double.clone();
+        let erp = &erp;
+        async move {
+            wait_for(Duration::from_secs(30), || async {
+                double.requests(what).len() >= n || status(erp).await.dead_letters > 0
+            })
+            .await
+        }
+    };
+    assert!(
+        outlasted("POST /erp/v1/confirmations", 2 * cycles).await,
+        "erp-sync keeps retrying during the outage"
+    );
+    let s = status(&erp).await;
+    let rows: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT idempotency_key, status, attempts FROM outbox ORDER BY id")
+            .fetch_all(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        s.dead_letters,
+        0,
+        "an outage of {} posts made dead letters: {rows:?}",
+        double.requests("POST").len()
+    );
+    // Then it refuses connections for a while (the bridge is gone).
+    double.set_fault(Fault::Reset);
+    assert!(
+        outlasted("RESET POST /erp/v1/confirmations", cycles).await,
+        "erp-sync keeps retrying while connections are refused"
+    );
+    let rows: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT idempotency_key, status, attempts FROM outbox ORDER BY id")
+            .fetch_all(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(status(&erp).await.dead_letters, 0, "{rows:?}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (key, row_status, attempts) in &rows {
+        assert_eq!(row_status, "pending", "{key}: {rows:?}");
+        assert!(
+            *attempts < max_attempts as i32,
+            "{key}: the outage burnt its attempts: {rows:?}"
+        );
+    }
+    assert!(
+        double.confirmation_counts().is_empty(),
+        "nothing got through"
+    );
+
+    // The ERP recovers: the queue drains, each confirmation once, nothing dead-lettered.
+    double.set_fault(Fault::None);
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            let s = status(&erp).await;
+            s.queue_depth == 0 && double.confirmation_counts().len() == keys.len()
+        })
+        .await,
+        "the queue drained: {:?}",
+        double.confirmation_counts()
+    );
+    let expected: BTreeMap<String, usize> = keys.iter().map(|k| (k.clone(), 1)).collect();
+    assert_eq!(
+        double.confirmation_counts(),
+        expected,
+        "each confirmation exactly once in the erp"
+    );
+    let s = status(&erp).await;
+    assert_eq!((s.dead_letters, s.breaker.as_str()), (0, "closed"));
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM outbox ORDER BY id")
+        .fetch_all(&erp.pool)
+        .await
+        .unwrap();
+    assert_eq!(statuses, ["delivered", "delivered", "delivered"]);
+    let order: Vec<String> = sqlx::query_scalar(
+        "SELECT idempotency_key FROM outbox WHERE work_order = 'WO-1001' ORDER BY delivered_at",
+    )
+    .fetch_all(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!(order, keys[1..], "per work order, queue order");
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+/// The demo plant with `n` more work orders like WO-1000 (`WO-2000`, `WO-2001`, …; one
+/// operation, 10, at ST-10).
+fn plant_with_more_work_orders(n: usize) -> serde_json::Value {
+    let mut plant = support::demo_plant();
+    let orders = plant["work_orders"].as_array_mut().expect("work orders");
+    let template = orders
+        .iter()
+        .find(|w| w["number"] == "WO-1000")
+        .cloned()
+        .expect("WO-1000");
+    for i in 0..n {
+        let mut wo = template.clone();
+        wo["number"] = format!("WO-{}", 2000 + i).into();
+        orders.push(wo);
+    }
+    plant
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_confirmation_that_opens_the_breaker_counts_again_once_other_work_orders_go_through()
+ {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(plant_with_more_work_orders(4), Some(TOKEN)).await;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            max_attempts: 3,
+            breaker_failure_threshold: 2,
+            breaker_open_ms: 50,
+            retry_ms: (10, 40),
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // Alone in the queue, a confirmation the ERP keeps refusing cannot be told from an
+    // outage: its first failure counts, the one that opens the breaker and the half-open
+    // trials do not. It is retried at the breaker's pace and stays in the queue.
+    double.refuse_work_order(Some("WO-1001"));
+    let poison = complete_operation(&env, "WO-1001", 10, "ST-20").await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            double.requests("POST /erp/v1/confirmations").len() >= 10
+                || status(&erp).await.dead_letters > 0
+        })
+        .await
+    );
+    assert_eq!(outbox_row(&erp.pool, &poison).await, ("pending".into(), 1));
+    assert_eq!(status(&erp).await.dead_letters, 0);
+
+    // Other work orders' confirmations go through (the breaker closes): each time, the
+    // refused one's next failure counts again, until it is a dead letter.
+    let mut others = Vec::new();
+    for i in 0..4 {
+        let attempts = outbox_row(&erp.pool, &poison).await.1;
+        if attempts >= 3 {
+            break;
+        }
+        let key = complete_operation(&env, &format!("WO-{}", 2000 + i), 10, "ST-10").await;
+        assert!(
+            wait_for(Duration::from_secs(20), || async {
+                double.confirmation(&key).is_some()
+                    && outbox_row(&erp.pool, &poison).await.1 > attempts
+            })
+            .await,
+            "{key} delivered, then {poison} failed once more and counted: {:?}",
+            outbox_row(&erp.pool, &poison).await
+        );
+        others.push(key);
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            status(&erp).await.dead_letters == 1
+        })
+        .await
+    );
+    assert_eq!(outbox_row(&erp.pool, &poison).await, ("failed".into(), 3));
+    assert_eq!(
+        others.len(),
+        2,
+        "one counted failure per success in between"
+    );
+    let (kind, record): (String, String) =
+        sqlx::query_as("SELECT kind, record_key FROM dead_letters WHERE resolved_at IS NULL")
+            .fetch_one(&erp.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), record.as_str()),
+        ("attempts_exhausted", poison.as_str())
+    );
+    let counts = double.confirmation_counts();
+    for key in &others {
+        assert_eq!(counts.get(key), Some(&1), "{counts:?}");
+    }
+    assert!(!counts.contains_key(&poison));
+
+    erp.stop().await;
+    env.stop().await;
+}
