@@ -3,10 +3,30 @@
 //! (`erp_breaker_state`: 0 closed, 1 half-open, 2 open). `erp_outbox_depth` is the number of
 //! confirmations and reversals waiting.
 //!
-//! - A row the ERP refuses for good, or one that failed `erp.max_attempts` times (a poison
-//!   row: the ERP keeps answering 500 for it), leaves the queue as a dead letter (entity
-//!   `outbox`, in `GetStatus.dead_letters`, `erp_outbox_dead_lettered_total`, an error log),
-//!   which `ErpSync.ReplayDeadLetters` re-queues with fresh attempts.
+//! - A row the ERP refuses for good, or one whose transient failures counted `erp.max_attempts`
+//!   times (a poison row: the ERP keeps answering 500 for it while it takes other rows), leaves
+//!   the queue as a dead letter (entity `outbox`, in `GetStatus.dead_letters`,
+//!   `erp_outbox_dead_lettered_total`, an error log), which `ErpSync.ReplayDeadLetters`
+//!   re-queues with fresh attempts.
+//! - Which failures count (an ERP outage must not turn every work order's head into a dead
+//!   letter): a transient failure (unavailable, timeout) counts toward `erp.max_attempts` only
+//!   while the ERP takes other traffic, i.e. the breaker was closed before the call and is
+//!   still closed after it. The failure that opens the breaker (the
+//!   `breaker_failure_threshold`-th in a row) and every failed half-open trial are the ERP's,
+//!   not the row's: the row is rescheduled (backoff by its counted attempts; the breaker paces
+//!   the calls) and counts nothing (`erp_delivery_failures_uncounted_total`, `counted = false`
+//!   in the log). An outage of any length therefore counts at most threshold − 1 failures, at
+//!   its onset, spread over the heads (keep the threshold below `max_attempts`; the breaker
+//!   lives in memory, so a restart during an outage may count as many again), and makes no
+//!   dead letters; the queue drains when the ERP returns. With threshold 1 (every failure
+//!   opens the breaker) a failure right after a success counts.
+//! - A poison row alone in the queue cannot be told from an outage: its failures open the
+//!   breaker and stop counting; it is retried once per `breaker_open_ms` (the breaker reads
+//!   open though the ERP is fine: the row's `last_error` says why) and holds only its own work
+//!   order (another work order's row gets the next half-open trial, or the one after). Each
+//!   delivery of another row closes the breaker, and the poison row's next failures count
+//!   again (up to threshold − 1 each time), so with other traffic it still ends as a dead
+//!   letter.
 //! - Other work orders go on; the later rows of a work order whose confirmation is a dead
 //!   letter are held behind it (`erp_outbox_held`; they stay in `queue_depth`) until the
 //!   replay delivers it.

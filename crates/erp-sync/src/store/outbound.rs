@@ -605,7 +605,8 @@ pub async fn status_of(
 }
 
 /// A transient failure: try again at `next_attempt_at`; `attempted`: count it as an attempt
-/// (refused credentials are not the row's fault and count none).
+/// toward `erp.max_attempts` (refused credentials, and failures while the ERP is down as a
+/// whole, are not the row's fault and count none: see [`crate::delivery`]).
 pub async fn reschedule(
     conn: &mut PgConnection,
     id: i64,
