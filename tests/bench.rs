@@ -467,7 +467,7 @@ fn pgbench(
     std::fs::write(&file, script)?;
     let mut cmd = Command::new("pgbench");
     cmd.current_dir(dir.path())
-        .args(["-n", "-M", "prepared", "-l", "--log-prefix=tx"])
+        .args(["-n", "-M", "prepared", "-r", "-l", "--log-prefix=tx"])
         .args(["-c", &s.clients.to_string(), "-j", "2"])
         .args(["-T", &s.seconds.to_string()])
         .arg("-f")
@@ -513,6 +513,17 @@ fn pgbench(
                     latencies_us.push(us);
                 }
             }
+        }
+    }
+    // `-r`: the per-statement latencies, printed so a bad baseline plan is visible.
+    if let Some(at) = text.find("statement latencies in milliseconds") {
+        println!("    pgbench per-statement latency (ms, failures):");
+        for line in text[at..].lines().skip(1) {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('\\') {
+                continue;
+            }
+            println!("      {}", line.chars().take(110).collect::<String>());
         }
     }
     Ok(Figures {
@@ -575,18 +586,28 @@ async fn pgbench_write_db(base_url: &str, s: &Settings) -> anyhow::Result<String
     Ok(url)
 }
 
-/// One `consume` per transaction, statement for statement what scan-ingest runs for it: the
-/// idempotency look-up, the work order (with routing and BOM) and the lot locked, the scan
-/// inserted, the inventory decremented, the event appended.
+/// One `consume` per transaction, statement for statement what scan-ingest runs for it, in its
+/// order: the work order (with routing, BOM and its material's tracking mode) and the lot
+/// locked, the idempotency look-up (after the locks, as the service does), the scan inserted,
+/// the inventory decremented, the event appended. (The station is a reference-cache hit in
+/// Redis before `BEGIN`, so it is no statement here.)
+///
+/// Every predicate gets a bound value with the service's plan shape: the scan id is a stable
+/// function of pgbench variables (`md5(...)::uuid`), never a volatile function such as
+/// `gen_random_uuid()` inside `= ANY(...)`, which makes PostgreSQL scan the whole growing
+/// `scans` table instead of using its primary key (an earlier version of this script did, and
+/// flattered the stack 6×). pgbench runs with `-r`: each statement's latency is printed, so a
+/// bad plan shows.
 const PGBENCH_WRITE: &str = r"
 \set i :client_id % :lanes
+\set r random(1, 9000000000000000)
 BEGIN;
-SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY(ARRAY[gen_random_uuid()]);
-SELECT number, material, status, planned_quantity, produced_quantity, scrap_quantity FROM work_orders WHERE number = ANY(ARRAY['BENCH-WO-' || :i]) ORDER BY number FOR UPDATE;
+SELECT w.number, w.material, w.status, w.planned_quantity, w.produced_quantity, w.scrap_quantity, m.tracking FROM work_orders w LEFT JOIN materials m ON m.number = w.material WHERE w.number = ANY(ARRAY['BENCH-WO-' || :i]) ORDER BY w.number FOR UPDATE OF w;
 SELECT work_order, step, station, status, good_quantity, scrap_quantity FROM work_order_operations WHERE work_order = ANY(ARRAY['BENCH-WO-' || :i]);
 SELECT work_order, material, quantity_per_unit FROM work_order_components WHERE work_order = ANY(ARRAY['BENCH-WO-' || :i]);
 SELECT lot, material, quantity_on_hand, status, location, origin_kind, work_order FROM lots WHERE lot = ANY(ARRAY['BENCH-RAW-' || :i]) ORDER BY lot FOR UPDATE;
-INSERT INTO scans (scan_id, kind, work_order, operation, station, lot, material, quantity, scanned_at, content_hash, operator, device, traceparent) VALUES (gen_random_uuid(), 'consume', 'BENCH-WO-' || :i, 10, 'BENCH-ST-' || :i, 'BENCH-RAW-' || :i, 'BM-0', 1, now(), md5(random()::text), 'bench', '', '');
+SELECT scan_id, content_hash FROM scans WHERE scan_id = ANY(ARRAY[md5(:client_id || ':' || :r)::uuid]);
+INSERT INTO scans (scan_id, kind, work_order, operation, station, lot, material, quantity, scanned_at, content_hash, operator, device, traceparent) VALUES (md5(:client_id || ':' || :r)::uuid, 'consume', 'BENCH-WO-' || :i, 10, 'BENCH-ST-' || :i, 'BENCH-RAW-' || :i, 'BM-0', 1, now(), md5(:r::text), 'bench', '', '');
 UPDATE lots SET quantity_on_hand = quantity_on_hand - 1, updated_at = now() WHERE lot = 'BENCH-RAW-' || :i;
 INSERT INTO event_log (kind, payload, traceparent) VALUES ('scan.accepted', decode(repeat('ab', 400), 'hex'), '');
 END;
