@@ -712,21 +712,30 @@ impl Inner {
         }
     }
 
+    /// The arguments of [`INVALIDATE`] for `keys`: each key with its version key.
+    fn invalidate_args(&self, keys: &[String]) -> Vec<Value> {
+        let mut args = vec![
+            Value::from(INVALIDATE),
+            Value::Integer(2 * keys.len() as i64),
+        ];
+        for k in keys {
+            args.push(Value::from(k.as_str()));
+            args.push(Value::from(self.version_key(k)));
+        }
+        args.push(Value::Integer(VERSION_TTL_MS));
+        args
+    }
+
     /// Bumps the versions of `keys` and deletes them; false (and the gate closed, the failure
     /// noted for the next replay) if Redis did not do it all.
     async fn invalidate(&self, keys: &[String]) -> bool {
         for chunk in keys.chunks(DELETE_CHUNK) {
-            let mut args = vec![
-                Value::from(INVALIDATE),
-                Value::Integer(2 * chunk.len() as i64),
-            ];
-            for k in chunk {
-                args.push(Value::from(k.as_str()));
-                args.push(Value::from(self.version_key(k)));
-            }
-            args.push(Value::Integer(VERSION_TTL_MS));
             let done: Option<i64> = self
-                .call(self.redis.client().custom(fred::cmd!("EVAL"), args))
+                .call(
+                    self.redis
+                        .client()
+                        .custom(fred::cmd!("EVAL"), self.invalidate_args(chunk)),
+                )
                 .await;
             if done.is_none() {
                 self.note_failure();
@@ -821,18 +830,12 @@ impl Inner {
             for (_, keys, lots) in &rows {
                 let keys: Vec<String> = keys.iter().map(|k| self.redis.key(k)).collect();
                 for chunk in keys.chunks(DELETE_CHUNK) {
-                    let mut args = vec![
-                        Value::from(INVALIDATE),
-                        Value::Integer(2 * chunk.len() as i64),
-                    ];
-                    for k in chunk {
-                        args.push(Value::from(k.as_str()));
-                        args.push(Value::from(self.version_key(k)));
-                    }
-                    args.push(Value::Integer(VERSION_TTL_MS));
                     let r = tokio::time::timeout(
                         self.timeout(),
-                        client.custom::<Value, Value>(fred::cmd!("EVAL"), args),
+                        client.custom::<Value, Value>(
+                            fred::cmd!("EVAL"),
+                            self.invalidate_args(chunk),
+                        ),
                     )
                     .await;
                     if !matches!(r, Ok(Ok(_))) {
