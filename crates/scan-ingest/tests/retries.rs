@@ -12,11 +12,13 @@ use mes_proto::v1 as pb;
 use pb::ScanKind as K;
 use pb::ScanStatus as S;
 
-/// Backends of this test's database that wait on a heavyweight lock (row locks included).
+/// Backends of this test's database that wait for a row lock (another transaction's row, or
+/// the tuple lock of the queue in front of it; advisory-lock waits do not count).
 async fn lock_waiters(app: &TestApp) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND wait_event IN ('transactionid', 'tuple')",
     )
     .fetch_one(&app.pool)
     .await
@@ -191,36 +193,47 @@ async fn a_slow_redis_never_holds_row_locks() {
         &app.submit(vec![scan(K::StartOperation, "WO-1000", 10, "ST-10")])
             .await,
     );
-    // From now on Redis "answers" only when the test says so.
-    redis.hold();
-    let pending = submit_task(
-        &app,
-        with_lot(scan(K::Consume, "WO-1000", 10, "ST-10"), "STEEL-L1", "1"),
-    );
-    assert!(
-        wait_for(Duration::from_secs(10), || async { redis.holds("MGET") }).await,
-        "the scan asks Redis for its reference data"
-    );
-    // While the scan waits for Redis, its rows are free.
-    let mut side = app.pool.begin().await.unwrap();
-    let wo = sqlx::query("SELECT 1 FROM work_orders WHERE number = 'WO-1000' FOR UPDATE NOWAIT")
-        .execute(&mut *side)
-        .await;
-    let lot = sqlx::query("SELECT 1 FROM lots WHERE lot = 'STEEL-L1' FOR UPDATE NOWAIT")
-        .execute(&mut *side)
-        .await;
-    side.rollback().await.unwrap();
-    redis.release();
-    let results = pending.await.unwrap().expect("submit");
-    accepted(&results);
-    assert!(
-        wo.is_ok(),
-        "the work order was locked while waiting for Redis: {wo:?}"
-    );
-    assert!(
-        lot.is_ok(),
-        "the lot was locked while waiting for Redis: {lot:?}"
-    );
+    // The scan gives up on Redis after its command timeout (500 ms) and then goes on without
+    // it: a check that takes longer than a fraction of that says nothing, so it is repeated.
+    for attempt in 1..=5 {
+        // From now on Redis "answers" only when the test says so.
+        redis.hold();
+        let pending = submit_task(
+            &app,
+            with_lot(scan(K::Consume, "WO-1000", 10, "ST-10"), "STEEL-L1", "1"),
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || async { redis.holds("MGET") }).await,
+            "the scan asks Redis for its reference data"
+        );
+        let seen = std::time::Instant::now();
+        // While the scan waits for Redis, its rows are free.
+        let mut side = app.pool.begin().await.unwrap();
+        let wo =
+            sqlx::query("SELECT 1 FROM work_orders WHERE number = 'WO-1000' FOR UPDATE NOWAIT")
+                .execute(&mut *side)
+                .await;
+        let lot = sqlx::query("SELECT 1 FROM lots WHERE lot = 'STEEL-L1' FOR UPDATE NOWAIT")
+            .execute(&mut *side)
+            .await;
+        side.rollback().await.unwrap();
+        let conclusive = seen.elapsed() < Duration::from_millis(300);
+        redis.release();
+        let results = pending.await.unwrap().expect("submit");
+        accepted(&results);
+        if !conclusive && attempt < 5 {
+            continue; // too slow to tell (a loaded machine): the scan may have given up on Redis
+        }
+        assert!(
+            wo.is_ok(),
+            "the work order was locked while waiting for Redis: {wo:?}"
+        );
+        assert!(
+            lot.is_ok(),
+            "the lot was locked while waiting for Redis: {lot:?}"
+        );
+        break;
+    }
     app.stop().await;
 }
 
