@@ -50,6 +50,43 @@ pub use config::Settings;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
+/// The gRPC health service name that reports the feed consumer: NOT_SERVING while it is
+/// stopped in front of an event it cannot apply (confirmations of later production wait; the
+/// service itself stays SERVING). Read from the database, so every replica reports the
+/// leader's consumer. The same name as trace-query's.
+pub const FEED_HEALTH: &str = "feed";
+
+/// Mirrors the feed consumer's recorded stall as the health service [`FEED_HEALTH`].
+async fn feed_health(
+    reporter: tonic_health::server::HealthReporter,
+    pool: PgPool,
+    shutdown: Shutdown,
+) {
+    let mut last = None;
+    loop {
+        match store::outbound::stall(&pool, mes::CALLER).await {
+            Ok(stall) => {
+                let flowing = stall.is_none();
+                if last != Some(flowing) {
+                    let status = if flowing {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter.set_service_status(FEED_HEALTH, status).await;
+                    last = Some(flowing);
+                }
+            }
+            // The database probe reports that; keep the last known state.
+            Err(e) => tracing::debug!(error = %e, "cannot read the feed consumer's state"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
 /// What every request handler and job shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -163,6 +200,11 @@ impl Application {
             }
         }));
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(feed_health(
+            reporter.clone(),
+            state.pool.clone(),
+            shutdown.clone(),
+        ));
         mes_common::service::spawn_common_tasks(
             &mut tasks,
             reporter,

@@ -2,6 +2,16 @@
 //! database and turns completed operations into confirmations in the outbox, and voids of
 //! scans already confirmed into reversals — in the same transaction as the cursor, so each
 //! event takes effect exactly once.
+//!
+//! An event this build cannot read and that may carry production (an unknown kind from a newer
+//! scan-ingest, a `scan.accepted` without its scan, a production scan with an unreadable id,
+//! quantity or scan kind, a `scan.voided` without a scan id) stops the consumer in front of it
+//! ([`Fact::Unreadable`], see [`crate::store::outbound`]): an error log naming its position,
+//! kind and reason, `event_feed_stalled{consumer}` 1 and `event_feed_stalled_position{consumer}`,
+//! the gRPC health service [`crate::FEED_HEALTH`] NOT_SERVING; the consumer retries with
+//! backoff and passes only once erp-sync is upgraded or the position is recorded in
+//! `feed_skips` (the same procedure as trace-query's). Known events without effect here
+//! (holds, master data, other scan kinds) pass.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,23 +29,38 @@ use uuid::Uuid;
 
 use crate::domain::{Completion, ProductionKind, ProductionLine};
 use crate::mes::{self, Mes};
-use crate::store::outbound::{self, Fact, FeedEvent};
+use crate::store::outbound::{self, Fact, FeedEvent, Stop};
 
 /// Events applied in one transaction at most.
 const BATCH: usize = 200;
 
+fn unreadable(reason: impl Into<String>) -> Fact {
+    Fact::Unreadable {
+        reason: reason.into(),
+    }
+}
+
 /// What an event of the feed means for erp-sync.
 pub fn fact_of(event: &pb::Event) -> Fact {
     match &event.payload {
+        // prost decodes a oneof variant this build does not know as no payload at all.
+        None => unreadable("unknown event kind (is scan-ingest newer than this erp-sync?)"),
         Some(Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) })) => scan_fact(stored),
+        Some(Payload::ScanAccepted(pb::ScanAccepted { scan: None })) => {
+            unreadable("scan.accepted without its scan")
+        }
         Some(Payload::ScanVoided(v)) => {
+            // The voided scan: the original's id, else the one the void scan names.
             let original = v
                 .original
                 .as_ref()
                 .and_then(|o| o.scan.as_ref())
-                .map(|s| s.scan_id.as_str())
-                .or_else(|| v.void_scan.as_ref().map(|s| s.voids.as_str()))
-                .and_then(|id| Uuid::parse_str(id).ok());
+                .and_then(|s| Uuid::parse_str(&s.scan_id).ok())
+                .or_else(|| {
+                    v.void_scan
+                        .as_ref()
+                        .and_then(|s| Uuid::parse_str(&s.voids).ok())
+                });
             match original {
                 Some(original) => {
                     let void = v.void_scan.as_ref();
@@ -52,16 +77,16 @@ pub fn fact_of(event: &pb::Event) -> Fact {
                             .unwrap_or_else(Utc::now),
                     }
                 }
-                None => {
-                    tracing::warn!(
-                        position = event.position,
-                        "scan.voided event without a scan id"
-                    );
-                    Fact::Other
-                }
+                None => unreadable("scan.voided without a readable id of the voided scan"),
             }
         }
-        _ => Fact::Other,
+        Some(
+            Payload::LotStatusChanged(_)
+            | Payload::Material(_)
+            | Payload::Station(_)
+            | Payload::LotReceived(_)
+            | Payload::WorkOrder(_),
+        ) => Fact::Other,
     }
 }
 
@@ -72,16 +97,23 @@ fn time(ts: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
 
 fn scan_fact(stored: &pb::StoredScan) -> Fact {
     let Some(scan) = &stored.scan else {
-        return Fact::Other;
+        return unreadable("scan.accepted without its scan");
     };
     if scan.work_order.is_empty() {
         return Fact::Other;
     }
-    let kind = match pb::ScanKind::try_from(scan.kind) {
-        Ok(pb::ScanKind::Produce) => ProductionKind::Produce,
-        Ok(pb::ScanKind::Consume) => ProductionKind::Consume,
-        Ok(pb::ScanKind::Scrap) => ProductionKind::Scrap,
-        Ok(pb::ScanKind::CompleteOperation) => {
+    let Ok(scan_kind) = pb::ScanKind::try_from(scan.kind) else {
+        // A scan kind added by a newer scan-ingest may book production.
+        return unreadable(format!(
+            "unknown scan kind {} (is scan-ingest newer than this erp-sync?)",
+            scan.kind
+        ));
+    };
+    let kind = match scan_kind {
+        pb::ScanKind::Produce => ProductionKind::Produce,
+        pb::ScanKind::Consume => ProductionKind::Consume,
+        pb::ScanKind::Scrap => ProductionKind::Scrap,
+        pb::ScanKind::CompleteOperation => {
             return Fact::Completed(Completion {
                 work_order: scan.work_order.clone(),
                 operation: scan.operation,
@@ -93,15 +125,21 @@ fn scan_fact(stored: &pb::StoredScan) -> Fact {
                 scan_id: scan.scan_id.clone(),
             });
         }
-        _ => return Fact::Other,
+        // No quantity for the ERP.
+        pb::ScanKind::Unspecified
+        | pb::ScanKind::StartOperation
+        | pb::ScanKind::Move
+        | pb::ScanKind::Inspect
+        | pb::ScanKind::Void => return Fact::Other,
     };
     let (Ok(scan_id), Ok(quantity)) = (
         Uuid::parse_str(&scan.scan_id),
         scan.quantity.parse::<Decimal>(),
     ) else {
-        tracing::warn!(scan_id = %scan.scan_id, quantity = %scan.quantity,
-            "production scan with an unreadable id or quantity; not confirmed");
-        return Fact::Other;
+        return unreadable(format!(
+            "production scan with an unreadable id {:?} or quantity {:?}",
+            scan.scan_id, scan.quantity
+        ));
     };
     if quantity <= Decimal::ZERO {
         return Fact::Other;
@@ -134,8 +172,9 @@ fn scan_fact(stored: &pb::StoredScan) -> Fact {
 /// lease, the consumer stops.
 pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, token: i64, stop: Shutdown) {
     let mut failures = 0u32;
+    let mut stalled = Stalled::new(mes::CALLER);
     loop {
-        match follow_once(&pool, &mes, &queued, token, &stop).await {
+        match follow_once(&pool, &mes, &queued, token, &stop, &mut stalled).await {
             Ok(()) if stop.is_triggered() => return,
             Err(e)
                 if matches!(
@@ -149,6 +188,11 @@ pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, token: i64, sto
             Ok(()) => {
                 tracing::info!("event feed ended; resubscribing");
                 failures = 0;
+            }
+            Err(e) if e.downcast_ref::<Stop>().is_some() => {
+                // Reported by `Stalled::stop`; retried (from the stored cursor) with backoff
+                // until erp-sync is upgraded or the position is recorded in feed_skips.
+                failures += 1;
             }
             Err(e) => {
                 failures += 1;
@@ -167,12 +211,55 @@ pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, token: i64, sto
     }
 }
 
+/// The event the consumer is stopped in front of, as the log and the metrics report it.
+struct Stalled {
+    consumer: &'static str,
+    stop: Option<Stop>,
+}
+
+impl Stalled {
+    fn new(consumer: &'static str) -> Self {
+        metrics::gauge!("event_feed_stalled", "consumer" => consumer).set(0.0);
+        Self {
+            consumer,
+            stop: None,
+        }
+    }
+
+    /// The consumer stopped in front of `stop`: reported once per event (each retry stops
+    /// there again until it is passed).
+    fn stop(&mut self, stop: &Stop) {
+        metrics::gauge!("event_feed_stalled", "consumer" => self.consumer).set(1.0);
+        metrics::gauge!("event_feed_stalled_position", "consumer" => self.consumer)
+            .set(stop.position as f64);
+        if self.stop.as_ref() != Some(stop) {
+            tracing::error!(
+                position = stop.position,
+                kind = %stop.kind,
+                reason = %stop.reason,
+                "event feed stalled: this erp-sync cannot apply the event; upgrade it, or record the position in feed_skips to pass it"
+            );
+            self.stop = Some(stop.clone());
+        }
+    }
+
+    /// The consumer applied events up to `position`.
+    fn passed(&mut self, position: i64) {
+        if self.stop.as_ref().is_some_and(|s| position >= s.position) {
+            metrics::gauge!("event_feed_stalled", "consumer" => self.consumer).set(0.0);
+            tracing::info!(position, "event feed no longer stalled");
+            self.stop = None;
+        }
+    }
+}
+
 async fn follow_once(
     pool: &PgPool,
     mes: &Mes,
     queued: &Notify,
     token: i64,
     stop: &Shutdown,
+    stalled: &mut Stalled,
 ) -> anyhow::Result<()> {
     let after = outbound::feed_position(pool, mes::CALLER).await?;
     let mut stream = mes.subscribe(u64::try_from(after).unwrap_or(0)).await?;
@@ -199,6 +286,7 @@ async fn follow_once(
             .iter()
             .map(|e| FeedEvent {
                 position: i64::try_from(e.position).unwrap_or(i64::MAX),
+                kind: e.kind.clone(),
                 traceparent: e.traceparent.clone(),
                 fact: fact_of(e),
             })
@@ -228,8 +316,131 @@ async fn follow_once(
         if applied.confirmations > 0 || applied.reversals > 0 || applied.follow_ups > 0 {
             queued.notify_one();
         }
+        stalled.passed(applied.position);
+        if let Some(stop) = applied.stopped {
+            stalled.stop(&stop);
+            return Err(stop.into());
+        }
         if let Some(status) = broken {
             return Err(status.into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(payload: Option<Payload>) -> pb::Event {
+        pb::Event {
+            position: 7,
+            kind: "scan.accepted".into(),
+            payload,
+            ..Default::default()
+        }
+    }
+
+    fn accepted(kind: i32, scan_id: &str, quantity: &str) -> pb::Event {
+        event(Some(Payload::ScanAccepted(pb::ScanAccepted {
+            scan: Some(pb::StoredScan {
+                scan: Some(pb::Scan {
+                    scan_id: scan_id.into(),
+                    kind,
+                    work_order: "WO-1000".into(),
+                    operation: 10,
+                    station: "ST-10".into(),
+                    lot: "FRAME-L1".into(),
+                    quantity: quantity.into(),
+                    ..Default::default()
+                }),
+                operator: "op1".into(),
+                ..Default::default()
+            }),
+        })))
+    }
+
+    fn is_unreadable(fact: &Fact) -> bool {
+        matches!(fact, Fact::Unreadable { .. })
+    }
+
+    #[test]
+    fn events_that_may_carry_production_but_cannot_be_read_are_unreadable() {
+        let id = Uuid::new_v4().to_string();
+        // A kind from a newer scan-ingest: prost leaves the payload empty.
+        assert!(is_unreadable(&fact_of(&event(None))));
+        // A scan.accepted without its scan, or without the scan inside.
+        assert!(is_unreadable(&fact_of(&event(Some(
+            Payload::ScanAccepted(pb::ScanAccepted { scan: None })
+        )))));
+        assert!(is_unreadable(&fact_of(&event(Some(
+            Payload::ScanAccepted(pb::ScanAccepted {
+                scan: Some(pb::StoredScan::default())
+            })
+        )))));
+        // Production scans with an unreadable id or quantity.
+        let produce = pb::ScanKind::Produce as i32;
+        assert!(is_unreadable(&fact_of(&accepted(produce, "nope", "10"))));
+        assert!(is_unreadable(&fact_of(&accepted(produce, &id, "ten"))));
+        assert!(is_unreadable(&fact_of(&accepted(
+            pb::ScanKind::Scrap as i32,
+            &id,
+            ""
+        ))));
+        // A scan kind from a newer scan-ingest.
+        assert!(is_unreadable(&fact_of(&accepted(99, &id, "10"))));
+        // A void naming no readable scan.
+        assert!(is_unreadable(&fact_of(&event(Some(Payload::ScanVoided(
+            pb::ScanVoided {
+                void_scan: Some(pb::StoredScan {
+                    voids: "not-a-uuid".into(),
+                    ..Default::default()
+                }),
+                original: None,
+            }
+        ))))));
+        assert!(is_unreadable(&fact_of(&event(Some(Payload::ScanVoided(
+            pb::ScanVoided::default()
+        ))))));
+    }
+
+    #[test]
+    fn known_events_without_effect_here_pass_and_production_is_read() {
+        let id = Uuid::new_v4().to_string();
+        for payload in [
+            Payload::LotStatusChanged(pb::LotStatusChanged {
+                lot: "FRAME-L1".into(),
+                status: "on_hold".into(),
+                ..Default::default()
+            }),
+            Payload::Material(Default::default()),
+            Payload::Station(Default::default()),
+            Payload::LotReceived(Default::default()),
+            Payload::WorkOrder(Default::default()),
+        ] {
+            assert_eq!(fact_of(&event(Some(payload))), Fact::Other);
+        }
+        for kind in [pb::ScanKind::StartOperation, pb::ScanKind::Move] {
+            assert_eq!(fact_of(&accepted(kind as i32, &id, "")), Fact::Other);
+        }
+        assert!(matches!(
+            fact_of(&accepted(pb::ScanKind::Produce as i32, &id, "10")),
+            Fact::Production { line, .. } if line.quantity == Decimal::TEN
+        ));
+        assert!(matches!(
+            fact_of(&accepted(pb::ScanKind::CompleteOperation as i32, &id, "")),
+            Fact::Completed(_)
+        ));
+        // A void of a readable scan, by the void scan's `voids` when the original is missing.
+        let void = event(Some(Payload::ScanVoided(pb::ScanVoided {
+            void_scan: Some(pb::StoredScan {
+                voids: id.clone(),
+                ..Default::default()
+            }),
+            original: None,
+        })));
+        assert!(matches!(
+            fact_of(&void),
+            Fact::Voided { original, .. } if original.to_string() == id
+        ));
     }
 }

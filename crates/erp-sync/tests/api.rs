@@ -1241,3 +1241,165 @@ async fn a_deposed_leader_can_neither_post_nor_mark_with_its_old_lease_token() {
 
     env.stop().await;
 }
+
+/// A newer scan-ingest (rolling upgrade) writes an event kind this erp-sync does not know; it
+/// may carry production. The consumer must not skip it and move on (production lost for the
+/// ERP for good): it stops in front of it, says so, and goes on only when an operator records
+/// the position in `feed_skips` — then the production after it is confirmed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_this_build_cannot_read_stops_the_feed_consumer_until_skipped() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let env = TestEnv::new().await;
+    let outbox_file = env.path("erp/confirmations.jsonl");
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            outbox_file: Some(outbox_file.clone()),
+            ..Default::default()
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+    let head = env.feed_head().await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            erp.feed_cursor().await >= head
+        })
+        .await,
+        "erp-sync follows the master data of the pull"
+    );
+
+    // An event of a kind added later: `Event { kind: "lot.split" }` with its payload in a
+    // oneof field this build does not know (field 31, length 2: {1: 1}), so it decodes with
+    // `payload: None`. Encoded by hand: field 2 (kind), then the unknown field.
+    let mut payload = vec![0x12, 9];
+    payload.extend_from_slice(b"lot.split");
+    payload.extend([0xfa, 0x01, 0x02, 0x08, 0x01]);
+    let si_pool = env.scan_ingest_pool().await;
+    sqlx::query("INSERT INTO event_log (kind, payload) VALUES ('lot.split', $1)")
+        .bind(payload)
+        .execute(&si_pool)
+        .await
+        .expect("newer event");
+    let unknown_at = env.feed_head().await;
+    assert_eq!(unknown_at, head + 1);
+
+    // Production after it: an operation started, produced and completed.
+    let mut si = env.scan_ingest_client();
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1000", 10, "ST-10");
+    let key = format!("WO-1000:10:{}", complete.scan_id);
+    support::submit_all(
+        &mut si,
+        vec![
+            support::scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
+            support::Scan::new(pb::ScanKind::Produce, "WO-1000", 10, "ST-10")
+                .lot("FRAME-L1")
+                .material("FRAME-200")
+                .quantity("10")
+                .build(),
+            complete,
+        ],
+    )
+    .await;
+    let last = env.feed_head().await;
+    assert!(last > unknown_at);
+
+    // The consumer stops in front of the event (the batch up to it applied) and says so.
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            erp.feed_cursor().await >= unknown_at - 1
+                && (erp.health(erp_sync::FEED_HEALTH).await == ServingStatus::NotServing
+                    || erp.feed_cursor().await >= last)
+        })
+        .await,
+        "erp-sync neither reported a stall nor followed the feed"
+    );
+    assert_eq!(
+        erp.feed_cursor().await,
+        unknown_at - 1,
+        "the cursor stays in front of the event it cannot read"
+    );
+    assert_eq!(
+        erp.health(erp_sync::FEED_HEALTH).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        erp.health("mes.v1.ErpSync").await,
+        ServingStatus::Serving,
+        "the service itself still serves"
+    );
+    let metrics = mes_common::metrics::install().render();
+    assert!(
+        metrics.contains(r#"event_feed_stalled{consumer="erp-sync"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            r#"event_feed_stalled_position{{consumer="erp-sync"}} {unknown_at}"#
+        )),
+        "{metrics}"
+    );
+    // Nothing after it was applied: no production seen, no confirmation queued or sent.
+    let (scans, rows): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM production_scans), (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(&erp.pool)
+    .await
+    .unwrap();
+    assert_eq!((scans, rows), (0, 0));
+    assert!(support::all_lines(&outbox_file).is_empty());
+
+    // An operator records the position: the consumer passes it (stamping the skip as used)
+    // and confirms the production after it, once.
+    sqlx::query(
+        "INSERT INTO feed_skips (consumer, position, reason)
+         VALUES ('erp-sync', $1, 'test: an event from the future')",
+    )
+    .bind(unknown_at)
+    .execute(&erp.pool)
+    .await
+    .expect("feed_skips");
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            support::lines_with_key(&outbox_file, &key).len() == 1
+                && erp.feed_cursor().await >= last
+        })
+        .await,
+        "the production after the skipped event reached the erp"
+    );
+    let line = support::lines_with_key(&outbox_file, &key).remove(0);
+    assert_eq!(line["good_quantity"], "10");
+    assert_eq!(
+        line["produced_lots"],
+        json!([{"lot": "FRAME-L1", "material": "FRAME-200", "quantity": "10"}])
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            erp.health(erp_sync::FEED_HEALTH).await == ServingStatus::Serving
+        })
+        .await,
+        "health shows the feed flowing again"
+    );
+    assert!(
+        mes_common::metrics::install()
+            .render()
+            .contains(r#"event_feed_stalled{consumer="erp-sync"} 0"#)
+    );
+    let skipped: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT skipped_at FROM feed_skips WHERE consumer = 'erp-sync' AND position = $1",
+    )
+    .bind(unknown_at)
+    .fetch_one(&erp.pool)
+    .await
+    .unwrap();
+    assert!(skipped.is_some(), "the skip is recorded as used");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&erp.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    assert_eq!(support::all_lines(&outbox_file).len(), 1, "confirmed once");
+
+    si_pool.close().await;
+    erp.stop().await;
+    env.stop().await;
+}

@@ -2,6 +2,13 @@
 //!
 //! Events are applied in one transaction together with the cursor that covers them, so each
 //! event takes effect exactly once however often the feed is replayed.
+//!
+//! An event this build cannot read (a kind added by a newer scan-ingest during a rolling
+//! upgrade, or a payload that may carry production but does not decode) is never skipped
+//! silently — that would under-report production to the ERP for good: the batch is applied up
+//! to it, the cursor stops in front of it (the stall is recorded with the cursor) and the
+//! consumer reports it until erp-sync is upgraded — or an operator records the position in
+//! `feed_skips`, which lets the consumer pass it with an audit trail (as in trace-query).
 
 use std::collections::BTreeMap;
 
@@ -37,16 +44,42 @@ pub enum Fact {
         reason: String,
         voided_at: DateTime<Utc>,
     },
-    /// Nothing for erp-sync.
+    /// Nothing for erp-sync (a known event without effect here: holds, master data, other
+    /// scan kinds).
     Other,
+    /// An event this build cannot read, which may carry production: the consumer stops in
+    /// front of it unless its position is recorded in `feed_skips`.
+    Unreadable { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeedEvent {
     pub position: i64,
+    /// The event's kind as the feed names it (`scan.accepted`, ...).
+    pub kind: String,
     pub traceparent: String,
     pub fact: Fact,
 }
+
+/// An event the consumer cannot apply: the cursor stays in front of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    pub position: i64,
+    pub kind: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "event {} ({}) cannot be applied: {}",
+            self.position, self.kind, self.reason
+        )
+    }
+}
+
+impl std::error::Error for Stop {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -69,7 +102,7 @@ impl From<crate::store::lease::FenceError> for ApplyError {
 }
 
 /// The result of applying a batch of events.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// The cursor after the batch.
     pub position: i64,
@@ -79,6 +112,8 @@ pub struct Applied {
     pub reversals: usize,
     /// Follow-ups queued (production booked after its operation's confirmation).
     pub follow_ups: usize,
+    /// The event the batch stopped in front of (this build cannot read it), if any.
+    pub stopped: Option<Stop>,
 }
 
 pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
@@ -91,9 +126,29 @@ pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::E
     )
 }
 
+/// The event `consumer` is stopped in front of, as recorded with its cursor (any replica can
+/// read it), if any.
+pub async fn stall(pool: &PgPool, consumer: &str) -> Result<Option<Stop>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT position, stalled_kind, stalled_reason FROM feed_cursor
+         WHERE consumer = $1 AND stalled_kind IS NOT NULL",
+    )
+    .bind(consumer)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| Stop {
+        position: r.get::<i64, _>("position") + 1,
+        kind: r.get("stalled_kind"),
+        reason: r
+            .get::<Option<String>, _>("stalled_reason")
+            .unwrap_or_default(),
+    }))
+}
+
 /// Applies `events` (in position order) and moves the cursor, in one transaction, while the
 /// scheduler's lease `token` is current. Events at or before the stored cursor are skipped (a
-/// replay); a hole in the positions is refused.
+/// replay); a hole in the positions is refused. An unreadable event ([`Fact::Unreadable`])
+/// ends the batch in front of it ([`Applied::stopped`]) unless `feed_skips` names it.
 pub async fn apply(
     pool: &PgPool,
     consumer: &str,
@@ -131,6 +186,18 @@ pub async fn apply(
             });
         }
         match &e.fact {
+            Fact::Unreadable { reason } => {
+                if !skip_allowed(&mut tx, consumer, e.position).await? {
+                    applied.stopped = Some(Stop {
+                        position: e.position,
+                        kind: e.kind.clone(),
+                        reason: reason.clone(),
+                    });
+                    break;
+                }
+                tracing::warn!(position = e.position, kind = %e.kind, reason = %reason,
+                    "unreadable event skipped as recorded in feed_skips");
+            }
             Fact::Production {
                 scan_id,
                 work_order,
@@ -228,15 +295,54 @@ pub async fn apply(
     }
     applied.follow_ups +=
         queue_follow_ups(&mut tx, flushed, applied.position, &traceparents).await?;
-    if applied.position != start {
-        sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
-            .bind(consumer)
-            .bind(applied.position)
-            .execute(&mut *tx)
-            .await?;
+    if let Some(stop) = &applied.stopped {
+        // The stall is recorded with the cursor (in front of the event): stalled_since is kept
+        // while the consumer retries the same event.
+        sqlx::query(
+            "UPDATE feed_cursor SET position = $2,
+                 updated_at = CASE WHEN position <> $2 THEN now() ELSE updated_at END,
+                 stalled_since = CASE WHEN position <> $2 OR stalled_kind IS NULL THEN now()
+                                      ELSE stalled_since END,
+                 stalled_kind = $3, stalled_reason = $4
+             WHERE consumer = $1",
+        )
+        .bind(consumer)
+        .bind(applied.position)
+        .bind(&stop.kind)
+        .bind(&stop.reason)
+        .execute(&mut *tx)
+        .await?;
+    } else if applied.position != start {
+        sqlx::query(
+            "UPDATE feed_cursor SET position = $2, updated_at = now(),
+                 stalled_kind = NULL, stalled_reason = NULL, stalled_since = NULL
+             WHERE consumer = $1",
+        )
+        .bind(consumer)
+        .bind(applied.position)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(applied)
+}
+
+/// Whether an operator recorded `position` in `feed_skips` for `consumer` (then stamped as
+/// used, in the batch's transaction).
+async fn skip_allowed(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    position: i64,
+) -> Result<bool, sqlx::Error> {
+    let found = sqlx::query(
+        "UPDATE feed_skips SET skipped_at = COALESCE(skipped_at, now())
+         WHERE consumer = $1 AND position = $2",
+    )
+    .bind(consumer)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
+    Ok(found.rows_affected() > 0)
 }
 
 /// Marks the operation's unconfirmed scans (those before the completion in the feed) as

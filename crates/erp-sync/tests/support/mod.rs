@@ -32,6 +32,7 @@ pub struct TestEnv {
     scan_ingest_port: u16,
     scan_ingest_shutdown: Shutdown,
     scan_ingest_task: JoinHandle<anyhow::Result<()>>,
+    scan_ingest_database_url: String,
     erp_database_url: String,
     // Dropped last, after the services stopped.
     _databases: [DbGuard; 2],
@@ -119,6 +120,7 @@ impl TestEnv {
         let scan_ingest_shutdown = Shutdown::new();
         let scan_ingest_task = tokio::spawn(app.run_until_stopped(scan_ingest_shutdown.clone()));
         Self {
+            scan_ingest_database_url: databases[0].url.clone(),
             dir: tempfile::tempdir().expect("temp dir"),
             unique,
             scan_ingest_port,
@@ -150,6 +152,37 @@ impl TestEnv {
         PgPool::connect(&self.erp_database_url)
             .await
             .expect("erp-sync database")
+    }
+
+    /// A pool on scan-ingest's database (to write what scan-ingest's API cannot, e.g. an event
+    /// of a kind a newer scan-ingest would write).
+    pub async fn scan_ingest_pool(&self) -> PgPool {
+        PgPool::connect(&self.scan_ingest_database_url)
+            .await
+            .expect("scan-ingest database")
+    }
+
+    /// The feed's head once scan-ingest sequenced every event committed so far.
+    pub async fn feed_head(&self) -> i64 {
+        let pool = self.scan_ingest_pool().await;
+        let sequenced = wait_for(Duration::from_secs(20), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_log WHERE position IS NULL")
+                .fetch_one(&pool)
+                .await
+                .expect("event log")
+                == 0
+        })
+        .await;
+        assert!(
+            sequenced,
+            "scan-ingest did not sequence its events within 20 s"
+        );
+        let head = sqlx::query_scalar("SELECT last_position FROM feed_sequencer WHERE id = 1")
+            .fetch_one(&pool)
+            .await
+            .expect("feed head");
+        pool.close().await;
+        head
     }
 
     /// Starts an erp-sync instance on the shared erp-sync database.
@@ -255,6 +288,31 @@ impl ErpSyncApp {
         })
         .await;
         assert!(ok, "no successful pull within 20 s");
+    }
+
+    /// erp-sync's stored feed cursor (0: none yet).
+    pub async fn feed_cursor(&self) -> i64 {
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = 'erp-sync'")
+            .fetch_optional(&self.pool)
+            .await
+            .expect("feed cursor")
+            .unwrap_or(0)
+    }
+
+    /// The grpc.health.v1 status of `service` (`Unknown` when it cannot be read).
+    pub async fn health(
+        &self,
+        service: &str,
+    ) -> tonic_health::pb::health_check_response::ServingStatus {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        HealthClient::new(self.channel())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status())
+            .unwrap_or(ServingStatus::Unknown)
     }
 
     /// Stops the instance (its jobs stop, its scheduler lock is released).
