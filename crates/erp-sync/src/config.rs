@@ -141,6 +141,24 @@ impl Settings {
     pub fn load() -> anyhow::Result<Self> {
         mes_common::config::load(SERVICE, &Self::default())
     }
+
+    /// Rejects settings erp-sync cannot run safely with (checked when the service is built).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        // The failures before the breaker opens count as attempts (see `crate::delivery`): an
+        // outage's onset counts up to threshold - 1 of them on a row, so with a threshold at or
+        // above max_attempts the first failures of an outage could dead-letter rows. Both are
+        // read as at least 1, as the delivery and the breaker do.
+        let threshold = self.erp.breaker_failure_threshold.max(1);
+        let max_attempts = self.erp.max_attempts.max(1);
+        anyhow::ensure!(
+            threshold < max_attempts,
+            "erp.breaker_failure_threshold ({threshold}, MES_ERP_SYNC_ERP__BREAKER_FAILURE_THRESHOLD) \
+             must be below erp.max_attempts ({max_attempts}, MES_ERP_SYNC_ERP__MAX_ATTEMPTS): \
+             otherwise the first failures of an erp outage, before the breaker opens, could \
+             dead-letter confirmations"
+        );
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +166,28 @@ impl Settings {
 mod tests {
     use super::*;
     use figment::Jail;
+
+    #[test]
+    fn a_breaker_threshold_at_or_above_max_attempts_is_refused() {
+        let mut s = Settings::default();
+        s.validate().expect("the defaults are valid");
+        for (threshold, max_attempts) in [(3, 3), (5, 3), (1, 1), (0, 0)] {
+            s.erp.breaker_failure_threshold = threshold;
+            s.erp.max_attempts = max_attempts;
+            let err = s.validate().expect_err("an outage could dead-letter rows");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("erp.breaker_failure_threshold") && msg.contains("erp.max_attempts"),
+                "the error names both settings: {msg}"
+            );
+        }
+        s.erp.breaker_failure_threshold = 2;
+        s.erp.max_attempts = 3;
+        s.validate().expect("threshold below max_attempts");
+        s.erp.breaker_failure_threshold = 1;
+        s.erp.max_attempts = 2;
+        s.validate().expect("threshold below max_attempts");
+    }
 
     #[test]
     fn erp_settings_come_from_nested_environment_keys() {

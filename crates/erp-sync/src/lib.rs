@@ -109,9 +109,11 @@ pub struct Application {
 }
 
 impl Application {
-    /// Creates and migrates the database, connects Redis, builds the adapter and the
-    /// scan-ingest client (lazily) and binds the listeners (port 0 picks a free port).
+    /// Validates the settings, creates and migrates the database, connects Redis, builds the
+    /// adapter and the scan-ingest client (lazily) and binds the listeners (port 0 picks a
+    /// free port).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.validate()?;
         mes_common::metrics::install();
         let s = &settings.service;
         let mes_common::service::Infra {
