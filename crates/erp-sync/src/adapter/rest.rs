@@ -50,13 +50,15 @@ pub struct RestAdapter {
 impl RestAdapter {
     /// `base_url` such as `https://erp-bridge.local/erp/v1`; `token` empty: no bearer.
     pub fn new(base_url: &str, token: &str, timeout: Duration) -> anyhow::Result<Self> {
+        // Named in errors without a password it may carry (`http://user:password@host/...`).
+        let shown = mes_common::config::redact_url(base_url);
         let mut base = Url::parse(base_url)
-            .map_err(|e| anyhow::anyhow!("erp.rest_base_url {base_url:?} is not a URL: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("erp.rest_base_url {shown:?} is not a URL: {e}"))?;
         if base.scheme() != "http" {
             // The HTTP client is built without TLS (one ring-based rustls in the workspace, not
             // wired into reqwest yet): reach an https bridge through a TLS-originating sidecar.
             anyhow::bail!(
-                "erp.rest_base_url must be an http:// URL (https: use a tls sidecar), not {base_url:?}"
+                "erp.rest_base_url must be an http:// URL (https: use a tls sidecar), not {shown:?}"
             );
         }
         if !base.path().ends_with('/') {
@@ -462,5 +464,23 @@ mod tests {
         assert!(a.token.is_none());
         assert!(RestAdapter::new("ftp://h", "", Duration::from_secs(1)).is_err());
         assert!(RestAdapter::new("not a url", "", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn a_refused_base_url_is_named_without_its_password() {
+        for url in [
+            "https://bridge:s3cret@erp.example/erp/v1",
+            "http://bridge:s3cret@erp.example:notaport/erp/v1",
+        ] {
+            let err = match RestAdapter::new(url, "", Duration::from_secs(1)) {
+                Ok(_) => panic!("{url} is refused"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(!err.contains("s3cret"), "the password leaks: {err}");
+            assert!(
+                err.contains("erp.rest_base_url") && err.contains("bridge:***@erp.example"),
+                "the error still names the url: {err}"
+            );
+        }
     }
 }
