@@ -16,10 +16,10 @@
 //!   not the row's: the row is rescheduled (backoff by its counted attempts; the breaker paces
 //!   the calls) and counts nothing (`erp_delivery_failures_uncounted_total`, `counted = false`
 //!   in the log). An outage of any length therefore counts at most threshold − 1 failures, at
-//!   its onset, spread over the heads (keep the threshold below `max_attempts`; the breaker
-//!   lives in memory, so a restart during an outage may count as many again), and makes no
-//!   dead letters; the queue drains when the ERP returns. With threshold 1 (every failure
-//!   opens the breaker) a failure right after a success counts.
+//!   its onset, spread over the heads (erp-sync refuses to start unless the threshold is below
+//!   `max_attempts`; the breaker lives in memory, so a restart during an outage may count as
+//!   many again), and makes no dead letters; the queue drains when the ERP returns. With
+//!   threshold 1 (every failure opens the breaker) a failure right after a success counts.
 //! - A poison row alone in the queue cannot be told from an outage: its failures open the
 //!   breaker and stop counting; it is retried once per `breaker_open_ms` (the breaker reads
 //!   open though the ERP is fine: the row's `last_error` says why) and holds only its own work
