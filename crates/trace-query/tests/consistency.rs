@@ -29,17 +29,12 @@ fn reaches_frame_l2(g: &pb::Genealogy) -> bool {
     g.nodes.iter().any(|n| n.lot == "FRAME-L2")
 }
 
-/// A reader that asked the database before a projection commit and stores its answer after
-/// that commit's deletions (both of them) must not leave the old answer cached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_loader_that_straddles_a_commit_never_stores_its_old_answer() {
-    let env = TestEnv::new().await;
-    let app = env.spawn_trace_query(TqOptions::default()).await;
-    env.typical_run().await;
-    env.frame_l2_from_steel_l2().await;
-    env.settled(&app).await;
+type Reader =
+    tokio::task::JoinHandle<Result<fred::bytes::Bytes, std::sync::Arc<trace_query::error::Error>>>;
 
-    // A request for STEEL-L1's forward trace reads the read model now...
+/// A reader of STEEL-L1's forward trace (depth 20) that has read the database and waits before
+/// it stores its answer, until the returned sender fires.
+async fn paused_reader(app: &TraceQueryApp) -> (Reader, tokio::sync::oneshot::Sender<()>) {
     let cache = app.state.cache.clone();
     let lookup = Lookup {
         query: Query::GenealogyForward,
@@ -75,19 +70,84 @@ async fn a_loader_that_straddles_a_commit_never_stores_its_old_answer() {
     // (Another depth: the same one would wait for this very reader, single-flight.)
     let old = app.genealogy("STEEL-L1", Forward, 19).await.expect("trace");
     assert!(!reaches_frame_l2(&old), "the edge is new");
+    (reader, release)
+}
 
-    // ...then a batch commits a new edge and runs both deletions...
-    env.submit(vec![steel_l1_into_frame_l2()]).await;
-    env.settled(&app).await;
-    // ...and only then does the reader store what it read.
+/// Lets `reader` store what it read, then checks the cache does not serve that old answer.
+async fn release_and_check(
+    app: &TraceQueryApp,
+    reader: Reader,
+    release: tokio::sync::oneshot::Sender<()>,
+) {
     release.send(()).expect("reader waits");
     let _ = reader.await.expect("reader");
-
     let g = app.genealogy("STEEL-L1", Forward, 20).await.expect("trace");
     assert!(
         reaches_frame_l2(&g),
         "the cache serves the answer read before the commit"
     );
+}
+
+/// A reader that asked the database before a projection commit and stores its answer after
+/// that commit's deletions (both of them) must not leave the old answer cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_that_straddles_a_commit_never_stores_its_old_answer() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_trace_query(TqOptions::default()).await;
+    env.typical_run().await;
+    env.frame_l2_from_steel_l2().await;
+    env.settled(&app).await;
+
+    let (reader, release) = paused_reader(&app).await;
+    // A batch commits a new edge and runs both deletions before the reader stores.
+    env.submit(vec![steel_l1_into_frame_l2()]).await;
+    env.settled(&app).await;
+    release_and_check(&app, reader, release).await;
+    app.stop().await;
+    env.stop().await;
+}
+
+/// The same race when the key's version was lost meanwhile (it expired, or Redis restarted
+/// empty): the next invalidation must not recreate the very version the reader saw (a counter
+/// starting again at 1 would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_version_is_never_recreated_with_the_value_a_reader_saw() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_trace_query(TqOptions::default()).await;
+    env.typical_run().await;
+    env.frame_l2_from_steel_l2().await;
+    env.settled(&app).await;
+    let redis =
+        mes_common::cache::Redis::connect("redis://127.0.0.1:6379", "", Duration::from_millis(500))
+            .await
+            .expect("redis");
+    let version = app.state.cache.key("ver:g:f:STEEL-L1");
+    let set = |v: Option<&'static str>| {
+        let (client, version) = (redis.client().clone(), version.clone());
+        async move {
+            match v {
+                Some(v) => {
+                    client
+                        .custom::<fred::types::Value, _>(fred::cmd!("SET"), vec![version, v.into()])
+                        .await
+                }
+                None => {
+                    client
+                        .custom::<fred::types::Value, _>(fred::cmd!("DEL"), vec![version])
+                        .await
+                }
+            }
+        }
+    };
+    // One invalidation long ago: the reader sees its version...
+    set(Some("1")).await.expect("version");
+    let (reader, release) = paused_reader(&app).await;
+    // ...which then expires, before a batch commits a new edge.
+    set(None).await.expect("version expires");
+    env.submit(vec![steel_l1_into_frame_l2()]).await;
+    env.settled(&app).await;
+    release_and_check(&app, reader, release).await;
+    redis.quit().await;
     app.stop().await;
     env.stop().await;
 }

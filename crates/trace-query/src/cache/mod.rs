@@ -8,8 +8,8 @@
 //! - **Writes**: answers get a TTL with random jitter (no synchronized expiry); "not found" a
 //!   short one.
 //! - **Invalidation**: the projection commits a batch together with the list of keys it made
-//!   stale (table `cache_invalidations`), then bumps each key's version and deletes the key,
-//!   then deletes the row. Every store is conditional on the version read *before* the loader
+//!   stale (table `cache_invalidations`), then gives each key a new random version and
+//!   deletes the key, then deletes the row. Every store is conditional on the version read *before* the loader
 //!   asked the database (one Lua script), so a loader that began before a commit and finishes
 //!   after its deletions can never store its older answer. A second plain delete
 //!   `cache_second_delete_ms` later stays as a belt and braces.
@@ -77,12 +77,12 @@ else
   if redis.call('pttl', KEYS[1]) < 0 then redis.call('pexpire', KEYS[1], ARGV[3]) end
 end
 return 1";
-/// Bumps each key's version, then deletes the key. KEYS: data key, version key, pairwise.
-/// ARGV: version TTL ms.
+/// Gives each key a new version, then deletes the key. KEYS: data key, version key, pairwise.
+/// ARGV: version TTL ms, the new version — a random token, never a counter: a version that
+/// expired (or a Redis that restarted empty) must not come back with a value a reader saw.
 const INVALIDATE: &str = "
 for i = 1, #KEYS, 2 do
-  redis.call('incr', KEYS[i + 1])
-  redis.call('pexpire', KEYS[i + 1], ARGV[1])
+  redis.call('set', KEYS[i + 1], ARGV[2], 'PX', ARGV[1])
   redis.call('unlink', KEYS[i])
 end
 return #KEYS / 2";
@@ -284,7 +284,7 @@ impl QueryCache {
     }
 
     /// After the projection committed a batch: known lots into the filter, stale keys
-    /// invalidated (version bumped, key deleted) now and deleted once more after
+    /// invalidated (a new version, key deleted) now and deleted once more after
     /// `cache_second_delete_ms`, the batch's `cache_invalidations` row (`pending`) removed once
     /// all that succeeded, pre-warming of produced lots when the consumer is caught up (`warm`).
     pub async fn applied(&self, inv: &Invalidation, warm: bool, pending: Option<i64>) {
@@ -613,7 +613,7 @@ impl Inner {
             }
         }
         // The versions before the database is asked: an invalidation committed after this
-        // point bumps them, and the store below is then refused.
+        // point replaces them, and the store below is then refused.
         let versions = self.versions(&lookup).await;
         let started = std::time::Instant::now();
         self.stats.db_query(lookup.query);
@@ -723,6 +723,7 @@ impl Inner {
             args.push(Value::from(self.version_key(k)));
         }
         args.push(Value::Integer(VERSION_TTL_MS));
+        args.push(Value::from(uuid::Uuid::new_v4().simple().to_string()));
         args
     }
 
@@ -1004,8 +1005,8 @@ impl Inner {
         let client = self.redis.client();
         let pattern = format!("{}*", glob_escape(self.redis.prefix()));
         let filter_prefix = self.redis.key("lots:filter:");
-        // Versions stay: they only ever grow, so a loader that read one before the purge
-        // still cannot store.
+        // Versions stay (a new one never repeats an old one), so a loader that read one before
+        // the purge still cannot store.
         let version_prefix = self.redis.key("ver:");
         let mut cursor = "0".to_owned();
         loop {
