@@ -73,8 +73,11 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(d) => d.code().is_some_and(|c| {
             // 08 connection exception, 40 transaction rollback (serialization, deadlock),
             // 53 insufficient resources, 57 operator intervention (shutdown, cancel,
-            // statement timeout), 58 system error, 55P03 lock not available.
-            ["08", "40", "53", "57", "58"].contains(&&c[..c.len().min(2)]) || c == "55P03"
+            // statement timeout), 58 system error, 55P03 lock not available, 25006 read-only
+            // transaction (connected to a demoted primary or a standby during a failover),
+            // 25P03/25P04 idle-in-transaction and transaction timeouts.
+            ["08", "40", "53", "57", "58"].contains(&&c[..c.len().min(2)])
+                || ["55P03", "25006", "25P03", "25P04"].contains(&c.as_ref())
         }),
         _ => false,
     }
@@ -113,6 +116,77 @@ impl From<Error> for Status {
                 tracing::error!(error = %format!("{source:#}"), "internal error");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with a SQLSTATE, as PostgreSQL reports it.
+    #[derive(Debug)]
+    struct Pg(&'static str);
+
+    impl std::fmt::Display for Pg {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "sqlstate {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Pg {}
+
+    impl sqlx::error::DatabaseError for Pg {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn code_of(sqlstate: &'static str) -> Code {
+        Status::from(Error::from(sqlx::Error::Database(Box::new(Pg(sqlstate))))).code()
+    }
+
+    #[test]
+    fn a_database_that_cannot_serve_now_is_unavailable_never_internal() {
+        for sqlstate in [
+            "08006", // connection failure
+            "40001", // serialization failure (after the retries)
+            "40P01", // deadlock (after the retries)
+            "53300", // too many connections
+            "57P01", // admin shutdown
+            "57014", // statement timeout
+            "55P03", // lock not available
+            "25006", // read-only transaction: a failover in progress
+        ] {
+            assert_eq!(code_of(sqlstate), Code::Unavailable, "{sqlstate}");
+        }
+        assert_eq!(
+            Status::from(Error::from(sqlx::Error::PoolTimedOut)).code(),
+            Code::Unavailable
+        );
+    }
+
+    #[test]
+    fn a_bug_stays_internal() {
+        for sqlstate in ["42601", "42P01", "23514", "22P02"] {
+            assert_eq!(code_of(sqlstate), Code::Internal, "{sqlstate}");
         }
     }
 }
