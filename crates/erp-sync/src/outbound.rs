@@ -1,7 +1,9 @@
 //! Outbound, first half: follows scan-ingest's event feed from the cursor stored in erp-sync's
 //! database and turns completed operations into confirmations in the outbox, and voids of
 //! scans already confirmed into reversals — in the same transaction as the cursor, so each
-//! event takes effect exactly once.
+//! event takes effect exactly once. Before following the feed, each new leader queues as
+//! follow-ups the late production an older build left unreported below the cursor
+//! ([`outbound::queue_stranded_follow_ups`]).
 //!
 //! An event this build cannot read and that may carry production (an unknown kind from a newer
 //! scan-ingest, a `scan.accepted` without its scan, a production scan with an unreadable id,
@@ -172,6 +174,41 @@ fn scan_fact(stored: &pb::StoredScan) -> Fact {
 /// lease, the consumer stops.
 pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, token: i64, stop: Shutdown) {
     let mut failures = 0u32;
+    // Once per leadership, before following the feed: late production an older build left
+    // unreported below the cursor becomes follow-ups.
+    loop {
+        match outbound::queue_stranded_follow_ups(&pool, mes::CALLER, token).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(
+                        follow_ups = n,
+                        "late production left unreported by an older build queued as follow-ups"
+                    );
+                    metrics::counter!("erp_follow_ups_total").increment(n as u64);
+                    queued.notify_one();
+                }
+                break;
+            }
+            Err(outbound::ApplyError::Fenced(e)) => {
+                tracing::error!(error = %e, "another replica leads the erp jobs; the feed consumer stops");
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "cannot look for unreported late production");
+            }
+        }
+        let delay = crate::breaker::backoff(
+            failures.max(1),
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait() => return,
+        }
+    }
+    failures = 0;
     let mut stalled = Stalled::new(mes::CALLER);
     loop {
         match follow_once(&pool, &mes, &queued, token, &stop, &mut stalled).await {

@@ -1033,3 +1033,123 @@ async fn a_refused_confirmation_that_opens_the_breaker_counts_again_once_other_w
     erp.stop().await;
     env.stop().await;
 }
+
+/// Follow-up keys the outbox holds for `work_order` and operation `operation`.
+async fn follow_up_keys(pool: &sqlx::PgPool, prefix: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT idempotency_key FROM outbox WHERE idempotency_key LIKE $1 || '%' ORDER BY id",
+    )
+    .bind(prefix)
+    .fetch_all(pool)
+    .await
+    .expect("outbox")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_production_stranded_by_an_older_build_is_followed_up_once_at_leader_start() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let erp = env.spawn_erp_sync(rest_options(&double)).await;
+    erp.wait_for_successful_pulls(1).await;
+    let mut si = env.scan_ingest_client();
+
+    // Operation 10 completes with 5 good: confirmed once.
+    let complete = support::scan(pb::ScanKind::CompleteOperation, "WO-1001", 10, "ST-20");
+    let key = format!("WO-1001:10:{}", complete.scan_id);
+    let mut scans = vec![support::scan(
+        pb::ScanKind::StartOperation,
+        "WO-1001",
+        10,
+        "ST-20",
+    )];
+    scans.extend(bikes("A", 5));
+    scans.push(complete);
+    support::submit_all(&mut si, scans).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.confirmation(&key).is_some() && status(&erp).await.queue_depth == 0
+        })
+        .await,
+        "the confirmation reached the erp"
+    );
+    let pool = env.erp_pool().await;
+    erp.stop().await;
+
+    // What a build before follow-ups left behind: 3 good booked late were stored with the
+    // cursor that covers them and never reported (confirmation_key NULL below the cursor).
+    let late = bikes("LATE", 3);
+    support::submit_all(&mut si, late.clone()).await;
+    let head = env.feed_head().await;
+    for scan in &late {
+        sqlx::query(
+            "INSERT INTO production_scans (scan_id, position, work_order, operation, station, kind,
+                 lot, material, quantity, operator, scanned_at)
+             VALUES ($1, $2, 'WO-1001', 10, 'ST-20', 'produce', $3, 'BIKE-100', 1, 'op1', now())",
+        )
+        .bind(uuid::Uuid::parse_str(&scan.scan_id).unwrap())
+        .bind(head)
+        .bind(&scan.lot)
+        .execute(&pool)
+        .await
+        .expect("stranded scan");
+    }
+    sqlx::query("UPDATE feed_cursor SET position = $1 WHERE consumer = 'erp-sync'")
+        .bind(head)
+        .execute(&pool)
+        .await
+        .expect("cursor");
+
+    // The upgraded build, at leader start, reports them as one follow-up of the confirmation.
+    let prefix = "WO-1001:10:followup:";
+    let erp = env.spawn_erp_sync(rest_options(&double)).await;
+    let delivered = wait_for(Duration::from_secs(15), || async {
+        double
+            .confirmation_counts()
+            .keys()
+            .any(|k| k.starts_with(prefix))
+            && status(&erp).await.queue_depth == 0
+    })
+    .await;
+    assert!(
+        delivered,
+        "the stranded production reached the erp: {:?}",
+        double.confirmation_counts()
+    );
+    let keys = follow_up_keys(&pool, prefix).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let follow_up = double.confirmation(&keys[0]).expect("follow-up");
+    assert_eq!(follow_up["follows"], key.as_str(), "{follow_up}");
+    assert_eq!(follow_up["good_quantity"], "3", "{follow_up}");
+    erp.stop().await;
+
+    // A second restart queues nothing again; new work still flows (so the leader ran).
+    let posts_before = double.requests("POST /erp/v1/confirmations").len();
+    let erp = env.spawn_erp_sync(rest_options(&double)).await;
+    let next = complete_operation(&env, "WO-1000", 10, "ST-10").await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.confirmation(&next).is_some() && status(&erp).await.queue_depth == 0
+        })
+        .await,
+        "the next confirmation reached the erp"
+    );
+    assert_eq!(follow_up_keys(&pool, prefix).await, keys);
+    assert_eq!(
+        double.requests("POST /erp/v1/confirmations").len(),
+        posts_before + 1,
+        "only the new confirmation was posted"
+    );
+    let counts = double.confirmation_counts();
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM production_scans WHERE confirmation_key IS NULL AND NOT voided",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0);
+
+    pool.close().await;
+    erp.stop().await;
+    env.stop().await;
+}

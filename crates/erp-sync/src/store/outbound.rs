@@ -327,6 +327,33 @@ pub async fn apply(
     Ok(applied)
 }
 
+/// Late production a build before follow-ups left unreported: production scans below
+/// `consumer`'s cursor that nothing reported (`confirmation_key` NULL) although their
+/// operation was confirmed already (that build confirmed an operation once and never looked
+/// at scans after it). Queued as follow-ups like any late production ([`queue_follow_ups`]
+/// over the whole stored feed), once: the scans are marked with the follow-up's key, so a
+/// second run finds nothing. Runs in one transaction fenced by the lease `token`, with the
+/// cursor row locked (no batch of the feed runs beside it). Returns the follow-ups queued.
+pub async fn queue_stranded_follow_ups(
+    pool: &PgPool,
+    consumer: &str,
+    token: i64,
+) -> Result<usize, ApplyError> {
+    let mut tx = pool.begin().await?;
+    crate::store::lease::check(&mut tx, token).await?;
+    let cursor: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE")
+            .bind(consumer)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(cursor) = cursor else {
+        return Ok(0);
+    };
+    let queued = queue_follow_ups(&mut tx, 0, cursor, &BTreeMap::new()).await?;
+    tx.commit().await?;
+    Ok(queued)
+}
+
 /// Whether an operator recorded `position` in `feed_skips` for `consumer` (then stamped as
 /// used, in the batch's transaction).
 async fn skip_allowed(
