@@ -48,6 +48,10 @@ pub struct Settings {
     /// How long a login waits for Redis to count its attempt; slower (or down), the attempt is
     /// counted by this replica alone (the limits still hold, per replica).
     pub login_redis_timeout_ms: u64,
+    /// The most usernames and client addresses whose login attempts this replica counts in
+    /// process (a few dozen bytes each). When full, the oldest counts are forgotten first
+    /// (Redis, when reachable, still holds the shared ones).
+    pub login_local_keys_max: usize,
     /// Request header holding the client address, when the gateway runs behind a proxy that
     /// sets it (e.g. `x-forwarded-for`: its last entry, the one the proxy added, is used).
     /// Empty: the TCP peer address. Only set it behind such a proxy: clients could forge it.
@@ -90,6 +94,7 @@ impl Settings {
             login_attempts_per_ip: 50,
             login_window_seconds: 300,
             login_redis_timeout_ms: 250,
+            login_local_keys_max: 100_000,
             client_ip_header: String::new(),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 15_000,
@@ -142,6 +147,10 @@ impl Settings {
         anyhow::ensure!(
             self.login_attempts_per_user > 0 && self.login_attempts_per_ip > 0,
             "login_attempts_per_user and login_attempts_per_ip must be > 0"
+        );
+        anyhow::ensure!(
+            self.login_local_keys_max >= 2,
+            "login_local_keys_max must be at least 2 (a login counts a username and an address)"
         );
         anyhow::ensure!(
             self.login_window_seconds > 0,

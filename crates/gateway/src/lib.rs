@@ -190,6 +190,7 @@ impl Application {
                 settings.login_attempts_per_ip,
                 Duration::from_secs(settings.login_window_seconds),
                 Duration::from_millis(settings.login_redis_timeout_ms),
+                settings.login_local_keys_max,
             ),
         );
         let hashes = auth::HashPool::new(

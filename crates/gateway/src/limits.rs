@@ -2,9 +2,11 @@
 //! window that starts at the first request: INCR, PEXPIRE NX, PTTL in one pipeline) and the
 //! token revocation list.
 //!
-//! Login attempts are limited per username and per client address: an attempt is counted
+//! Login attempts are limited per client address and per username: an attempt is counted
 //! (reserved) before its password is checked, so parallel guesses cannot get past the limit,
-//! and refunded when the login succeeds. Each attempt is counted both in Redis (shared by the
+//! and refunded when the login succeeds. The address is counted first: an attempt it refuses
+//! is not counted against the username. The in-process counts are bounded
+//! (`login_local_keys_max`): when full, the oldest are forgotten, never a new login refused. Each attempt is counted both in Redis (shared by the
 //! replicas) and in this process; the larger count decides. Login limits never fail open:
 //! when Redis is slow or down, the in-process counts alone decide (the limits hold per
 //! replica), and logins keep working.
@@ -15,7 +17,7 @@
 //! believe a token is revoked when it is not.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -94,45 +96,59 @@ impl Limits {
     /// Counts one login attempt of `username` from `client` before its password is checked:
     /// `Err(429)` when either is over its limit (the attempt is not checked at all). Refund
     /// it with [`Limits::refund_login`] when the login succeeds or is not attempted.
+    ///
+    /// The client address is counted first; an attempt it refuses counts nothing against the
+    /// username, so one client spraying usernames neither fills the in-process counts nor
+    /// locks other users out.
     #[tracing::instrument(skip(self))]
     pub async fn reserve_login(&self, username: &str, client: &str) -> Result<Attempt, Problem> {
         let login = &self.login;
-        let attempt = Attempt {
-            keys: [
-                (format!("rl:login:user:{username}"), login.per_user),
-                (format!("rl:login:ip:{client}"), login.per_ip),
-            ],
-        };
-        let local = login.count_locally(&attempt.keys);
-        let shared = tokio::time::timeout(login.redis_timeout, self.count_in_redis(&attempt.keys))
+        let ip = (format!("rl:login:ip:{client}"), login.per_ip);
+        let user = (format!("rl:login:user:{username}"), login.per_user);
+        let deadline = tokio::time::Instant::now() + login.redis_timeout;
+        let mut redis_up = true;
+        for ((key, limit), label) in [(&ip, "login_ip"), (&user, "login_user")] {
+            let (count, remaining) = self.count_login(key, deadline, &mut redis_up).await;
+            if count > u64::from(*limit) {
+                metrics::counter!("gateway_rate_limited_total", "subject" => label).increment(1);
+                let retry_after = remaining.as_millis().div_ceil(1000).max(1) as u64;
+                tracing::info!(
+                    retry_after,
+                    subject = label,
+                    "login refused: too many attempts"
+                );
+                return Err(Problem::rate_limited(retry_after));
+            }
+        }
+        Ok(Attempt { keys: [user, ip] })
+    }
+
+    /// Counts one attempt against `key` in this process and in Redis (until `deadline`; after
+    /// a Redis failure, in this process alone): the larger count and its time left.
+    async fn count_login(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+        redis_up: &mut bool,
+    ) -> (u64, Duration) {
+        let local = self.login.count_locally(key);
+        if !*redis_up {
+            return local;
+        }
+        let shared = tokio::time::timeout_at(deadline, self.count_in_redis(key))
             .await
             .unwrap_or_else(|_| Err("timed out".to_owned()));
-        let shared = match shared {
-            Ok(counts) => counts,
+        match shared {
+            Ok(shared) if shared.0 >= local.0 => shared,
+            Ok(_) => local,
             Err(e) => {
+                *redis_up = false;
                 metrics::counter!("gateway_redis_failures_total", "op" => "login_limit")
                     .increment(1);
                 tracing::warn!(error = %e, "redis unavailable: login attempts limited by this replica alone");
-                vec![None; attempt.keys.len()]
-            }
-        };
-        let mut retry_after = 0u64;
-        for (i, ((_, limit), (count, remaining))) in attempt.keys.iter().zip(local).enumerate() {
-            let (count, remaining) = match shared.get(i).copied().flatten() {
-                Some((c, r)) if c >= count => (c, r),
-                _ => (count, remaining),
-            };
-            if count > u64::from(*limit) {
-                let label = if i == 0 { "login_user" } else { "login_ip" };
-                metrics::counter!("gateway_rate_limited_total", "subject" => label).increment(1);
-                retry_after = retry_after.max(remaining.as_millis().div_ceil(1000) as u64);
+                local
             }
         }
-        if retry_after > 0 {
-            tracing::info!(retry_after, "login refused: too many attempts");
-            return Err(Problem::rate_limited(retry_after));
-        }
-        Ok(attempt)
     }
 
     /// Gives a reserved attempt back (a successful login, or one whose password was never
@@ -164,39 +180,31 @@ impl Limits {
         }
     }
 
-    /// INCR, PEXPIRE NX and PTTL of each key in one pipeline: the count and time left.
-    async fn count_in_redis(
-        &self,
-        keys: &[(String, u32)],
-    ) -> Result<Vec<Option<(u64, Duration)>>, String> {
+    /// INCR, PEXPIRE NX and PTTL of a key in one pipeline: the count and time left.
+    async fn count_in_redis(&self, key: &str) -> Result<(u64, Duration), String> {
         let window = self.login.window.as_millis() as i64;
         let pipeline = self.redis.client().pipeline();
-        for (key, _) in keys {
-            let key = self.redis.key(key);
-            let queued: Result<(), Error> = async {
-                let () = pipeline.incr(&key).await?;
-                let () = pipeline
-                    .pexpire(&key, window, Some(ExpireOptions::NX))
-                    .await?;
-                let () = pipeline.pttl(&key).await?;
-                Ok(())
-            }
-            .await;
-            queued.map_err(|e| e.to_string())?;
+        let key = self.redis.key(key);
+        let queued: Result<(), Error> = async {
+            let () = pipeline.incr(&key).await?;
+            let () = pipeline
+                .pexpire(&key, window, Some(ExpireOptions::NX))
+                .await?;
+            let () = pipeline.pttl(&key).await?;
+            Ok(())
         }
+        .await;
+        queued.map_err(|e| e.to_string())?;
         let values: Vec<i64> = pipeline.all().await.map_err(|e| e.to_string())?;
-        Ok((0..keys.len())
-            .map(|i| {
-                let count = values.get(i * 3).copied()?;
-                let pttl = values.get(i * 3 + 2).copied()?;
-                let remaining = if pttl > 0 {
-                    Duration::from_millis(pttl as u64)
-                } else {
-                    self.login.window
-                };
-                Some((count.max(0) as u64, remaining))
-            })
-            .collect())
+        let (Some(&count), Some(&pttl)) = (values.first(), values.get(2)) else {
+            return Err("short pipeline reply".to_owned());
+        };
+        let remaining = if pttl > 0 {
+            Duration::from_millis(pttl as u64)
+        } else {
+            self.login.window
+        };
+        Ok((count.max(0) as u64, remaining))
     }
 
     /// Counts one request against every subject; `Err(429)` when any is over its limit.
@@ -305,22 +313,26 @@ pub struct Attempt {
     keys: [(String, u32); 2],
 }
 
-/// The most usernames and addresses counted in process; past it (a spray of usernames while
-/// Redis is down), new ones are refused until their windows end: the limits fail closed.
-const MAX_LOCAL_KEYS: usize = 100_000;
-
 /// Settings and in-process counts of the login limits.
 pub struct LoginLimits {
     per_user: u32,
     per_ip: u32,
     window: Duration,
     redis_timeout: Duration,
+    max_local_keys: usize,
     local: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 impl LoginLimits {
-    pub fn new(per_user: u32, per_ip: u32, window: Duration, redis_timeout: Duration) -> Self {
+    pub fn new(
+        per_user: u32,
+        per_ip: u32,
+        window: Duration,
+        redis_timeout: Duration,
+        max_local_keys: usize,
+    ) -> Self {
         Self {
+            max_local_keys,
             per_user,
             per_ip,
             window,
@@ -329,36 +341,52 @@ impl LoginLimits {
         }
     }
 
-    /// Counts one attempt against each key in this process: the count and time left of each.
-    fn count_locally(&self, keys: &[(String, u32)]) -> Vec<(u64, Duration)> {
+    /// Counts one attempt against `key` in this process: the count and time left.
+    fn count_locally(&self, key: &str) -> (u64, Duration) {
         let now = Instant::now();
-        let Ok(mut local) = self.local.lock() else {
-            return keys.iter().map(|_| (u64::MAX, self.window)).collect();
-        };
-        if local.len() >= MAX_LOCAL_KEYS {
-            local.retain(|_, (_, end)| *end > now);
+        // A panic elsewhere while holding the lock leaves counts that are still counts.
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        if !local.contains_key(key) && local.len() >= self.max_local_keys {
+            self.make_room(&mut local, now);
         }
-        keys.iter()
-            .map(|(key, _)| {
-                if !local.contains_key(key) && local.len() >= MAX_LOCAL_KEYS {
-                    return (u64::MAX, self.window);
-                }
-                let entry = local.entry(key.clone()).or_insert((0, now + self.window));
-                if entry.1 <= now {
-                    *entry = (0, now + self.window);
-                }
-                entry.0 += 1;
-                (entry.0, entry.1.saturating_duration_since(now))
-            })
-            .collect()
+        let entry = local
+            .entry(key.to_owned())
+            .or_insert((0, now + self.window));
+        if entry.1 <= now {
+            *entry = (0, now + self.window);
+        }
+        entry.0 += 1;
+        (entry.0, entry.1.saturating_duration_since(now))
+    }
+
+    /// Frees room for a new key: drops the ended windows, and when every count is still live
+    /// (a flood of usernames or addresses), forgets the oldest tenth at once (one pass per
+    /// tenth of the capacity, not one per new key). Memory stays bounded and new logins are
+    /// never refused for lack of room; Redis, when reachable, still holds the shared counts.
+    fn make_room(&self, local: &mut HashMap<String, (u64, Instant)>, now: Instant) {
+        local.retain(|_, (_, end)| *end > now);
+        if local.len() < self.max_local_keys {
+            return;
+        }
+        let forget = (self.max_local_keys / 10).clamp(1, local.len());
+        let mut ends: Vec<Instant> = local.values().map(|(_, end)| *end).collect();
+        let (_, &mut cutoff, _) = ends.select_nth_unstable(forget - 1);
+        let before = local.len();
+        local.retain(|_, (_, end)| *end > cutoff);
+        let forgotten = before - local.len();
+        metrics::counter!("gateway_login_counts_forgotten_total").increment(forgotten as u64);
+        tracing::warn!(
+            forgotten,
+            capacity = self.max_local_keys,
+            "in-process login counts full: the oldest forgotten"
+        );
     }
 
     fn refund_locally(&self, keys: &[(String, u32)]) {
-        if let Ok(mut local) = self.local.lock() {
-            for (key, _) in keys {
-                if let Some(entry) = local.get_mut(key) {
-                    entry.0 = entry.0.saturating_sub(1);
-                }
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        for (key, _) in keys {
+            if let Some(entry) = local.get_mut(key) {
+                entry.0 = entry.0.saturating_sub(1);
             }
         }
     }

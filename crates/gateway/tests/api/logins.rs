@@ -287,3 +287,102 @@ async fn with_redis_slow_login_limits_hold_and_logins_do_not_wait_for_it() {
     let res = login(&app, "op1", "demo-op1").await;
     assert_problem(res, 429, "rate_limited").await;
 }
+
+/// A login from `ip` behind a proxy that appends it to `x-forwarded-for`.
+async fn login_from(app: &TestApp, ip: &str, username: &str, password: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/v1/auth/token"))
+        .header("x-forwarded-for", format!("203.0.113.9, {ip}"))
+        .json(&json!({"username": username, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spray_of_refused_logins_from_one_address_does_not_lock_out_other_clients() {
+    let mut settings = test_settings();
+    settings.login_attempts_per_user = 100;
+    settings.login_attempts_per_ip = 4;
+    settings.login_local_keys_max = 20;
+    settings.client_ip_header = "x-forwarded-for".into();
+    let app = spawn_with(settings).await;
+    // One client sprays random usernames, well past the in-process capacity; every attempt
+    // after its fourth is refused before its password is checked.
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        let user = format!("spray-{}", uuid::Uuid::new_v4().simple());
+        statuses.push(
+            login_from(&app, "10.0.0.1", &user, "guess")
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses[..4], [401; 4], "{statuses:?}");
+    assert!(statuses[4..].iter().all(|&s| s == 429), "{statuses:?}");
+    // A tablet from another address logs in, with Redis healthy.
+    let res = login_from(&app, "10.0.0.2", "op1", "demo-op1").await;
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_in_process_counts_are_full_the_oldest_are_forgotten_not_every_new_login_refused()
+{
+    let mut settings = test_settings();
+    settings.login_attempts_per_user = 100;
+    settings.login_attempts_per_ip = 100;
+    settings.login_local_keys_max = 8;
+    settings.client_ip_header = "x-forwarded-for".into();
+    let app = spawn_with(settings).await;
+    // Twelve clients, each with its own username: 24 counts, three times the capacity, every
+    // one under its limit.
+    for i in 0..12 {
+        let res = login_from(
+            &app,
+            &format!("10.0.1.{i}"),
+            &format!("nobody-{i}"),
+            "guess",
+        )
+        .await;
+        assert_problem(res, 401, "unauthenticated").await;
+    }
+    let res = login_from(&app, "10.0.2.1", "op1", "demo-op1").await;
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attempts_refused_for_their_address_do_not_count_against_the_username() {
+    let mut settings = test_settings();
+    settings.login_attempts_per_user = 3;
+    settings.login_attempts_per_ip = 2;
+    settings.client_ip_header = "x-forwarded-for".into();
+    let app = spawn_with(settings).await;
+    for _ in 0..2 {
+        let res = login_from(&app, "10.0.0.1", "qa1", "guess").await;
+        assert_problem(res, 401, "unauthenticated").await;
+    }
+    // Refused for the address before the username is counted.
+    for _ in 0..10 {
+        let res = login_from(&app, "10.0.0.1", "qa1", "guess").await;
+        assert_problem(res, 429, "rate_limited").await;
+    }
+    // One address cannot spend more of a user's attempts than its own limit.
+    let res = login_from(&app, "10.0.0.2", "qa1", "demo-qa1").await;
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+}
