@@ -18,7 +18,7 @@ K8S_VENV          := var/venv-k8s
 K8S_VALIDATE      := $(K8S_VENV)/bin/kubernetes-validate
 K8S_VALIDATE_PKG  ?= kubernetes-validate==1.37.0
 
-.PHONY: help run test build lint fmt bench docker k8s clean deps-up deps-down
+.PHONY: help run test build lint fmt bench bench-quick docker k8s clean deps-up deps-down
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -50,8 +50,11 @@ lint: ## rustfmt check and clippy with warnings as errors
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-bench: ## release build, then the stack against pgbench and redis-benchmark in one run (scripts/bench.sh)
+bench: ## release build, then the stack against pgbench and redis-benchmark in one run (scripts/bench.sh; ~5 min)
 	scripts/bench.sh
+
+bench-quick: ## the same table with 3 s runs and a smaller generated plant (under 3 min after the build)
+	scripts/bench.sh --quick
 
 docker: ## build one image per service from deploy/Dockerfile (needs a running Docker engine)
 	@docker info >/dev/null 2>&1 || { echo "docker: no Docker engine is reachable (docker info failed)" >&2; exit 1; }
