@@ -115,9 +115,14 @@ where
 }
 
 /// The most a signed request body may be: tonic's default limit of a decoded message (4 MiB)
-/// and its 5-byte frame header. Larger ones are refused (RESOURCE_EXHAUSTED) before they are
-/// verified, as tonic would refuse them after.
+/// and its 5-byte frame header. Larger ones are refused (RESOURCE_EXHAUSTED) as soon as the
+/// limit is passed, as tonic would refuse them after reading them whole. Only bodies of calls
+/// whose signature verified are read at all.
 pub const MAX_SIGNED_BODY: usize = 4 * 1024 * 1024 + 5;
+
+/// How long a server waits for the whole body of a call whose signature verified (MES calls
+/// send one small message at once; a body still arriving after this is refused CANCELLED).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tower layer for gRPC servers: with an internal key, refuses (UNAUTHENTICATED) every call but
 /// health and reflection whose signature is missing, wrong, stale or already used (see
@@ -126,6 +131,7 @@ pub const MAX_SIGNED_BODY: usize = 4 * 1024 * 1024 + 5;
 pub struct CallerAuthLayer {
     key: Option<CallerKey>,
     seen: Arc<ReplayCache>,
+    body_timeout: Duration,
 }
 
 impl CallerAuthLayer {
@@ -133,7 +139,15 @@ impl CallerAuthLayer {
         Self {
             key,
             seen: Arc::new(ReplayCache::new()),
+            body_timeout: BODY_READ_TIMEOUT,
         }
+    }
+
+    /// The same layer with another body-read timeout (tests).
+    #[cfg(test)]
+    fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
+        self
     }
 }
 
@@ -144,6 +158,7 @@ impl<S> Layer<S> for CallerAuthLayer {
             inner,
             key: self.key.clone(),
             seen: self.seen.clone(),
+            body_timeout: self.body_timeout,
         }
     }
 }
@@ -153,6 +168,7 @@ pub struct CallerAuth<S> {
     inner: S,
     key: Option<CallerKey>,
     seen: Arc<ReplayCache>,
+    body_timeout: Duration,
 }
 
 fn refuse(
@@ -202,57 +218,77 @@ where
         let Some(key) = self.key.clone().filter(|_| !exempt) else {
             return Box::pin(self.inner.call(req));
         };
-        // Format and time first: nothing is read from a caller that cannot have signed.
-        let sig = match Signature::parse(req.headers(), chrono::Utc::now().timestamp()) {
+        // Everything that authenticates the caller is in the headers (the signature carries
+        // the digest of the body it signed): format, time, HMAC and nonce are checked before a
+        // single byte of the body is read, so a caller without the key cannot make the server
+        // buffer anything, and only verified nonces enter the replay cache.
+        let sig = match Signature::parse(req.headers(), chrono::Utc::now().timestamp())
+            .and_then(|sig| key.verify(&sig, &method, req.headers()).map(|()| sig))
+        {
             Ok(sig) => sig,
             Err(refused) => {
                 let res = refuse(refused, &method, req.headers());
                 return Box::pin(std::future::ready(Ok(res)));
             }
         };
+        // The nonce is used from here on, whatever the body turns out to be: a signed request
+        // was seen, its signature is not accepted again (with this body or another).
+        match self.seen.admit(&sig, chrono::Utc::now().timestamp()) {
+            Ok(()) => {}
+            Err(NotAdmitted::Replayed) => {
+                let res = refuse(Refused::Replayed, &method, req.headers());
+                return Box::pin(std::future::ready(Ok(res)));
+            }
+            Err(NotAdmitted::Full) => {
+                metrics::counter!("grpc_server_replay_cache_full_total").increment(1);
+                tracing::warn!(
+                    method,
+                    "call refused: the replay cache is full of signatures of the last window"
+                );
+                let status = tonic::Status::unavailable(
+                    "too many signed calls in the replay window; retry shortly",
+                );
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        }
         // The inner service was made ready for this call: take it, leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let seen = self.seen.clone();
+        let body_timeout = self.body_timeout;
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            // Unary and server-streaming calls send one message, then end the body.
-            let body = match http_body_util::Limited::new(body, MAX_SIGNED_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            // Unary and server-streaming calls send one message, then end the body: read it
+            // whole, within the size limit and the read timeout.
+            let read = http_body_util::Limited::new(body, MAX_SIGNED_BODY).collect();
+            let body = match tokio::time::timeout(body_timeout, read).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                     let status = tonic::Status::resource_exhausted(format!(
                         "request body larger than {MAX_SIGNED_BODY} bytes"
                     ));
                     return Ok(status.into_http());
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let status =
                         tonic::Status::cancelled(format!("request body not received: {e}"));
                     return Ok(status.into_http());
                 }
-            };
-            if let Err(refused) = key.verify(&sig, &method, &parts.headers, &body) {
-                return Ok(refuse(refused, &method, &parts.headers));
-            }
-            match seen.admit(&sig, chrono::Utc::now().timestamp()) {
-                Ok(()) => {}
-                Err(NotAdmitted::Replayed) => {
-                    return Ok(refuse(Refused::Replayed, &method, &parts.headers));
-                }
-                Err(NotAdmitted::Full) => {
-                    metrics::counter!("grpc_server_replay_cache_full_total").increment(1);
+                Err(_) => {
+                    metrics::counter!("grpc_server_body_read_timeouts_total").increment(1);
                     tracing::warn!(
                         method,
-                        "call refused: the replay cache is full of signatures of the last window"
+                        timeout_ms = body_timeout.as_millis() as u64,
+                        "call refused: its request body did not arrive in time"
                     );
-                    let status = tonic::Status::unavailable(
-                        "too many signed calls in the replay window; retry shortly",
-                    );
+                    let status = tonic::Status::cancelled(format!(
+                        "request body not received within {} ms",
+                        body_timeout.as_millis()
+                    ));
                     return Ok(status.into_http());
                 }
+            };
+            if let Err(refused) = sig.check_body(&body) {
+                return Ok(refuse(refused, &method, &parts.headers));
             }
             let body = tonic::body::Body::new(http_body_util::Full::new(body));
             inner.call(http::Request::from_parts(parts, body)).await
@@ -611,7 +647,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_over_the_limit_is_refused_before_it_is_verified() {
+    async fn a_signed_body_over_the_limit_is_refused_and_the_next_call_served() {
         let key = CallerKey::from_config(KEY);
         let (port, _stop) = serve(key.clone()).await;
         let mut caller = EventFeedClient::new(signed(plain(port), key));
@@ -623,6 +659,150 @@ mod tests {
         first_event(&mut caller, subscribe(1, "small", "sys"))
             .await
             .expect("the next call is served");
+    }
+
+    const SUBSCRIBE: &str = "/mes.v1.EventFeed/Subscribe";
+
+    /// The caller-signature layer around a service that records whether a call reached it.
+    fn guarded(
+        layer: &CallerAuthLayer,
+    ) -> (
+        impl tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reached = served.clone();
+        let inner = tower::service_fn(move |_req: http::Request<tonic::body::Body>| {
+            reached.store(true, std::sync::atomic::Ordering::SeqCst);
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                tonic::body::Body::empty(),
+            )))
+        });
+        (layer.layer(inner), served)
+    }
+
+    /// Identity headers of a system caller, signed with `key` over `body`.
+    fn signed_headers(key: &CallerKey, body: &[u8]) -> http::HeaderMap {
+        let mut md = tonic::metadata::MetadataMap::new();
+        Caller::system("sys").write_to(&mut md);
+        let mut headers = md.into_headers();
+        key.sign(SUBSCRIBE, &mut headers, body);
+        headers
+    }
+
+    fn request(
+        headers: &http::HeaderMap,
+        body: tonic::body::Body,
+    ) -> http::Request<tonic::body::Body> {
+        let mut req = http::Request::post(SUBSCRIBE).body(body).unwrap();
+        *req.headers_mut() = headers.clone();
+        req
+    }
+
+    /// A request body that never ends (a caller trickling or holding its stream open), and
+    /// whether anything polled it.
+    fn endless_body() -> (tonic::body::Body, Arc<std::sync::atomic::AtomicBool>) {
+        let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = polled.clone();
+        let frames = futures::stream::poll_fn(move |_| {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            Poll::<Option<Result<hyper::body::Frame<Bytes>, tonic::Status>>>::Pending
+        });
+        (
+            tonic::body::Body::new(http_body_util::StreamBody::new(frames)),
+            polled,
+        )
+    }
+
+    /// Calls `svc` once; the answer must come within 5 s. Returns its gRPC status.
+    async fn status_of<S>(svc: &mut S, req: http::Request<tonic::body::Body>) -> tonic::Status
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            >,
+    {
+        let call = async { svc.ready().await.unwrap().call(req).await.unwrap() };
+        let res = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("answered promptly, without waiting for the body");
+        tonic::Status::from_header_map(res.headers()).unwrap_or_else(|| tonic::Status::ok(""))
+    }
+
+    #[tokio::test]
+    async fn a_forged_signature_is_refused_without_reading_the_body() {
+        let layer = CallerAuthLayer::new(CallerKey::from_config(KEY));
+        let (mut svc, served) = guarded(&layer);
+        // Valid format and time (a real signature), but made with a key the server does not have.
+        let forger =
+            CallerKey::from_config("not the deployment's key, but 32+ bytes long").unwrap();
+        let headers = signed_headers(&forger, b"anything");
+        let (body, polled) = endless_body();
+        let status = status_of(&mut svc, request(&headers, body)).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(
+            !polled.load(std::sync::atomic::Ordering::SeqCst),
+            "the body of an unauthenticated caller was read"
+        );
+        assert!(!served.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(layer.seen.is_empty(), "a forged nonce was remembered");
+    }
+
+    #[tokio::test]
+    async fn a_signed_call_with_another_body_than_the_signed_one_is_refused_and_uses_its_nonce() {
+        let key = CallerKey::from_config(KEY).unwrap();
+        let layer = CallerAuthLayer::new(Some(key.clone()));
+        let (mut svc, served) = guarded(&layer);
+        let signed_body = Bytes::from_static(b"\0\0\0\0\x05hello");
+        let headers = signed_headers(&key, &signed_body);
+        let other = tonic::body::Body::new(http_body_util::Full::new(Bytes::from_static(
+            b"\0\0\0\0\x05hellO",
+        )));
+        let status = status_of(&mut svc, request(&headers, other)).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("caller signature does not match the body"),
+            "{status:?}"
+        );
+        assert!(!served.load(std::sync::atomic::Ordering::SeqCst));
+        // The signed request was seen: the same signature with its own body is a replay now.
+        let own = tonic::body::Body::new(http_body_util::Full::new(signed_body.clone()));
+        let status = status_of(&mut svc, request(&headers, own)).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("caller signature already used"),
+            "{status:?}"
+        );
+        assert!(!served.load(std::sync::atomic::Ordering::SeqCst));
+        // A fresh signature over the same body is served.
+        let fresh = signed_headers(&key, &signed_body);
+        let own = tonic::body::Body::new(http_body_util::Full::new(signed_body));
+        let status = status_of(&mut svc, request(&fresh, own)).await;
+        assert_eq!(status.code(), tonic::Code::Ok, "{status:?}");
+        assert!(served.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_signed_call_whose_body_never_ends_is_refused_after_the_read_timeout() {
+        let key = CallerKey::from_config(KEY).unwrap();
+        let layer =
+            CallerAuthLayer::new(Some(key.clone())).with_body_timeout(Duration::from_millis(200));
+        let (mut svc, served) = guarded(&layer);
+        let headers = signed_headers(&key, b"");
+        let (body, polled) = endless_body();
+        let status = status_of(&mut svc, request(&headers, body)).await;
+        assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+        assert!(polled.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!served.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// Settings as an operator writes them, through the real configuration loader.

@@ -7,11 +7,14 @@
 //! request ([`CallerKey::sign`], done by [`crate::grpc::Signed`]) and each server refuses calls
 //! whose signature is missing, wrong, stale or already used ([`crate::grpc::server`]).
 //!
-//! The signature (`x-mes-caller-signature: <unix seconds>.<nonce>.<HMAC>`) covers the method,
-//! the time, a random nonce, the identity headers and the SHA-256 of the request body as sent
-//! on the wire (the gRPC frames of the message), so a captured call cannot be sent again with
-//! another message, and it is accepted once: the server remembers the nonces it has seen for as
-//! long as their time is within [`MAX_SKEW_SECONDS`] ([`ReplayCache`]).
+//! The signature (`x-mes-caller-signature: <unix seconds>.<nonce>.<body SHA-256>.<HMAC>`)
+//! covers the method, the time, a random nonce, the identity headers and the SHA-256 of the
+//! request body as sent on the wire (the gRPC frames of the message), so a captured call cannot
+//! be sent again with another message, and it is accepted once: the server remembers the nonces
+//! it has seen for as long as their time is within [`MAX_SKEW_SECONDS`] ([`ReplayCache`]).
+//! The digest travels in the header so that the server verifies the HMAC (and the nonce) from
+//! the headers alone, before it reads any body ([`CallerKey::verify`]), then checks the body it
+//! reads against the signed digest ([`Signature::check_body`]).
 //!
 //! Rotation: a key may carry one more key accepted on incoming calls, never used to sign
 //! (`MES_INTERNAL_KEY_PREVIOUS`), see [`CallerKey::accepting`] and the README.
@@ -27,8 +30,8 @@ pub const USER: &str = "x-mes-user";
 pub const ROLES: &str = "x-mes-roles";
 pub const DEVICE: &str = "x-mes-device";
 pub const STATION: &str = "x-mes-station";
-/// `<unix seconds>.<32 hex nonce>.<hex HMAC-SHA256>` over the method, the time, the nonce, the
-/// identity headers and the SHA-256 of the request body.
+/// `<unix seconds>.<32 hex nonce>.<64 hex SHA-256 of the body>.<hex HMAC-SHA256>`, the HMAC over
+/// the method, the time, the nonce, the identity headers and the SHA-256 of the request body.
 pub const SIGNATURE: &str = "x-mes-caller-signature";
 
 /// How far a signature's time may be from the receiver's clock (clocks of a plant's servers are
@@ -131,6 +134,8 @@ pub enum Refused {
     BadSignature,
     /// A valid signature seen before: a replay.
     Replayed,
+    /// A valid signature, but the body received is not the one it signed.
+    OtherBody,
 }
 
 impl Refused {
@@ -141,6 +146,7 @@ impl Refused {
             Refused::Stale => "caller signature outside the allowed clock skew",
             Refused::BadSignature => "caller signature does not match",
             Refused::Replayed => "caller signature already used",
+            Refused::OtherBody => "caller signature does not match the body",
         }
     }
 }
@@ -150,6 +156,8 @@ impl Refused {
 pub struct Signature {
     at: i64,
     nonce: u128,
+    /// The SHA-256 of the body the caller signed.
+    digest: [u8; 32],
     tag: Vec<u8>,
 }
 
@@ -162,9 +170,13 @@ impl Signature {
             .to_str()
             .map_err(|_| Refused::Malformed)?;
         let mut parts = sig.split('.');
-        let (Some(at), Some(nonce), Some(tag), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(at), Some(nonce), Some(digest), Some(tag), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(Refused::Malformed);
         };
         let at: i64 = at.parse().map_err(|_| Refused::Malformed)?;
@@ -172,11 +184,28 @@ impl Signature {
             return Err(Refused::Malformed);
         }
         let nonce = u128::from_str_radix(nonce, 16).map_err(|_| Refused::Malformed)?;
+        let digest = unhex(digest)
+            .and_then(|d| <[u8; 32]>::try_from(d).ok())
+            .ok_or(Refused::Malformed)?;
         let tag = unhex(tag).ok_or(Refused::Malformed)?;
         if (now - at).abs() > MAX_SKEW_SECONDS {
             return Err(Refused::Stale);
         }
-        Ok(Self { at, nonce, tag })
+        Ok(Self {
+            at,
+            nonce,
+            digest,
+            tag,
+        })
+    }
+
+    /// Checks that `body` (the encoded gRPC frames received) is the body the caller signed.
+    /// Only meaningful once [`CallerKey::verify`] accepted the signature.
+    pub fn check_body(&self, body: &[u8]) -> Result<(), Refused> {
+        let received: [u8; 32] = Sha256::digest(body).into();
+        (received == self.digest)
+            .then_some(())
+            .ok_or(Refused::OtherBody)
     }
 
     /// The nonce, which [`ReplayCache`] remembers.
@@ -207,7 +236,7 @@ impl CallerKey {
         at: i64,
         nonce: u128,
         headers: &http::HeaderMap,
-        body: &[u8],
+        digest: &[u8; 32],
     ) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
         let get = |k: &str| {
@@ -217,7 +246,6 @@ impl CallerKey {
                 .unwrap_or_default()
                 .to_owned()
         };
-        let digest = hex(&Sha256::digest(body));
         // Length-prefixed fields: no two different requests give the same input.
         for field in [
             "mes-call-v2".to_owned(),
@@ -228,7 +256,7 @@ impl CallerKey {
             get(ROLES),
             get(DEVICE),
             get(STATION),
-            digest,
+            hex(digest),
         ] {
             mac.update(&(field.len() as u64).to_be_bytes());
             mac.update(field.as_bytes());
@@ -242,28 +270,30 @@ impl CallerKey {
     pub fn sign(&self, method: &str, headers: &mut http::HeaderMap, body: &[u8]) {
         let at = chrono::Utc::now().timestamp();
         let nonce: u128 = rand::random();
-        let tag = Self::mac(&self.signing, method, at, nonce, headers, body)
+        let digest: [u8; 32] = Sha256::digest(body).into();
+        let tag = Self::mac(&self.signing, method, at, nonce, headers, &digest)
             .finalize()
             .into_bytes();
-        let value = format!("{at}.{nonce:032x}.{}", hex(&tag));
+        let value = format!("{at}.{nonce:032x}.{}.{}", hex(&digest), hex(&tag));
         if let Ok(v) = http::HeaderValue::try_from(value) {
             headers.insert(SIGNATURE, v);
         }
     }
 
-    /// Checks a parsed signature of a call of `method` with `headers` and `body` against this
-    /// key and the other accepted one. Does not check for replays (see [`ReplayCache`]).
+    /// Checks a parsed signature of a call of `method` with `headers` against this key and the
+    /// other accepted one, from the headers alone (the body digest it signed is in the
+    /// signature): nothing of the body needs to be read to authenticate the caller. Checks
+    /// neither the body (see [`Signature::check_body`]) nor replays (see [`ReplayCache`]).
     pub fn verify(
         &self,
         sig: &Signature,
         method: &str,
         headers: &http::HeaderMap,
-        body: &[u8],
     ) -> Result<(), Refused> {
         std::iter::once(&self.signing)
             .chain(self.also_accepted.as_ref())
             .any(|key| {
-                Self::mac(key, method, sig.at, sig.nonce, headers, body)
+                Self::mac(key, method, sig.at, sig.nonce, headers, &sig.digest)
                     .verify_slice(&sig.tag)
                     .is_ok()
             })
@@ -393,7 +423,8 @@ mod tests {
         now: i64,
     ) -> Result<(), Refused> {
         let sig = Signature::parse(h, now)?;
-        key.verify(&sig, method, h, body)
+        key.verify(&sig, method, h)?;
+        sig.check_body(body)
     }
 
     #[test]
@@ -411,6 +442,23 @@ mod tests {
         );
         assert_eq!(
             check(&key, METHOD, &h, b"\0\0\0\0\x05hellO", now),
+            Err(Refused::OtherBody)
+        );
+        // The digest in the header is signed too: another body's digest in its place is a
+        // forgery, found before any body is read.
+        let sig = h[SIGNATURE].to_str().unwrap().to_owned();
+        let parts: Vec<&str> = sig.split('.').collect();
+        let other_digest = hex(&Sha256::digest(b"\0\0\0\0\x05hellO"));
+        let mut swapped = h.clone();
+        swapped.insert(
+            SIGNATURE,
+            format!("{}.{}.{other_digest}.{}", parts[0], parts[1], parts[3])
+                .parse()
+                .unwrap(),
+        );
+        let parsed = Signature::parse(&swapped, now).unwrap();
+        assert_eq!(
+            key.verify(&parsed, METHOD, &swapped),
             Err(Refused::BadSignature)
         );
         let other = CallerKey::from_config("somebody else's key").unwrap();
@@ -507,6 +555,10 @@ mod tests {
             format!("{now}.abc.00"),
             format!("{now}.{nonce}.00.00"),
             format!("{now}.{nonce}.00"),
+            format!("{now}.{nonce}.{}.00", "0".repeat(62)),
+            format!("{now}.{nonce}.{}.00", "z".repeat(64)),
+            format!("{now}.{nonce}.{}.00.00", "0".repeat(64)),
+            format!("{now}.{nonce}.{}.00", "0".repeat(64)),
         ] {
             h.insert(SIGNATURE, garbage.parse().unwrap());
             assert!(
