@@ -61,3 +61,21 @@ fn compose_default_secrets_pass_the_gateways_validation() {
         );
     }
 }
+
+#[test]
+fn k8s_takes_the_login_client_address_from_the_header_the_ingress_appends() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../k8s/base/config.yaml");
+    let config = std::fs::read_to_string(path).expect("k8s/base/config.yaml");
+    let header = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MES_GATEWAY_CLIENT_IP_HEADER:"))
+        .map(str::trim)
+        .expect("the k8s base sets MES_GATEWAY_CLIENT_IP_HEADER");
+    // Behind the ingress every tablet has the ingress's address: without the header, the
+    // per-address login limit would be shared by the whole plant.
+    assert_eq!(header, "x-forwarded-for");
+    let mut settings = Settings::defaults();
+    settings.service.demo = true;
+    settings.client_ip_header = header.to_owned();
+    settings.validate().expect("a valid header name");
+}
