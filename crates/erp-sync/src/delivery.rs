@@ -30,6 +30,11 @@
 //! - Other work orders go on; the later rows of a work order whose confirmation is a dead
 //!   letter are held behind it (`erp_outbox_held`; they stay in `queue_depth`) until the
 //!   replay delivers it.
+//! - An ERP shedding load (429, or 503 with `Retry-After`: [`AdapterError::Throttled`]) is up
+//!   and busy, which says nothing about the row: such an answer never counts toward
+//!   `erp.max_attempts` (`erp_delivery_throttled_total`), and the row's next try waits the
+//!   `Retry-After` asked (at most `erp.retry_max_ms`, at least the backoff). It still feeds the
+//!   breaker, so an ERP refusing everything is paced by it.
 //! - Refused credentials (401/403, a refused login) are an operator's problem, not the row's:
 //!   `erp_auth_failed` is 1 and `erp_auth_failures_total` counts, an error is logged, the
 //!   delivery pauses `erp.auth_retry_ms` and no attempt is counted (the breaker is not fed).
@@ -341,7 +346,9 @@ impl Delivery {
             }
             Err(e) => {
                 let state = self.on_result(false);
-                let counted = counts_as_attempt(during, state, failures_before);
+                // An ERP shedding load (429, 503 with Retry-After) is up: not the row's failure.
+                let throttled = matches!(e, AdapterError::Throttled { .. });
+                let counted = !throttled && counts_as_attempt(during, state, failures_before);
                 let attempt = u32::try_from(row.attempts + 1).unwrap_or(u32::MAX);
                 metrics::counter!("erp_delivery_failures_total").increment(1);
                 if counted && attempt >= self.max_attempts.max(1) {
@@ -356,7 +363,7 @@ impl Delivery {
                         "delivery attempts exhausted; dead letter (replay it once the erp takes it; later rows of its work order wait)");
                     (None, state)
                 } else {
-                    let delay = breaker::backoff(attempt, self.retry_initial, self.retry_max);
+                    let delay = self.retry_delay(&e, attempt);
                     let next = chrono::Utc::now()
                         + chrono::Duration::from_std(delay)
                             .unwrap_or(chrono::Duration::seconds(60));
@@ -365,6 +372,9 @@ impl Delivery {
                     fenced.commit().await?;
                     if !counted {
                         metrics::counter!("erp_delivery_failures_uncounted_total").increment(1);
+                    }
+                    if throttled {
+                        metrics::counter!("erp_delivery_throttled_total").increment(1);
                     }
                     tracing::warn!(idempotency_key = %row.idempotency_key, error = %e, attempt,
                         counted, breaker = state.as_str(), retry_in_ms = delay.as_millis() as u64,
@@ -382,6 +392,19 @@ impl Delivery {
             self.publish_breaker(after).await;
         }
         Ok(wait)
+    }
+
+    /// When a row that failed with `e` (its `attempt`-th counted try) is tried next: the
+    /// backoff, or the `Retry-After` an ERP shedding load asked for (at most `retry_max`).
+    fn retry_delay(&self, e: &AdapterError, attempt: u32) -> Duration {
+        let backoff = breaker::backoff(attempt, self.retry_initial, self.retry_max);
+        match e {
+            AdapterError::Throttled {
+                retry_after: Some(asked),
+                ..
+            } => (*asked).min(self.retry_max).max(backoff),
+            _ => backoff,
+        }
     }
 
     fn on_result(&self, ok: bool) -> State {

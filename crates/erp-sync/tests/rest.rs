@@ -1153,3 +1153,105 @@ async fn late_production_stranded_by_an_older_build_is_followed_up_once_at_leade
     erp.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_shedding_load_with_429_and_503_dead_letters_nothing_and_its_retry_after_is_honoured()
+ {
+    let env = TestEnv::new().await;
+    let orders = 10;
+    let double = ErpDouble::start(plant_with_more_work_orders(orders), Some(TOKEN)).await;
+    let max_attempts = 4;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            max_attempts,
+            // Two refusals in a row at most: the breaker stays closed (the ERP takes traffic).
+            breaker_failure_threshold: 3,
+            retry_ms: (10, 2_000),
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // The ERP takes one post in three; the others get 429 or 503, each with Retry-After: 1.
+    double.set_fault(Fault::Throttle(3));
+    let mut keys = Vec::new();
+    for i in 0..orders {
+        keys.push(complete_operation(&env, &format!("WO-{}", 2000 + i), 10, "ST-10").await);
+    }
+    let done = wait_for(Duration::from_secs(60), || async {
+        let s = status(&erp).await;
+        s.dead_letters > 0 || double.confirmation_counts().len() == keys.len()
+    })
+    .await;
+    let rows: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT idempotency_key, status, attempts FROM outbox ORDER BY id")
+            .fetch_all(&erp.pool)
+            .await
+            .unwrap();
+    assert!(done, "the queue drained under throttling: {rows:?}");
+    assert_eq!(status(&erp).await.dead_letters, 0, "dead letters: {rows:?}");
+    // Once it stops throttling, everything is delivered exactly once.
+    double.set_fault(Fault::None);
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            status(&erp).await.queue_depth == 0
+        })
+        .await
+    );
+    let expected: BTreeMap<String, usize> = keys.iter().map(|k| (k.clone(), 1)).collect();
+    assert_eq!(double.confirmation_counts(), expected);
+    assert!(
+        double.requests("POST /erp/v1/confirmations").len() > keys.len(),
+        "the erp refused some posts"
+    );
+    // Each retry of a row waited for the Retry-After (1 s) it was given.
+    for (key, at) in double.posts() {
+        for pair in at.windows(2) {
+            let waited = pair[1] - pair[0];
+            assert!(
+                waited >= Duration::from_millis(950),
+                "{key} was retried after {waited:?}, before its Retry-After of 1 s"
+            );
+        }
+    }
+
+    erp.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_saying_the_key_is_still_in_progress_is_retried_not_taken_as_delivered() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            retry_ms: (10, 40),
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // The bridge is still working on the key (IETF Idempotency-Key draft: 409), twice; then
+    // it books it (200).
+    double.answer_in_progress(2);
+    let key = complete_operation(&env, "WO-1000", 10, "ST-10").await;
+    let delivered = wait_for(Duration::from_secs(15), || async {
+        double.confirmation(&key).is_some() && status(&erp).await.queue_depth == 0
+    })
+    .await;
+    let row = outbox_row(&erp.pool, &key).await;
+    assert!(
+        delivered,
+        "the confirmation reached the erp after the 409s (outbox row {row:?}, erp {:?})",
+        double.confirmation_counts()
+    );
+    assert_eq!(double.posts()[&key].len(), 3, "two 409s, then booked");
+    assert_eq!(row.0, "delivered");
+    assert_eq!(double.confirmation_counts()[&key], 1);
+    // A 409 saying the key is booked already is done: a repost finds nothing to do.
+    let s = status(&erp).await;
+    assert_eq!(s.dead_letters, 0);
+
+    erp.stop().await;
+    env.stop().await;
+}

@@ -61,6 +61,13 @@ pub enum AdapterError {
     /// the token or password. Retried later, but it says nothing about the request itself.
     #[error("erp refused the credentials: {0}")]
     Unauthorized(String),
+    /// The ERP is up but sheds load (429, or 503 with `Retry-After`): retry later, after
+    /// `retry_after` when it said so; never the row's failure (counts no attempt).
+    #[error("erp asks to slow down: {message}")]
+    Throttled {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
 }
 
 impl AdapterError {
@@ -68,7 +75,10 @@ impl AdapterError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            AdapterError::Unavailable(_) | AdapterError::Timeout(_) | AdapterError::Unauthorized(_)
+            AdapterError::Unavailable(_)
+                | AdapterError::Timeout(_)
+                | AdapterError::Unauthorized(_)
+                | AdapterError::Throttled { .. }
         )
     }
 }

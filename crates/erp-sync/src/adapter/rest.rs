@@ -7,8 +7,10 @@
 //!   shapes of the plant file (`deploy/demo/plant.json`) and are checked against the same
 //!   contract ([`crate::contract`]); `cursor` is sent back as `updated_since` next time.
 //! - `POST {base}/confirmations` with `Idempotency-Key`: 2xx accepted (201 new, 200 a replay
-//!   of a key the ERP already has), 409 already done; 5xx, 408, 429, timeouts and connection
-//!   errors are retried; any other 4xx is permanent (the confirmation is set aside). 401/403
+//!   of a key the ERP already has), 409 with `{"status": "duplicate"}` already done (any other
+//!   409, e.g. a request with that key still in progress, is retried); 5xx, 408, 429, timeouts and connection
+//!   errors are retried (429, and 503 with `Retry-After`, are the ERP shedding load: they
+//!   count no attempt and the row waits the `Retry-After` asked, up to `erp.retry_max_ms`); any other 4xx is permanent (the confirmation is set aside). 401/403
 //!   are `Unauthorized`: a wrong token is an operations problem that must not set aside the
 //!   whole queue (the delivery pauses and alarms, and burns no attempt).
 //!   Follow-ups (production booked after the operation's confirmation) are confirmations
@@ -105,11 +107,16 @@ impl RestAdapter {
     async fn send(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<(StatusCode, Vec<u8>), AdapterError> {
+    ) -> Result<(StatusCode, Vec<u8>, Option<Duration>), AdapterError> {
         let resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, chrono::Utc::now()));
         let body = resp.bytes().await.map_err(|e| self.transport(e))?;
-        Ok((status, body.to_vec()))
+        Ok((status, body.to_vec(), retry_after))
     }
 
     fn transport(&self, e: reqwest::Error) -> AdapterError {
@@ -119,9 +126,9 @@ impl RestAdapter {
     /// GET of a JSON document; non-2xx answers are errors.
     async fn get_json(&self, url: Url) -> Result<Value, AdapterError> {
         let what = url.path().to_owned();
-        let (status, body) = self.send(self.request(Method::GET, url)).await?;
+        let (status, body, wait) = self.send(self.request(Method::GET, url)).await?;
         if !status.is_success() {
-            return Err(status_error(status, &what, &body));
+            return Err(status_error(status, &what, &body, wait));
         }
         serde_json::from_slice(&body)
             .map_err(|e| AdapterError::Unreadable(format!("{what} did not answer JSON: {e}")))
@@ -271,12 +278,40 @@ pub(crate) fn transport_error(e: reqwest::Error, timeout: Duration) -> AdapterEr
     }
 }
 
-/// A non-2xx answer: 5xx, 408, 429 are transient, 401/403 `Unauthorized` (see the module).
-fn status_error(status: StatusCode, what: &str, body: &[u8]) -> AdapterError {
+/// `Retry-After` as delay-seconds or an HTTP date (a date in the past: 0).
+fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// A non-2xx answer: 429, and 503 with `Retry-After`, are `Throttled` (the ERP is up and
+/// sheds load: not the row's failure); other 5xx, 408 are transient, 401/403
+/// `Unauthorized` (see the module); `retry_after`: the answer's `Retry-After`.
+fn status_error(
+    status: StatusCode,
+    what: &str,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> AdapterError {
     let detail: String = String::from_utf8_lossy(body).chars().take(300).collect();
     let msg = format!("{what} answered {status}: {detail}");
     if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
         AdapterError::Unauthorized(msg)
+    } else if status == StatusCode::TOO_MANY_REQUESTS
+        || (status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_some())
+    {
+        AdapterError::Throttled {
+            message: msg,
+            retry_after,
+        }
     } else if status.is_server_error()
         || matches!(
             status,
@@ -287,6 +322,15 @@ fn status_error(status: StatusCode, what: &str, body: &[u8]) -> AdapterError {
     } else {
         AdapterError::Rejected(msg)
     }
+}
+
+/// Whether an answer's body says the idempotency key was booked already
+/// (`{"status": "duplicate"}`).
+fn says_duplicate(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
+        .is_some_and(|s| s == "duplicate")
 }
 
 /// `{"work_orders": {"WO-1": "10"}, "lots": {"L1": "75"}}`.
@@ -326,24 +370,29 @@ impl RestAdapter {
             .request(Method::POST, url)
             .header("Idempotency-Key", idempotency_key)
             .json(document);
-        let (status, body) = self.send(req).await?;
+        let (status, body, wait) = self.send(req).await?;
         match status {
             StatusCode::CREATED | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => Ok(Posted::New),
             StatusCode::OK => {
                 // 200: the bridge may say it replayed the key (`{"status": "duplicate"}`).
-                let replay = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
-                    .is_some_and(|s| s == "duplicate");
-                Ok(if replay {
+                Ok(if says_duplicate(&body) {
                     Posted::AlreadyThere
                 } else {
                     Posted::New
                 })
             }
-            StatusCode::CONFLICT => Ok(Posted::AlreadyThere),
+            // 409 is done only when the bridge says the key is booked already; otherwise (the
+            // IETF Idempotency-Key draft's "a request with this key is still being processed",
+            // or anything unexplained) the first request may still fail: retry.
+            StatusCode::CONFLICT if says_duplicate(&body) => Ok(Posted::AlreadyThere),
+            StatusCode::CONFLICT => {
+                let detail: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+                Err(AdapterError::Unavailable(format!(
+                    "{path} answered 409 without saying the key is booked (still in progress?): {detail}"
+                )))
+            }
             s if s.is_success() => Ok(Posted::New),
-            s => Err(status_error(s, path, &body)),
+            s => Err(status_error(s, path, &body, wait)),
         }
     }
 }
@@ -356,11 +405,11 @@ impl ErpAdapter for RestAdapter {
 
     async fn ping(&self) -> Result<(), AdapterError> {
         let url = self.url("health")?;
-        let (status, body) = self.send(self.request(Method::GET, url)).await?;
+        let (status, body, wait) = self.send(self.request(Method::GET, url)).await?;
         if status.is_success() {
             Ok(())
         } else {
-            Err(status_error(status, "health", &body))
+            Err(status_error(status, "health", &body, wait))
         }
     }
 
@@ -419,16 +468,62 @@ mod tests {
     #[test]
     fn statuses_map_to_retryable_or_permanent() {
         for s in [401, 403] {
-            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"");
+            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"", None);
             assert!(matches!(e, AdapterError::Unauthorized(_)), "{s}");
         }
         for s in [500, 502, 503, 504, 408, 429, 401, 403] {
-            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"");
+            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"", None);
             assert!(e.is_transient(), "{s}");
         }
         for s in [400, 404, 410, 422] {
-            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"nope");
+            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"nope", None);
             assert!(!e.is_transient(), "{s}");
+        }
+    }
+
+    #[test]
+    fn too_many_requests_and_unavailable_with_retry_after_are_throttling() {
+        let wait = Some(Duration::from_secs(2));
+        for (s, wait, throttled) in [
+            (429, None, true),
+            (429, wait, true),
+            (503, wait, true),
+            (503, None, false),
+            (500, wait, false),
+        ] {
+            let e = status_error(StatusCode::from_u16(s).unwrap(), "x", b"", wait);
+            assert_eq!(
+                matches!(e, AdapterError::Throttled { .. }),
+                throttled,
+                "{s} {wait:?}"
+            );
+            assert!(e.is_transient(), "{s}");
+        }
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after("Wed, 31 Dec 2025 23:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn only_a_duplicate_says_the_key_is_booked() {
+        assert!(says_duplicate(br#"{"status": "duplicate"}"#));
+        for body in [
+            &br#"{"status": "in_progress"}"#[..],
+            b"",
+            b"already confirmed",
+            b"[]",
+        ] {
+            assert!(!says_duplicate(body), "{}", String::from_utf8_lossy(body));
         }
     }
 

@@ -29,6 +29,10 @@ pub enum Fault {
     Slow(Duration),
     /// Every connection is dropped (RST) after its request was read.
     Reset,
+    /// An ERP shedding load: of the confirmation and reversal posts, only every n-th is
+    /// taken; the others answer 429 and 503 in turn, each with `Retry-After: 1` (never n − 1
+    /// refusals in a row more).
+    Throttle(u32),
 }
 
 /// One request the double received.
@@ -53,6 +57,15 @@ struct Inner {
     /// The bearer token it requires (`None`: none).
     token: Option<String>,
     requests: Vec<Seen>,
+    /// Confirmation and reversal posts under [`Fault::Throttle`].
+    throttled_posts: u32,
+    /// Idempotency key → when each post with it arrived (any answer).
+    posts: BTreeMap<String, Vec<Instant>>,
+    /// Posts still to answer 409 `{"status": "in_progress"}` (booking nothing), as a bridge
+    /// does while a request with the same key is still being processed.
+    in_progress: u32,
+    /// The next booking answers 200 (after an in-progress 409), not 201.
+    accepted_with_200: bool,
 }
 
 #[derive(Clone)]
@@ -78,6 +91,10 @@ impl ErpDouble {
                 refused: Vec::new(),
                 token: token.map(str::to_owned),
                 requests: Vec::new(),
+                throttled_posts: 0,
+                posts: BTreeMap::new(),
+                in_progress: 0,
+                accepted_with_200: false,
             })),
             addr,
         };
@@ -183,6 +200,17 @@ impl ErpDouble {
             .collect()
     }
 
+    /// The next `n` confirmation or reversal posts answer 409 `{"status": "in_progress"}`
+    /// and book nothing; the one after books it and answers 200 `{"status": "accepted"}`.
+    pub fn answer_in_progress(&self, n: u32) {
+        self.lock().in_progress = n;
+    }
+
+    /// Idempotency key → when each post with it arrived, whatever the answer.
+    pub fn posts(&self) -> BTreeMap<String, Vec<Instant>> {
+        self.lock().posts.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -226,7 +254,41 @@ impl ErpDouble {
 /// connection after its answer (so that a dropped-connection fault hits the next request).
 async fn faults(State(d): State<ErpDouble>, req: Request, next: Next) -> Response {
     d.record(format!("{} {}", req.method(), req.uri().path()));
+    if let Some(key) = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+    {
+        d.lock()
+            .posts
+            .entry(key.to_owned())
+            .or_default()
+            .push(Instant::now());
+    }
     let mut fault = d.lock().fault;
+    if let Fault::Throttle(every) = fault {
+        fault = Fault::None;
+        if req.method() == axum::http::Method::POST {
+            let n = {
+                let mut inner = d.lock();
+                inner.throttled_posts += 1;
+                inner.throttled_posts
+            };
+            if n % every.max(1) != 0 {
+                let status = if n % 2 == 1 {
+                    StatusCode::TOO_MANY_REQUESTS
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let mut resp = (status, "slow down").into_response();
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        }
+    }
     if req.uri().path().ends_with("/health") && matches!(fault, Fault::Slow(_)) {
         // Status polls ping the ERP: keep them quick, so that short states stay observable.
         fault = Fault::None;
@@ -298,7 +360,7 @@ async fn quantities(State(d): State<ErpDouble>) -> Response {
     axum::Json(json!({"work_orders": wo, "lots": {}})).into_response()
 }
 
-/// A new key is stored (201); a known key is the same confirmation (409).
+/// A new key is stored (201); a known key is the same confirmation (409 `duplicate`).
 async fn confirm(State(d): State<ErpDouble>, headers: HeaderMap, body: String) -> Response {
     let Some(key) = headers
         .get("idempotency-key")
@@ -320,14 +382,28 @@ async fn confirm(State(d): State<ErpDouble>, headers: HeaderMap, body: String) -
         return (StatusCode::INTERNAL_SERVER_ERROR, "erp cannot book it").into_response();
     }
     if inner.confirmations.contains_key(&key) {
-        return (StatusCode::CONFLICT, "already confirmed").into_response();
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"status": "duplicate"})),
+        )
+            .into_response();
     }
+    if inner.in_progress > 0 {
+        inner.in_progress -= 1;
+        inner.accepted_with_200 = true;
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"status": "in_progress"})),
+        )
+            .into_response();
+    }
+    let status = if std::mem::take(&mut inner.accepted_with_200) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     inner.confirmations.insert(key, vec![value]);
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({"status": "accepted"})),
-    )
-        .into_response()
+    (status, axum::Json(json!({"status": "accepted"}))).into_response()
 }
 
 /// Reversals are booked like confirmations (same key space, the keys differ by prefix).
