@@ -47,6 +47,11 @@ pub struct ErpSettings {
     /// How long the delivery pauses after the ERP refused erp-sync's credentials (401/403, a
     /// refused login), in milliseconds: an operator must act; no attempt is counted.
     pub auth_retry_ms: u64,
+    /// Shortest wait before a row whose ERP call timed out is tried again, in milliseconds: the
+    /// timed-out request may still be running inside the ERP, and the retry's idempotency-key
+    /// lookup must see its commit (exactly-once with Tryton relies on it). Set it above the
+    /// longest time the ERP can keep working on a request it was sent.
+    pub retry_after_timeout_ms: u64,
     /// Consecutive failed calls that open the circuit breaker.
     pub breaker_failure_threshold: u32,
     /// How long the breaker stays open before one trial call (half-open), in milliseconds.
@@ -103,6 +108,7 @@ impl Default for ErpSettings {
             retry_max_ms: 60_000,
             max_attempts: 30,
             auth_retry_ms: 60_000,
+            retry_after_timeout_ms: 60_000,
             breaker_failure_threshold: 5,
             breaker_open_ms: 30_000,
             reconcile_interval_seconds: 3_600,
@@ -204,6 +210,8 @@ mod tests {
             assert_eq!(s.erp.plant_file, "deploy/demo/plant.json");
             assert_eq!(s.erp.outbox_file, "var/erp-confirmations.jsonl");
             assert_eq!(s.erp.pull_interval_seconds, 60);
+            // A timed-out call may still run inside the ERP for a while (see crate::delivery).
+            assert_eq!(s.erp.retry_after_timeout_ms, 60_000);
 
             jail.set_env("MES_ERP_SYNC_SCAN_INGEST_URL", "http://si:1");
             jail.set_env("MES_ERP_SYNC_ERP__PLANT_FILE", "/plant.json");

@@ -35,6 +35,12 @@
 //!   `erp.max_attempts` (`erp_delivery_throttled_total`), and the row's next try waits the
 //!   `Retry-After` asked (at most `erp.retry_max_ms`, at least the backoff). It still feeds the
 //!   breaker, so an ERP refusing everything is paced by it.
+//! - A timed-out call may still be running inside the ERP (the timeout drops erp-sync's side
+//!   only): the row's next try waits at least `erp.retry_after_timeout_ms` (default 60 s),
+//!   whatever the backoff, so that the retry's idempotency-key lookup (Tryton: search, then
+//!   create, as separate calls) comes after the first request committed. Exactly-once with an
+//!   ERP that checks keys by lookup relies on that setting exceeding the longest time the ERP
+//!   keeps working on a request.
 //! - Refused credentials (401/403, a refused login) are an operator's problem, not the row's:
 //!   `erp_auth_failed` is 1 and `erp_auth_failures_total` counts, an error is logged, the
 //!   delivery pauses `erp.auth_retry_ms` and no attempt is counted (the breaker is not fed).
@@ -119,6 +125,8 @@ pub struct Delivery {
     pub max_attempts: u32,
     /// The pause after refused credentials.
     pub auth_retry: Duration,
+    /// The shortest wait before retrying a row whose call timed out (`erp.retry_after_timeout_ms`).
+    pub retry_after_timeout: Duration,
     /// The scheduler's lease token this delivery holds.
     pub token: i64,
 }
@@ -395,10 +403,13 @@ impl Delivery {
     }
 
     /// When a row that failed with `e` (its `attempt`-th counted try) is tried next: the
-    /// backoff, or the `Retry-After` an ERP shedding load asked for (at most `retry_max`).
+    /// backoff, or the `Retry-After` an ERP shedding load asked for (at most `retry_max`), and
+    /// after a timeout at least `retry_after_timeout` (the request may still be running in the
+    /// ERP: the retry's key lookup must come after its commit).
     fn retry_delay(&self, e: &AdapterError, attempt: u32) -> Duration {
         let backoff = breaker::backoff(attempt, self.retry_initial, self.retry_max);
         match e {
+            AdapterError::Timeout(_) => backoff.max(self.retry_after_timeout),
             AdapterError::Throttled {
                 retry_after: Some(asked),
                 ..

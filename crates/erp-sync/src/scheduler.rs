@@ -117,6 +117,7 @@ async fn lead(state: &AppState, mut lock: LeaderLock, shutdown: &Shutdown) {
         retry_max: Duration::from_millis(erp.retry_max_ms.max(1)),
         max_attempts: erp.max_attempts.max(1),
         auth_retry: Duration::from_millis(erp.auth_retry_ms.max(1)),
+        retry_after_timeout: Duration::from_millis(erp.retry_after_timeout_ms),
         token,
     };
     let mut jobs = tokio::task::JoinSet::new();

@@ -1168,6 +1168,7 @@ async fn a_deposed_leader_can_neither_post_nor_mark_with_its_old_lease_token() {
         retry_max: Duration::from_millis(500),
         max_attempts: 3,
         auth_retry: Duration::from_secs(1),
+        retry_after_timeout: Duration::from_millis(100),
         token,
     };
     // A wakes up still believing it leads: refused before it posts anything.

@@ -1255,3 +1255,51 @@ async fn a_409_saying_the_key_is_still_in_progress_is_retried_not_taken_as_deliv
     erp.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_call_timed_out_is_retried_no_sooner_than_retry_after_timeout() {
+    let env = TestEnv::new().await;
+    let double = ErpDouble::start(support::demo_plant(), Some(TOKEN)).await;
+    let wait_ms = 2_000;
+    let erp = env
+        .spawn_erp_sync(ErpOptions {
+            retry_ms: (10, 40),
+            call_timeout_ms: 300,
+            retry_after_timeout_ms: wait_ms,
+            ..rest_options(&double)
+        })
+        .await;
+    erp.wait_for_successful_pulls(1).await;
+
+    // The ERP books the confirmation but answers after erp-sync gave up on the call (as if it
+    // were still working on it): the retry must leave it time to commit first.
+    double.set_fault(Fault::Slow(Duration::from_millis(800)));
+    let key = complete_operation(&env, "WO-1000", 10, "ST-10").await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            double.posts().get(&key).is_some_and(|p| !p.is_empty())
+        })
+        .await,
+        "the confirmation was posted"
+    );
+    double.set_fault(Fault::None);
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            status(&erp).await.queue_depth == 0
+        })
+        .await,
+        "the retry delivered it"
+    );
+    let posts = double.posts()[&key].clone();
+    assert!(posts.len() >= 2, "a timeout, then a retry: {posts:?}");
+    let waited = posts[1] - posts[0];
+    assert!(
+        waited >= Duration::from_millis(wait_ms),
+        "retried {waited:?} after a timed-out call, before erp.retry_after_timeout_ms ({wait_ms} ms)"
+    );
+    assert_eq!(double.confirmation_counts()[&key], 1);
+    assert_eq!(outbox_row(&erp.pool, &key).await.0, "delivered");
+
+    erp.stop().await;
+    env.stop().await;
+}

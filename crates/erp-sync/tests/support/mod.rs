@@ -64,6 +64,9 @@ pub struct ErpOptions {
     pub max_attempts: u32,
     /// Pause of the delivery after the ERP refused erp-sync's credentials, in ms; 0: the default.
     pub auth_retry_ms: u64,
+    /// Shortest wait before retrying a row whose call timed out, in ms; 0: 100 (the service's
+    /// default, 60 s, would make the tests with slow ERPs wait a minute).
+    pub retry_after_timeout_ms: u64,
 }
 
 #[derive(Clone, Default)]
@@ -242,6 +245,11 @@ impl TestEnv {
         if options.auth_retry_ms > 0 {
             s.erp.auth_retry_ms = options.auth_retry_ms;
         }
+        s.erp.retry_after_timeout_ms = if options.retry_after_timeout_ms > 0 {
+            options.retry_after_timeout_ms
+        } else {
+            100
+        };
         let instance = s.instance_id.clone();
         let app = erp_sync::Application::build(s)
             .await
