@@ -14,9 +14,10 @@
 //!   query would cost without the cache); cold genealogies (each request a lot nobody asked
 //!   before) of the generated plant (depth 5, fan-in 4) against `pgbench` running the same
 //!   statement on random lots of the same level;
-//! - with each line, the **CPU time per request** of every service (and of this driver, which
-//!   shares the machine) from `/proc/<pid>/stat`, so ratios can be explained; the memory of
-//!   each service after the runs.
+//! - with each line, the **CPU time per request** of every service, of this driver, of
+//!   PostgreSQL and Redis (`/proc/<pid>/stat`), and of the rest of the machine (`other`, from
+//!   `/proc/stat`: e.g. builds sharing it), so ratios can be explained; the memory of each
+//!   service after the runs.
 //!
 //! The table (load, stack, baseline, ratio, goal of issue 10, met/missed) is printed and
 //! written to `target/bench/results.json` and `results.md` with the machine's description.

@@ -1,6 +1,7 @@
 //! What a run measured: throughput, latencies, errors; the load driver with its progress line;
 //! CPU time of processes from `/proc/<pid>/stat`.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -180,18 +181,84 @@ fn cpu_seconds(pid: u32, ticks: f64) -> f64 {
     }
 }
 
-/// The processes whose CPU time each run accounts for: the four services and this driver.
+/// The CPU time each run accounts for: the four services and this driver (by pid), PostgreSQL
+/// and Redis (every process named `postgres` / `redis-server`), and the rest of the machine
+/// (`other`: all busy CPU time of `/proc/stat` not in those, such as other builds sharing the
+/// machine, which make a run's figures lower than the machine can do).
 #[derive(Clone)]
 pub struct CpuMeter {
     procs: Vec<(String, u32)>,
     ticks: f64,
 }
 
-/// CPU seconds used by each process since a [`CpuMeter::snapshot`].
+/// CPU seconds used by each process (or group) since a [`CpuMeter::snapshot`].
 #[derive(Clone, Default)]
 pub struct CpuUse(pub Vec<(String, f64)>);
 
-pub struct CpuSnapshot(Vec<f64>);
+pub struct CpuSnapshot {
+    procs: Vec<f64>,
+    /// pid → (group, CPU seconds) of the PostgreSQL and Redis processes.
+    groups: HashMap<u32, (&'static str, f64)>,
+    /// Busy CPU seconds of the whole machine.
+    busy: f64,
+}
+
+/// The group a process belongs to by its command name, if it is one the meter sums.
+fn group_of(comm: &str) -> Option<&'static str> {
+    match comm {
+        "postgres" => Some("postgres"),
+        c if c.starts_with("redis-server") => Some("redis"),
+        _ => None,
+    }
+}
+
+fn groups(ticks: f64) -> HashMap<u32, (&'static str, f64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let comm = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map_or("", |(c, _)| c);
+        if let Some(g) = group_of(comm) {
+            out.insert(pid, (g, cpu_seconds(pid, ticks)));
+        }
+    }
+    out
+}
+
+/// Busy (not idle, not waiting for I/O) CPU seconds of the machine since boot.
+fn machine_busy(ticks: f64) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …
+    let busy: f64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![3, 4].contains(i) && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    busy / ticks
+}
 
 impl CpuMeter {
     pub fn new(services: Vec<(&'static str, u32)>) -> Self {
@@ -207,23 +274,42 @@ impl CpuMeter {
     }
 
     pub fn snapshot(&self) -> CpuSnapshot {
-        CpuSnapshot(
-            self.procs
+        CpuSnapshot {
+            procs: self
+                .procs
                 .iter()
                 .map(|(_, p)| cpu_seconds(*p, self.ticks))
                 .collect(),
-        )
+            groups: groups(self.ticks),
+            busy: machine_busy(self.ticks),
+        }
     }
 
     pub fn since(&self, before: &CpuSnapshot) -> CpuUse {
         let now = self.snapshot();
-        CpuUse(
-            self.procs
+        let mut out: Vec<(String, f64)> = self
+            .procs
+            .iter()
+            .zip(now.procs.iter().zip(&before.procs))
+            .map(|((n, _), (a, b))| (n.clone(), a - b))
+            .collect();
+        for g in ["postgres", "redis"] {
+            // Processes started during the run count from zero; those that ended are lost
+            // (they fall into `other`).
+            let used: f64 = now
+                .groups
                 .iter()
-                .zip(now.0.iter().zip(&before.0))
-                .map(|((n, _), (a, b))| (n.clone(), a - b))
-                .collect(),
-        )
+                .filter(|(_, (group, _))| *group == g)
+                .map(|(pid, (_, t))| t - before.groups.get(pid).map_or(0.0, |(_, b)| *b))
+                .sum();
+            out.push((g.to_owned(), used));
+        }
+        let accounted: f64 = out.iter().map(|(_, t)| t).sum();
+        out.push((
+            "other".to_owned(),
+            (now.busy - before.busy - accounted).max(0.0),
+        ));
+        CpuUse(out)
     }
 }
 
