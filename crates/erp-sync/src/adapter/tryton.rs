@@ -1356,46 +1356,33 @@ struct ReversalLine {
 /// or a second confirmation after a void and redo): produced lots into storage, consumed lots
 /// out of it. Scrap is not posted (as for any confirmation).
 fn confirmation_lines(c: &Confirmation) -> Vec<ReversalLine> {
-    let mut lines = Vec::new();
-    for l in c
-        .produced_lots
-        .iter()
-        .filter(|l| l.quantity > Decimal::ZERO)
-    {
-        lines.push(ReversalLine {
-            code: Some(l.material.clone()),
-            lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
-            quantity: l.quantity,
-            to_storage: true,
-            corrects_output: true,
-            new_lot_ok: true,
-        });
-    }
+    // A produced line goes into storage and corrects the order's output (its lot may be new);
+    // a consumed one comes out of storage.
+    let line = |code: Option<String>, lot: Option<String>, quantity: Decimal, produced: bool| {
+        ReversalLine {
+            code,
+            lot,
+            quantity,
+            to_storage: produced,
+            corrects_output: produced,
+            new_lot_ok: produced,
+        }
+    };
+    let of_lots = |lots: &[crate::domain::LotQuantity], produced: bool| {
+        lots.iter()
+            .filter(|l| l.quantity > Decimal::ZERO)
+            .map(|l| {
+                let lot = (!l.lot.is_empty()).then(|| l.lot.clone());
+                line(Some(l.material.clone()), lot, l.quantity, produced)
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut lines = of_lots(&c.produced_lots, true);
     if c.produced_lots.is_empty() && c.good_quantity > Decimal::ZERO {
         // Produced without a lot: the order's own product.
-        lines.push(ReversalLine {
-            code: None,
-            lot: None,
-            quantity: c.good_quantity,
-            to_storage: true,
-            corrects_output: true,
-            new_lot_ok: true,
-        });
+        lines.push(line(None, None, c.good_quantity, true));
     }
-    for l in c
-        .consumed_lots
-        .iter()
-        .filter(|l| l.quantity > Decimal::ZERO)
-    {
-        lines.push(ReversalLine {
-            code: Some(l.material.clone()),
-            lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
-            quantity: l.quantity,
-            to_storage: false,
-            corrects_output: false,
-            new_lot_ok: false,
-        });
-    }
+    lines.extend(of_lots(&c.consumed_lots, false));
     lines
 }
 
