@@ -56,7 +56,14 @@ pub struct Settings {
     /// Lots of the generated plant of the scale runs (depth 5, fan-in 4).
     lots: u64,
     out: PathBuf,
+    /// `MES_BENCH_ONLY`: the groups to run (`write`, `batch`, `cached`, `cold`; comma-separated;
+    /// all when unset), so one path can be measured again while it is being worked on.
+    only: Vec<String>,
 }
+
+/// The groups of lines `MES_BENCH_ONLY` can pick: one-scan writes, batch writes, cached reads,
+/// cold reads.
+const GROUPS: [&str; 4] = ["write", "batch", "cached", "cold"];
 
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
@@ -82,7 +89,20 @@ impl Settings {
             batch: var("MES_BENCH_BATCH", 20)? as usize,
             lots: var("MES_BENCH_LOTS", if quick { 12_000 } else { 120_000 })?,
             out: std::env::var_os("MES_BENCH_OUT").map_or(target, PathBuf::from),
+            only: std::env::var("MES_BENCH_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .map(|g| g.trim().to_owned())
+                .filter(|g| !g.is_empty())
+                .collect(),
         };
+        for g in &s.only {
+            ensure!(
+                GROUPS.contains(&g.as_str()),
+                "MES_BENCH_ONLY: unknown group {g:?} (known: {})",
+                GROUPS.join(", ")
+            );
+        }
         ensure!(
             s.clients > 0 && s.seconds > 0 && s.work_orders > 0 && s.batch > 0 && s.lots >= 6,
             "MES_BENCH_* must be > 0 (MES_BENCH_LOTS at least 6)"
@@ -90,10 +110,16 @@ impl Settings {
         Ok(s)
     }
 
+    /// Whether the group `g` of [`GROUPS`] runs.
+    fn runs(&self, g: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == g)
+    }
+
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "quick": self.quick, "clients": self.clients, "seconds_per_run": self.seconds,
             "contended_work_orders": self.work_orders, "batch": self.batch, "plant_lots": self.lots,
+            "only": self.only,
         })
     }
 }
@@ -187,6 +213,9 @@ async fn writes(
     ];
     let mut baselines: HashMap<(usize, usize), (Figures, Vec<String>)> = HashMap::new();
     for (batch, lanes, goals) in cases {
+        if !s.runs(if batch == 1 { "write" } else { "batch" }) {
+            continue;
+        }
         let what = if batch == 1 {
             "1 scan/request".to_owned()
         } else {
@@ -270,10 +299,15 @@ async fn reads(
     let plan = plant::scale_plan(s);
     let top = plan.level_size(plan.depth);
     let large = plan.lot_name(plan.depth, top.saturating_sub(1));
-    for (lot, min_nodes, size_name) in [
-        (root.to_owned(), plant::LEVELS + 1, "small"),
-        (large, 2, "large"),
-    ] {
+    let cached = if s.runs("cached") {
+        vec![
+            (root.to_owned(), plant::LEVELS + 1, "small"),
+            (large, 2, "large"),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (lot, min_nodes, size_name) in cached {
         let answer = read::settle(sys, &rest, &lot, min_nodes).await?;
         println!(
             "\nread: cached backward genealogy of {lot} ({} nodes; {} B protobuf, {} B JSON)",
@@ -346,6 +380,9 @@ async fn reads(
         }
     }
 
+    if !s.runs("cold") {
+        return Ok(());
+    }
     println!(
         "\nread at scale: cold backward genealogy of a level-{} lot ({} lots, fan-in {})",
         plan.depth, plan.lots, plan.fan_in
