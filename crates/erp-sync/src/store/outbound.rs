@@ -149,6 +149,10 @@ pub async fn stall(pool: &PgPool, consumer: &str) -> Result<Option<Stop>, sqlx::
 /// scheduler's lease `token` is current. Events at or before the stored cursor are skipped (a
 /// replay); a hole in the positions is refused. An unreadable event ([`Fact::Unreadable`])
 /// ends the batch in front of it ([`Applied::stopped`]) unless `feed_skips` names it.
+///
+/// Set-based: the production scans of the batch are written with one statement
+/// ([`PendingScans`]) — before anything that reads them (a completion, a void) and at the end
+/// of the batch — so the outcome is that of applying the events one by one in feed order.
 pub async fn apply(
     pool: &PgPool,
     consumer: &str,
@@ -157,17 +161,17 @@ pub async fn apply(
 ) -> Result<Applied, ApplyError> {
     let mut tx = pool.begin().await?;
     crate::store::lease::check(&mut tx, token).await?;
-    sqlx::query(
-        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    custom_plans(&mut tx).await?;
+    // Creates the consumer's cursor on its first batch and locks it (no other batch of this
+    // consumer runs beside this one); the update changes nothing.
+    let start: i64 = sqlx::query_scalar(
+        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0)
+         ON CONFLICT (consumer) DO UPDATE SET position = feed_cursor.position
+         RETURNING position",
     )
     .bind(consumer)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let start: i64 =
-        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE")
-            .bind(consumer)
-            .fetch_one(&mut *tx)
-            .await?;
     let mut applied = Applied {
         position: start,
         ..Default::default()
@@ -175,6 +179,7 @@ pub async fn apply(
     // Production events of this batch not yet looked at as late production, by position.
     let mut flushed = start;
     let mut traceparents: BTreeMap<i64, &str> = BTreeMap::new();
+    let mut pending = PendingScans::default();
     for e in events {
         if e.position <= applied.position {
             continue;
@@ -207,27 +212,20 @@ pub async fn apply(
                 operator,
                 scanned_at,
             } => {
-                sqlx::query(
-                    "INSERT INTO production_scans (scan_id, position, work_order, operation, station, kind,
-                         lot, material, quantity, operator, scanned_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (scan_id) DO NOTHING",
-                )
-                .bind(scan_id)
-                .bind(e.position)
-                .bind(work_order)
-                .bind(operation)
-                .bind(station)
-                .bind(line.kind.as_str())
-                .bind(&line.lot)
-                .bind(&line.material)
-                .bind(line.quantity)
-                .bind(operator)
-                .bind(scanned_at)
-                .execute(&mut *tx)
-                .await?;
+                pending.push(PendingScan {
+                    scan_id: *scan_id,
+                    position: e.position,
+                    work_order,
+                    operation: *operation,
+                    station,
+                    line,
+                    operator,
+                    scanned_at: *scanned_at,
+                });
                 traceparents.insert(e.position, e.traceparent.as_str());
             }
             Fact::Completed(completion) => {
+                pending.write(&mut tx).await?;
                 // Late production before this completion follows the confirmation it came
                 // after (feed order), before this completion confirms anything.
                 applied.follow_ups +=
@@ -244,6 +242,8 @@ pub async fn apply(
                 reason,
                 voided_at,
             } => {
+                // The voided scan may be one of this batch.
+                pending.write(&mut tx).await?;
                 let row = sqlx::query(
                     "UPDATE production_scans SET voided = true WHERE scan_id = $1
                      RETURNING confirmation_key, work_order, operation, station, kind, lot,
@@ -293,6 +293,7 @@ pub async fn apply(
         }
         applied.position = e.position;
     }
+    pending.write(&mut tx).await?;
     applied.follow_ups +=
         queue_follow_ups(&mut tx, flushed, applied.position, &traceparents).await?;
     if let Some(stop) = &applied.stopped {
@@ -327,6 +328,86 @@ pub async fn apply(
     Ok(applied)
 }
 
+/// Makes every statement of the transaction `tx` get a plan for its own parameters. sqlx keeps
+/// statements prepared per connection, and PostgreSQL switches a prepared statement to a
+/// generic plan after five executions: built while production_scans or outbox was empty (a
+/// fresh database, just vacuumed), that plan seq-scans the table as it grows, until the next
+/// ANALYZE replans it. Planning the few statements of a batch each time costs far less.
+async fn custom_plans(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    // SET LOCAL, as a query (pg_stat_statements counts a prepared SET once only).
+    sqlx::query("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A production scan of the batch, as [`Fact::Production`] carries it.
+struct PendingScan<'a> {
+    scan_id: Uuid,
+    position: i64,
+    work_order: &'a str,
+    operation: i32,
+    station: &'a str,
+    line: &'a ProductionLine,
+    operator: &'a str,
+    scanned_at: DateTime<Utc>,
+}
+
+/// Production scans of a batch not written yet. [`PendingScans::write`] stores them with one
+/// statement, in feed order, each scan once: a scan stored before, or twice in the batch, keeps
+/// its first row (`ON CONFLICT DO NOTHING`, as row by row). Written before anything reads
+/// production_scans (a completion, a void) and at the end of the batch, so the outcome is that
+/// of writing them one by one.
+#[derive(Default)]
+struct PendingScans<'a> {
+    scans: Vec<PendingScan<'a>>,
+}
+
+impl<'a> PendingScans<'a> {
+    fn push(&mut self, scan: PendingScan<'a>) {
+        self.scans.push(scan);
+    }
+
+    async fn write(&mut self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+        if self.scans.is_empty() {
+            return Ok(());
+        }
+        let scans = std::mem::take(&mut self.scans);
+        let column = |f: fn(&PendingScan<'a>) -> &'a str| scans.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO production_scans (scan_id, position, work_order, operation, station, kind,
+                 lot, material, quantity, operator, scanned_at)
+             SELECT scan_id, position, work_order, operation, station, kind, lot, material,
+                    quantity, operator, scanned_at
+             FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::numeric[], $10::text[], $11::timestamptz[])
+                  AS s (scan_id, position, work_order, operation, station, kind, lot, material,
+                        quantity, operator, scanned_at)
+             ORDER BY position
+             ON CONFLICT (scan_id) DO NOTHING",
+        )
+        .bind(scans.iter().map(|s| s.scan_id).collect::<Vec<_>>())
+        .bind(scans.iter().map(|s| s.position).collect::<Vec<_>>())
+        .bind(column(|s| s.work_order))
+        .bind(scans.iter().map(|s| s.operation).collect::<Vec<_>>())
+        .bind(column(|s| s.station))
+        .bind(
+            scans
+                .iter()
+                .map(|s| s.line.kind.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|s| &s.line.lot))
+        .bind(column(|s| &s.line.material))
+        .bind(scans.iter().map(|s| s.line.quantity).collect::<Vec<_>>())
+        .bind(column(|s| s.operator))
+        .bind(scans.iter().map(|s| s.scanned_at).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
 /// Late production a build before follow-ups left unreported: production scans below
 /// `consumer`'s cursor that nothing reported (`confirmation_key` NULL) although their
 /// operation was confirmed already (that build confirmed an operation once and never looked
@@ -341,6 +422,7 @@ pub async fn queue_stranded_follow_ups(
 ) -> Result<usize, ApplyError> {
     let mut tx = pool.begin().await?;
     crate::store::lease::check(&mut tx, token).await?;
+    custom_plans(&mut tx).await?;
     let cursor: Option<i64> =
         sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE")
             .bind(consumer)
@@ -452,18 +534,33 @@ async fn queue_follow_ups(
     if upto <= after {
         return Ok(0);
     }
+    // Each unreported scan with the operation's own (latest) confirmation, if any (a scan
+    // that named no operation, from older feeds, belongs to the one at its station); a scan
+    // without one is not late: the operation's completion will confirm it.
     let rows = sqlx::query(
-        "SELECT scan_id, position, work_order, operation, station, kind, lot, material, quantity,
-                operator, scanned_at
-         FROM production_scans
-         WHERE position > $1 AND position <= $2 AND confirmation_key IS NULL AND NOT voided
-         ORDER BY position",
+        "SELECT s.scan_id, s.position, s.work_order, s.kind, s.lot, s.material, s.quantity,
+                s.operator, s.scanned_at,
+                c.idempotency_key AS follows, c.operation AS confirmed_operation,
+                c.station AS confirmed_station
+         FROM production_scans s
+         CROSS JOIN LATERAL (
+             SELECT o.idempotency_key, o.operation,
+                    COALESCE(o.payload->>'station', '') AS station
+             FROM outbox o
+             WHERE o.kind = 'confirmation' AND o.follows IS NULL AND o.work_order = s.work_order
+               AND (o.operation = s.operation
+                    OR (s.operation = 0 AND o.payload->>'station' = s.station))
+             ORDER BY o.id DESC LIMIT 1) c
+         WHERE s.position > $1 AND s.position <= $2 AND s.confirmation_key IS NULL
+           AND NOT s.voided
+         ORDER BY s.position",
     )
     .bind(after)
     .bind(upto)
     .fetch_all(&mut **tx)
     .await?;
-    // Confirmation key → (operation, station, late scans in feed order).
+    // Confirmation key → (operation, station, late scans in feed order), in the order of the
+    // first late scan of each: the follow-ups are queued in feed order.
     struct Late {
         work_order: String,
         operation: i32,
@@ -472,42 +569,26 @@ async fn queue_follow_ups(
     }
     let mut groups: Vec<(String, Late)> = Vec::new();
     for row in rows {
-        let work_order: String = row.get("work_order");
-        let operation: i32 = row.get("operation");
-        let station: String = row.get("station");
-        // The operation's own (latest) confirmation; a scan that named no operation (older
-        // feeds) belongs to the one at its station.
-        let confirmed = sqlx::query(
-            "SELECT idempotency_key, operation, COALESCE(payload->>'station', '') AS station
-             FROM outbox
-             WHERE kind = 'confirmation' AND follows IS NULL AND work_order = $1
-               AND (operation = $2 OR ($2 = 0 AND payload->>'station' = $3))
-             ORDER BY id DESC LIMIT 1",
-        )
-        .bind(&work_order)
-        .bind(operation)
-        .bind(&station)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(confirmed) = confirmed else {
-            // Not late: the operation's completion will confirm it.
-            continue;
-        };
-        let key: String = confirmed.get("idempotency_key");
+        let key: String = row.get("follows");
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, late)) => late.scans.push(row),
             None => groups.push((
                 key,
                 Late {
-                    work_order,
-                    operation: confirmed.get("operation"),
-                    station: confirmed.get("station"),
+                    work_order: row.get("work_order"),
+                    operation: row.get("confirmed_operation"),
+                    station: row.get("confirmed_station"),
                     scans: vec![row],
                 },
             )),
         }
     }
-    let mut queued = 0;
+    if groups.is_empty() {
+        return Ok(0);
+    }
+    // One follow-up per group, written with one statement each for the scans and the outbox.
+    let mut marked: (Vec<Uuid>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut rows: Vec<FollowUpRow> = Vec::with_capacity(groups.len());
     for (follows, late) in groups {
         let (Some(first), Some(last)) = (late.scans.first(), late.scans.last()) else {
             continue;
@@ -516,7 +597,6 @@ async fn queue_follow_ups(
         let first_position: i64 = first.get("position");
         let operation = u32::try_from(late.operation).unwrap_or(0);
         let key = domain::follow_up_key(&late.work_order, operation, &first_scan.to_string());
-        let ids: Vec<Uuid> = late.scans.iter().map(|r| r.get("scan_id")).collect();
         let lines: Vec<ProductionLine> = late
             .scans
             .iter()
@@ -541,34 +621,82 @@ async fn queue_follow_ups(
             &lines,
         );
         let payload =
-            serde_json::to_value(&follow_up).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        sqlx::query("UPDATE production_scans SET confirmation_key = $2 WHERE scan_id = ANY($1)")
-            .bind(&ids)
-            .bind(&key)
-            .execute(&mut **tx)
-            .await?;
-        let inserted = sqlx::query(
-            "INSERT INTO outbox (idempotency_key, work_order, operation, payload, traceparent, follows)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(&key)
-        .bind(&late.work_order)
-        .bind(late.operation)
-        .bind(payload)
-        .bind(traceparents.get(&first_position).copied().unwrap_or_default())
-        .bind(&follows)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected()
-            > 0;
-        if inserted {
-            queued += 1;
-            tracing::info!(work_order = %late.work_order, operation, idempotency_key = %key,
-                follows = %follows, scans = ids.len(), good = %follow_up.good_quantity,
-                scrap = %follow_up.scrap_quantity, "late production: follow-up queued");
+            serde_json::to_string(&follow_up).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        for scan in &late.scans {
+            marked.0.push(scan.get("scan_id"));
+            marked.1.push(key.clone());
         }
+        rows.push(FollowUpRow {
+            traceparent: traceparents
+                .get(&first_position)
+                .copied()
+                .unwrap_or_default()
+                .to_owned(),
+            scans: late.scans.len(),
+            key,
+            follows,
+            work_order: late.work_order,
+            operation: late.operation,
+            payload,
+            follow_up,
+        });
+    }
+    sqlx::query(
+        "UPDATE production_scans p SET confirmation_key = m.key
+         FROM UNNEST($1::uuid[], $2::text[]) AS m (scan_id, key)
+         WHERE p.scan_id = m.scan_id",
+    )
+    .bind(&marked.0)
+    .bind(&marked.1)
+    .execute(&mut **tx)
+    .await?;
+    // In group order: per work order, the outbox is delivered in id order.
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO outbox (idempotency_key, work_order, operation, payload, traceparent, follows)
+         SELECT key, work_order, operation, payload::jsonb, traceparent, follows
+         FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[])
+              WITH ORDINALITY AS f (key, work_order, operation, payload, traceparent, follows, n)
+         ORDER BY n
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING idempotency_key",
+    )
+    .bind(rows.iter().map(|r| r.key.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.work_order.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.operation).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.payload.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.traceparent.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.follows.as_str()).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut queued = 0;
+    for r in rows.iter().filter(|r| inserted.contains(&r.key)) {
+        queued += 1;
+        tracing::info!(work_order = %r.work_order, operation = r.operation,
+            idempotency_key = %r.key, follows = %r.follows, scans = r.scans,
+            good = %r.follow_up.good_quantity, scrap = %r.follow_up.scrap_quantity,
+            "late production: follow-up queued");
     }
     Ok(queued)
+}
+
+/// A follow-up [`queue_follow_ups`] queues.
+struct FollowUpRow {
+    key: String,
+    follows: String,
+    work_order: String,
+    operation: i32,
+    payload: String,
+    traceparent: String,
+    scans: usize,
+    follow_up: domain::Confirmation,
 }
 
 /// Queues the reversal of a voided scan that `void.reverses` reported, once per void scan
