@@ -5,13 +5,19 @@
 //! the stored cursor are skipped, a hole in the positions is refused (the consumer then
 //! resubscribes from the stored cursor).
 //!
+//! Consecutive `scan.accepted` events (nearly all of the feed) are applied as a run, set-based:
+//! one statement for their scans, one for the lots they produce, one for their genealogy
+//! edges, one for the operations they complete (see [`Run`]). Any other event ends the run and
+//! is applied on its own, so every event sees the effects of the ones before it, as if the
+//! events were applied one by one.
+//!
 //! An event this build cannot read (a kind added by a newer scan-ingest during a rolling
 //! upgrade, or a payload that does not decode) is never skipped silently: the batch is applied
 //! up to it, the cursor stops in front of it and the consumer reports the stall (log, metrics,
 //! health) until trace-query is upgraded — or an operator records the position in `feed_skips`,
 //! which lets the projection pass it with an audit trail.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use mes_proto::v1 as pb;
@@ -111,22 +117,13 @@ pub async fn apply(
     events: &[pb::Event],
 ) -> Result<Applied, ApplyError> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .execute(&mut *tx)
-    .await?;
-    let start: i64 =
-        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE")
-            .bind(consumer)
-            .fetch_one(&mut *tx)
-            .await?;
+    let start = lock_cursor(&mut tx, consumer).await?;
     let mut applied = Applied {
         position: start,
         ..Default::default()
     };
     let mut st = BatchState::default();
+    let mut run = Run::default();
     for e in events {
         let position = i64::try_from(e.position).unwrap_or(i64::MAX);
         if position <= applied.position {
@@ -138,23 +135,30 @@ pub async fn apply(
                 got: position,
             });
         }
-        if let Err(reason) = readable(e) {
-            if !skip_allowed(&mut tx, consumer, position).await? {
-                applied.stopped = Some(Stop {
-                    position,
-                    kind: e.kind.clone(),
-                    reason: reason.into(),
-                });
-                break;
+        match decode(e) {
+            Err(reason) => {
+                // (It has no effect: the run goes on across it.)
+                if !skip_allowed(&mut tx, consumer, position).await? {
+                    applied.stopped = Some(Stop {
+                        position,
+                        kind: e.kind.clone(),
+                        reason: reason.into(),
+                    });
+                    break;
+                }
+                tracing::warn!(position, kind = %e.kind, reason, "unreadable event skipped as recorded in feed_skips");
             }
-            tracing::warn!(position, kind = %e.kind, reason, "unreadable event skipped as recorded in feed_skips");
-        } else {
-            apply_event(&mut tx, e, position, &mut st).await?;
+            Ok(Some(row)) => run.push(&mut tx, &mut st, row, position).await?,
+            Ok(None) => {
+                run.flush(&mut tx, &mut st).await?;
+                apply_event(&mut tx, e, position, &mut st).await?;
+            }
         }
         applied.position = position;
         applied.events += 1;
         applied.last_occurred_at = domain::time_of(e.occurred_at.as_ref());
     }
+    run.flush(&mut tx, &mut st).await?;
     if applied.events == 0 {
         tx.rollback().await?;
         return Ok(applied);
@@ -191,20 +195,48 @@ pub async fn apply(
     Ok(applied)
 }
 
-/// Whether this build can apply `e`: a payload it knows, with the fields the projection needs.
-fn readable(e: &pb::Event) -> Result<(), &'static str> {
-    let occurred_at = Utc::now();
+/// The stored cursor of `consumer`, locked for the batch (created at 0 the first time).
+async fn lock_cursor(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+) -> Result<i64, sqlx::Error> {
+    const LOCK: &str = "SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE";
+    if let Some(position) = sqlx::query_scalar(LOCK)
+        .bind(consumer)
+        .fetch_optional(&mut **tx)
+        .await?
+    {
+        return Ok(position);
+    }
+    sqlx::query(
+        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query_scalar(LOCK)
+        .bind(consumer)
+        .fetch_one(&mut **tx)
+        .await
+}
+
+/// Whether this build can apply `e` (a payload it knows, with the fields the projection
+/// needs), and the scan row of a `scan.accepted` event.
+fn decode(e: &pb::Event) -> Result<Option<ScanRow>, &'static str> {
+    let occurred_at = domain::time_of(e.occurred_at.as_ref()).unwrap_or_else(Utc::now);
     match &e.payload {
         None => Err("unknown event kind (is scan-ingest newer than this trace-query?)"),
-        Some(Payload::ScanAccepted(a)) => match &a.scan {
-            Some(stored) if ScanRow::from_stored(stored, occurred_at).is_some() => Ok(()),
-            _ => Err("the accepted scan does not decode"),
-        },
+        Some(Payload::ScanAccepted(a)) => a
+            .scan
+            .as_ref()
+            .and_then(|stored| ScanRow::from_stored(stored, occurred_at))
+            .map(Some)
+            .ok_or("the accepted scan does not decode"),
         Some(Payload::ScanVoided(v)) => match &v.void_scan {
-            Some(stored) if ScanRow::from_stored(stored, occurred_at).is_some() => Ok(()),
+            Some(stored) if ScanRow::from_stored(stored, occurred_at).is_some() => Ok(None),
             _ => Err("the void scan does not decode"),
         },
-        Some(_) => Ok(()),
+        Some(_) => Ok(None),
     }
 }
 
@@ -324,12 +356,8 @@ async fn apply_event(
 ) -> Result<(), sqlx::Error> {
     let occurred_at = domain::time_of(e.occurred_at.as_ref()).unwrap_or_else(Utc::now);
     match &e.payload {
-        Some(Payload::ScanAccepted(pb::ScanAccepted { scan: Some(stored) })) => {
-            // `readable` checked it.
-            if let Some(row) = ScanRow::from_stored(stored, occurred_at) {
-                scan_accepted(tx, row, position, st).await?;
-            }
-        }
+        // Applied in runs (see `Run`).
+        Some(Payload::ScanAccepted(_)) => {}
         Some(Payload::ScanVoided(v)) => {
             let void = v
                 .void_scan
@@ -339,7 +367,7 @@ async fn apply_event(
                 .original
                 .as_ref()
                 .and_then(|s| ScanRow::from_stored(s, occurred_at));
-            // `readable` checked the void scan.
+            // `decode` checked the void scan.
             if let Some(void) = void {
                 scan_voided(tx, void, original, position, st).await?;
             }
@@ -531,117 +559,292 @@ fn touched(changes: &mut Changes, row: &ScanRow) {
     changes.reports = true;
 }
 
-async fn scan_accepted(
+/// Consecutive `scan.accepted` events of a batch, written set-based when the run ends.
+///
+/// Applied one by one, each accepted scan is inserted unless the read model has it already (a
+/// replay), and only an inserted one takes effect: a produce adds to its lot and links every
+/// standing consume (without `into_lot`) of its work order to the lot; such a consume links
+/// its lot to every lot its work order produced so far; a consume naming `into_lot` links
+/// exactly that lot; a complete marks its operation. Within a run nothing is voided and no
+/// work order changes, so these effects do not depend on the order of the run's scans: the
+/// edges are every (consume, lot) pair of a work order in which the consume or the produce is
+/// new, whichever came first; a lot's quantity is the sum, its time the earliest, its material
+/// the first non-empty one. [`Run::flush`] writes exactly that, with the same conflict rules,
+/// and reports the same [`Changes`].
+#[derive(Default)]
+struct Run {
+    rows: Vec<(ScanRow, i64)>,
+}
+
+impl Run {
+    async fn push(
+        &mut self,
+        tx: &mut Transaction<'_, Postgres>,
+        st: &mut BatchState,
+        mut row: ScanRow,
+        position: i64,
+    ) -> Result<(), sqlx::Error> {
+        if row.operation == 0 && !row.work_order.is_empty() {
+            // The step depends on which operations are completed: those this run completes
+            // first.
+            if self
+                .rows
+                .iter()
+                .any(|(r, _)| r.kind == "complete_operation" && r.work_order == row.work_order)
+            {
+                self.flush(tx, st).await?;
+            }
+            row.operation = resolve_step(tx, &row).await?;
+        }
+        self.rows.push((row, position));
+        Ok(())
+    }
+
+    async fn flush(
+        &mut self,
+        tx: &mut Transaction<'_, Postgres>,
+        st: &mut BatchState,
+    ) -> Result<(), sqlx::Error> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let mut rows = std::mem::take(&mut self.rows);
+        // A scan sent twice takes effect the first time only.
+        let mut seen = HashSet::with_capacity(rows.len());
+        rows.retain(|(r, _)| seen.insert(r.scan_id));
+        let inserted: HashSet<Uuid> = insert_scans(tx, &rows).await?.into_iter().collect();
+        let mut produced = Produced::default();
+        let (mut consumes, mut exact) = (Vec::new(), Vec::new());
+        let mut completed = BTreeSet::new();
+        for (row, _) in rows.iter().filter(|(r, _)| inserted.contains(&r.scan_id)) {
+            touched(&mut st.changes, row);
+            st.rollup(row, 1);
+            match row.kind {
+                "produce" => {
+                    produced.push(row);
+                    st.changes.node_changed(&row.lot);
+                    st.changes.produced.insert(row.lot.clone());
+                }
+                "consume" if !row.into_lot.is_empty() => {
+                    exact.push(row.scan_id);
+                    st.changes.edge_added(&row.lot, &row.into_lot);
+                }
+                "consume" => consumes.push(row.scan_id),
+                "complete_operation" => {
+                    completed.insert((row.work_order.clone(), row.operation));
+                }
+                _ => {}
+            }
+        }
+        if !produced.lots.is_empty() {
+            for lot in produce_lots(tx, &produced).await? {
+                st.changes.new_lots.insert(lot);
+            }
+        }
+        if !consumes.is_empty() || !exact.is_empty() || !produced.lots.is_empty() {
+            for (from, to) in link(tx, &consumes, &produced, &exact).await? {
+                st.changes.edge_added(&from, &to);
+            }
+        }
+        if !completed.is_empty() {
+            let (wos, steps): (Vec<String>, Vec<i32>) = completed.into_iter().unzip();
+            sqlx::query(
+                "UPDATE work_order_operations o SET completed = true
+                 FROM UNNEST($1::text[], $2::int[]) AS u(work_order, step)
+                 WHERE o.work_order = u.work_order AND o.step = u.step",
+            )
+            .bind(&wos)
+            .bind(&steps)
+            // Planned with its keys each time: a generic plan made on a small table scans it.
+            .persistent(false)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Inserts the scans that the read model does not have yet; returns their ids.
+async fn insert_scans(
     tx: &mut Transaction<'_, Postgres>,
-    mut row: ScanRow,
-    position: i64,
-    st: &mut BatchState,
-) -> Result<(), sqlx::Error> {
-    row.operation = resolve_step(tx, &row).await?;
-    if !insert_scan(tx, &row, position).await? {
-        return Ok(());
+    rows: &[(ScanRow, i64)],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut positions = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut wos = Vec::with_capacity(n);
+    let mut operations = Vec::with_capacity(n);
+    let mut stations = Vec::with_capacity(n);
+    let mut lots = Vec::with_capacity(n);
+    let mut into_lots = Vec::with_capacity(n);
+    let mut materials = Vec::with_capacity(n);
+    let mut quantities = Vec::with_capacity(n);
+    let mut results = Vec::with_capacity(n);
+    let mut defects = Vec::with_capacity(n);
+    let mut operators = Vec::with_capacity(n);
+    let mut scanned = Vec::with_capacity(n);
+    let mut received = Vec::with_capacity(n);
+    let mut traces = Vec::with_capacity(n);
+    let mut voids = Vec::with_capacity(n);
+    for (r, position) in rows {
+        ids.push(r.scan_id);
+        positions.push(*position);
+        kinds.push(r.kind);
+        wos.push(r.work_order.as_str());
+        operations.push(r.operation);
+        stations.push(r.station.as_str());
+        lots.push(r.lot.as_str());
+        into_lots.push(r.into_lot.as_str());
+        materials.push(r.material.as_str());
+        quantities.push(r.quantity);
+        results.push(r.result.as_str());
+        defects.push(r.defect_code.as_str());
+        operators.push(r.operator.as_str());
+        scanned.push(r.scanned_at);
+        received.push(r.received_at);
+        traces.push(r.trace_id.as_str());
+        voids.push(r.voids);
     }
-    touched(&mut st.changes, &row);
-    st.rollup(&row, 1);
-    match row.kind {
-        "produce" => {
-            let q = row.quantity.unwrap_or_default();
-            let created: bool = sqlx::query_scalar(
-                "INSERT INTO lots (lot, material, origin, work_order, quantity, produced_at)
-                 VALUES ($1, $2, 'produced', $3, $4, $5)
-                 ON CONFLICT (lot) DO UPDATE SET
-                     quantity = lots.quantity + EXCLUDED.quantity,
-                     produced_at = LEAST(lots.produced_at, EXCLUDED.produced_at),
-                     material = CASE WHEN lots.material = '' THEN EXCLUDED.material ELSE lots.material END
-                 RETURNING (xmax = 0)",
-            )
-            .bind(&row.lot)
-            .bind(&row.material)
-            .bind(&row.work_order)
-            .bind(q)
-            .bind(row.scanned_at)
-            .fetch_one(&mut **tx)
-            .await?;
-            if created {
-                st.changes.new_lots.insert(row.lot.clone());
-            }
-            st.changes.node_changed(&row.lot);
-            st.changes.produced.insert(row.lot.clone());
-            // Every lot the work order consumed (without into_lot) went into this one.
-            let inputs: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
-                                              quantity, station, operator, at)
-                 SELECT c.scan_id, c.lot, $2, false, c.work_order, COALESCE(c.quantity, 0),
-                        c.station, c.operator, c.scanned_at
-                 FROM scans c
-                 WHERE c.work_order = $1 AND c.kind = 'consume' AND c.into_lot = ''
-                   AND c.voided_by IS NULL
-                 ON CONFLICT DO NOTHING
-                 RETURNING from_lot",
-            )
-            .bind(&row.work_order)
-            .bind(&row.lot)
-            .fetch_all(&mut **tx)
-            .await?;
-            for from in inputs {
-                st.changes.edge_added(&from, &row.lot);
-            }
-        }
-        "consume" if !row.into_lot.is_empty() => {
-            sqlx::query(
-                "INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
-                                              quantity, station, operator, at)
-                 VALUES ($1, $2, $3, true, $4, $5, $6, $7, $8)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(row.scan_id)
-            .bind(&row.lot)
-            .bind(&row.into_lot)
-            .bind(&row.work_order)
-            .bind(row.quantity.unwrap_or_default())
-            .bind(&row.station)
-            .bind(&row.operator)
-            .bind(row.scanned_at)
-            .execute(&mut **tx)
-            .await?;
-            st.changes.edge_added(&row.lot, &row.into_lot);
-        }
-        "consume" => {
-            // Into every lot the work order produced so far (later ones: see produce).
-            let outputs: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
-                                              quantity, station, operator, at)
-                 SELECT $2, $3, p.lot, false, $1, $4, $5, $6, $7
-                 FROM (SELECT DISTINCT lot FROM scans
-                       WHERE work_order = $1 AND kind = 'produce' AND voided_by IS NULL) p
-                 ON CONFLICT DO NOTHING
-                 RETURNING to_lot",
-            )
-            .bind(&row.work_order)
-            .bind(row.scan_id)
-            .bind(&row.lot)
-            .bind(row.quantity.unwrap_or_default())
-            .bind(&row.station)
-            .bind(&row.operator)
-            .bind(row.scanned_at)
-            .fetch_all(&mut **tx)
-            .await?;
-            for to in outputs {
-                st.changes.edge_added(&row.lot, &to);
-            }
-        }
-        "complete_operation" => {
-            sqlx::query(
-                "UPDATE work_order_operations SET completed = true WHERE work_order = $1 AND step = $2",
-            )
-            .bind(&row.work_order)
-            .bind(row.operation)
-            .execute(&mut **tx)
-            .await?;
-        }
-        _ => {}
+    sqlx::query_scalar(
+        "INSERT INTO scans (scan_id, position, kind, work_order, operation, station, lot, into_lot,
+                            material, quantity, result, defect_code, operator, scanned_at,
+                            received_at, trace_id, voids)
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::int[],
+                              $6::text[], $7::text[], $8::text[], $9::text[], $10::numeric[],
+                              $11::text[], $12::text[], $13::text[], $14::timestamptz[],
+                              $15::timestamptz[], $16::text[], $17::uuid[])
+         ON CONFLICT (scan_id) DO NOTHING
+         RETURNING scan_id",
+    )
+    .bind(&ids)
+    .bind(&positions)
+    .bind(&kinds)
+    .bind(&wos)
+    .bind(&operations)
+    .bind(&stations)
+    .bind(&lots)
+    .bind(&into_lots)
+    .bind(&materials)
+    .bind(&quantities)
+    .bind(&results)
+    .bind(&defects)
+    .bind(&operators)
+    .bind(&scanned)
+    .bind(&received)
+    .bind(&traces)
+    .bind(&voids)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// The new produce scans of a run, in feed order.
+#[derive(Default)]
+struct Produced {
+    lots: Vec<String>,
+    materials: Vec<String>,
+    work_orders: Vec<String>,
+    quantities: Vec<Decimal>,
+    at: Vec<DateTime<Utc>>,
+}
+
+impl Produced {
+    fn push(&mut self, row: &ScanRow) {
+        self.lots.push(row.lot.clone());
+        self.materials.push(row.material.clone());
+        self.work_orders.push(row.work_order.clone());
+        self.quantities.push(row.quantity.unwrap_or_default());
+        self.at.push(row.scanned_at);
     }
-    Ok(())
+}
+
+/// Creates or adds to the produced lots (as their produce scans would one by one: the first
+/// one creates the lot with its work order, each adds its quantity, the earliest time wins, a
+/// lot without material takes the first one given); returns the lots created.
+async fn produce_lots(
+    tx: &mut Transaction<'_, Postgres>,
+    p: &Produced,
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "INSERT INTO lots (lot, material, origin, work_order, quantity, produced_at)
+         SELECT lot,
+                COALESCE((array_agg(material ORDER BY i) FILTER (WHERE material <> ''))[1], ''),
+                'produced', (array_agg(work_order ORDER BY i))[1], sum(quantity), min(at)
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::numeric[], $5::timestamptz[])
+              WITH ORDINALITY AS u(lot, material, work_order, quantity, at, i)
+         GROUP BY lot
+         ON CONFLICT (lot) DO UPDATE SET
+             quantity = lots.quantity + EXCLUDED.quantity,
+             produced_at = LEAST(lots.produced_at, EXCLUDED.produced_at),
+             material = CASE WHEN lots.material = '' THEN EXCLUDED.material ELSE lots.material END
+         RETURNING lot, (xmax = 0)",
+    )
+    .bind(&p.lots)
+    .bind(&p.materials)
+    .bind(&p.work_orders)
+    .bind(&p.quantities)
+    .bind(&p.at)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(lot, created)| created.then_some(lot))
+        .collect())
+}
+
+/// The genealogy edges of a run's new scans: each new consume without `into_lot` into every
+/// lot its work order produced (in this run or before); every standing consume without
+/// `into_lot` of a work order into each lot the run produced for it; each new consume naming
+/// `into_lot` into that lot. Returns the edges added.
+async fn link(
+    tx: &mut Transaction<'_, Postgres>,
+    consumes: &[Uuid],
+    produced: &Produced,
+    exact: &[Uuid],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH new_consumes AS MATERIALIZED (
+             SELECT scan_id, lot, work_order, quantity, station, operator, scanned_at
+             FROM scans WHERE scan_id = ANY($1::uuid[])
+         ),
+         new_lots AS MATERIALIZED (
+             SELECT DISTINCT work_order, lot FROM UNNEST($2::text[], $3::text[]) AS u(work_order, lot)
+         ),
+         edges AS (
+             SELECT c.scan_id, c.lot AS from_lot, p.lot AS to_lot, c.work_order, c.quantity,
+                    c.station, c.operator, c.scanned_at
+             FROM new_consumes c
+             JOIN (SELECT DISTINCT s.work_order, s.lot FROM scans s
+                   WHERE s.work_order IN (SELECT work_order FROM new_consumes)
+                     AND s.kind = 'produce' AND s.voided_by IS NULL) p
+               ON p.work_order = c.work_order
+           UNION
+             SELECT c.scan_id, c.lot, p.lot, c.work_order, c.quantity, c.station, c.operator,
+                    c.scanned_at
+             FROM new_lots p
+             JOIN scans c ON c.work_order = p.work_order AND c.kind = 'consume'
+                         AND c.into_lot = '' AND c.voided_by IS NULL
+         )
+         INSERT INTO genealogy_edges (consume_scan, from_lot, to_lot, exact, work_order,
+                                      quantity, station, operator, at)
+         SELECT scan_id, from_lot, to_lot, false, work_order, COALESCE(quantity, 0), station,
+                operator, scanned_at
+         FROM edges
+         UNION ALL
+         SELECT scan_id, lot, into_lot, true, work_order, COALESCE(quantity, 0), station,
+                operator, scanned_at
+         FROM scans WHERE scan_id = ANY($4::uuid[])
+         ON CONFLICT DO NOTHING
+         RETURNING from_lot, to_lot",
+    )
+    .bind(consumes)
+    .bind(&produced.work_orders)
+    .bind(&produced.lots)
+    .bind(exact)
+    // Planned with its keys each time: a generic plan made on a small table scans it.
+    .persistent(false)
+    .fetch_all(&mut **tx)
+    .await
 }
 
 async fn scan_voided(
