@@ -176,21 +176,28 @@ pub async fn apply(
         .cloned()
         .collect();
     if !keys.is_empty() || !lots.is_empty() {
+        // With the cursor, in one statement.
         applied.pending = Some(
             sqlx::query_scalar(
-                "INSERT INTO cache_invalidations (keys, lots) VALUES ($1, $2) RETURNING id",
+                "WITH cursor AS (
+                     UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1
+                 )
+                 INSERT INTO cache_invalidations (keys, lots) VALUES ($3, $4) RETURNING id",
             )
+            .bind(consumer)
+            .bind(applied.position)
             .bind(&keys)
             .bind(&lots)
             .fetch_one(&mut *tx)
             .await?,
         );
+    } else {
+        sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
+            .bind(consumer)
+            .bind(applied.position)
+            .execute(&mut *tx)
+            .await?;
     }
-    sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
-        .bind(consumer)
-        .bind(applied.position)
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     Ok(applied)
 }
@@ -1047,44 +1054,41 @@ async fn work_order_upserted(
     Ok(())
 }
 
-/// Descendants (`down`) of the roots, the roots included, over the current edges and the ones
-/// removed in this batch, to the deepest depth any answer shows.
-const DESCENDANTS: &str = "
+/// The lots whose cached answers a batch made stale, in one statement: `true` rows are the
+/// descendants of the backward roots ($1), `false` rows the ancestors of the forward roots
+/// ($2), roots included, over the current edges and the ones removed in this batch ($3 → $4),
+/// to the deepest depth any answer shows ($5).
+const STALE: &str = "
 WITH RECURSIVE removed(from_lot, to_lot) AS MATERIALIZED (
-    SELECT * FROM UNNEST($2::text[], $3::text[])
+    SELECT * FROM UNNEST($3::text[], $4::text[])
 ),
-walk(lot, depth) AS (
+down(lot, depth) AS (
     SELECT DISTINCT r, 0 FROM UNNEST($1::text[]) AS r
   UNION
     SELECT n.lot, w.depth + 1
-    FROM walk w
+    FROM down w
     CROSS JOIN LATERAL (
         SELECT e.to_lot AS lot FROM genealogy_edges e WHERE e.from_lot = w.lot
         UNION ALL
         SELECT r.to_lot FROM removed r WHERE r.from_lot = w.lot
     ) n
-    WHERE w.depth < $4
-)
-SELECT DISTINCT lot FROM walk";
-
-/// Ancestors of the roots, the roots included (see [`DESCENDANTS`]).
-const ANCESTORS: &str = "
-WITH RECURSIVE removed(from_lot, to_lot) AS MATERIALIZED (
-    SELECT * FROM UNNEST($2::text[], $3::text[])
+    WHERE w.depth < $5
 ),
-walk(lot, depth) AS (
-    SELECT DISTINCT r, 0 FROM UNNEST($1::text[]) AS r
+up(lot, depth) AS (
+    SELECT DISTINCT r, 0 FROM UNNEST($2::text[]) AS r
   UNION
     SELECT n.lot, w.depth + 1
-    FROM walk w
+    FROM up w
     CROSS JOIN LATERAL (
         SELECT e.from_lot AS lot FROM genealogy_edges e WHERE e.to_lot = w.lot
         UNION ALL
         SELECT r.from_lot FROM removed r WHERE r.to_lot = w.lot
     ) n
-    WHERE w.depth < $4
+    WHERE w.depth < $5
 )
-SELECT DISTINCT lot FROM walk";
+SELECT DISTINCT true AS backward, lot FROM down
+UNION ALL
+SELECT DISTINCT false, lot FROM up";
 
 /// Expands a batch's [`Changes`] into the lots whose cached genealogy answers are stale.
 async fn expand(
@@ -1093,20 +1097,36 @@ async fn expand(
 ) -> Result<Invalidation, sqlx::Error> {
     let (removed_from, removed_to): (Vec<String>, Vec<String>) =
         changes.removed_edges.iter().cloned().unzip();
-    let mut walk = async |sql: &'static str, roots: Vec<String>| {
-        if roots.is_empty() {
-            return Ok::<_, sqlx::Error>(Vec::new());
-        }
-        sqlx::query_scalar(sql)
-            .bind(roots)
+    let (mut backward, mut forward) = (Vec::new(), Vec::new());
+    if changes.touches_genealogy() {
+        let rows: Vec<(bool, String)> = sqlx::query_as(STALE)
+            .bind(
+                changes
+                    .back_roots
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                changes
+                    .fwd_roots
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
             .bind(&removed_from)
             .bind(&removed_to)
             .bind(MAX_DEPTH as i32)
             .fetch_all(&mut **tx)
-            .await
-    };
-    let backward = walk(DESCENDANTS, changes.back_roots.iter().cloned().collect()).await?;
-    let forward = walk(ANCESTORS, changes.fwd_roots.iter().cloned().collect()).await?;
+            .await?;
+        for (back, lot) in rows {
+            if back {
+                backward.push(lot);
+            } else {
+                forward.push(lot);
+            }
+        }
+    }
     Ok(Invalidation {
         backward,
         forward,
