@@ -556,6 +556,24 @@ async fn statements(dbname: &str) -> Vec<(i64, f64, String)> {
     rows
 }
 
+/// CPU time (user + system) of this process so far, in ms (Linux; 0 elsewhere).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and
+    // 13th, in clock ticks (100 per second).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run with --ignored --nocapture"]
 async fn apply_throughput() {
@@ -571,13 +589,13 @@ async fn apply_throughput() {
             e.position = n + 1 + i as u64;
         }
         let before: i64 = statements(&dbname).await.iter().map(|s| s.0).sum();
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), cpu_ms());
         let mut batches = 0;
         for batch in events.chunks(size) {
             apply::apply(&pool, CONSUMER, batch).await.expect("apply");
             batches += 1;
         }
-        let took = started.elapsed();
+        let (took, cpu) = (started.elapsed(), cpu_ms() - cpu);
         let mut stats = statements(&dbname).await;
         let after: i64 = stats.iter().map(|s| s.0).sum();
         let edges: i64 = sqlx::query_scalar("SELECT count(*) FROM genealogy_edges")
@@ -585,10 +603,12 @@ async fn apply_throughput() {
             .await
             .expect("edges");
         println!(
-            "{} consume events in {batches} batches of {size}: {:.0} ms ({:.0} events/s), {edges} edges",
+            "{} consume events in {batches} batches of {size}: {:.0} ms ({:.0} events/s), {edges} edges; \
+             CPU of this process {cpu:.0} ms ({:.2} ms per batch)",
             events.len(),
             took.as_secs_f64() * 1e3,
             events.len() as f64 / took.as_secs_f64(),
+            cpu / batches as f64,
         );
         println!(
             "statements (pg_stat_statements, this database): {} in all, {:.1} per batch; by time:",

@@ -163,7 +163,6 @@ pub async fn apply(
         tx.rollback().await?;
         return Ok(applied);
     }
-    write_rollup(&mut tx, &st.rollup).await?;
     applied.invalidation = expand(&mut tx, st.changes).await?;
     // The deletions this batch owes the cache, committed with it: a crash between the commit
     // and the deletions leaves them here for any replica to replay (see `crate::cache`).
@@ -175,29 +174,15 @@ pub async fn apply(
         .iter()
         .cloned()
         .collect();
-    if !keys.is_empty() || !lots.is_empty() {
-        // With the cursor, in one statement.
-        applied.pending = Some(
-            sqlx::query_scalar(
-                "WITH cursor AS (
-                     UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1
-                 )
-                 INSERT INTO cache_invalidations (keys, lots) VALUES ($3, $4) RETURNING id",
-            )
-            .bind(consumer)
-            .bind(applied.position)
-            .bind(&keys)
-            .bind(&lots)
-            .fetch_one(&mut *tx)
-            .await?,
-        );
-    } else {
-        sqlx::query("UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1")
-            .bind(consumer)
-            .bind(applied.position)
-            .execute(&mut *tx)
-            .await?;
-    }
+    applied.pending = finish(
+        &mut tx,
+        consumer,
+        applied.position,
+        &st.rollup,
+        &keys,
+        &lots,
+    )
+    .await?;
     tx.commit().await?;
     Ok(applied)
 }
@@ -505,13 +490,16 @@ impl BatchState {
     }
 }
 
-async fn write_rollup(
+/// Writes the batch's hourly rollup, the cache deletions it owes (if any) and its cursor, in
+/// one statement; returns the `cache_invalidations` row.
+async fn finish(
     tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    position: i64,
     rollup: &Rollup,
-) -> Result<(), sqlx::Error> {
-    if rollup.is_empty() {
-        return Ok(());
-    }
+    keys: &[String],
+    lots: &[String],
+) -> Result<Option<i64>, sqlx::Error> {
     let n = rollup.len();
     let (mut hours, mut stations, mut materials, mut wos) = (
         Vec::with_capacity(n),
@@ -533,15 +521,28 @@ async fn write_rollup(
         scraps.push(*scrap);
         counts.push(*scans);
     }
-    sqlx::query(
-        "INSERT INTO production_hourly (hour, station, material, work_order, good, scrap, scans)
-         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::numeric[],
-                              $6::numeric[], $7::bigint[])
-         ON CONFLICT (hour, station, material, work_order) DO UPDATE SET
-             good = production_hourly.good + EXCLUDED.good,
-             scrap = production_hourly.scrap + EXCLUDED.scrap,
-             scans = production_hourly.scans + EXCLUDED.scans",
+    sqlx::query_scalar(
+        "WITH rollup AS (
+             INSERT INTO production_hourly (hour, station, material, work_order, good, scrap,
+                                            scans)
+             SELECT * FROM UNNEST($5::timestamptz[], $6::text[], $7::text[], $8::text[],
+                                  $9::numeric[], $10::numeric[], $11::bigint[])
+             ON CONFLICT (hour, station, material, work_order) DO UPDATE SET
+                 good = production_hourly.good + EXCLUDED.good,
+                 scrap = production_hourly.scrap + EXCLUDED.scrap,
+                 scans = production_hourly.scans + EXCLUDED.scans
+         ),
+         cursor AS (
+             UPDATE feed_cursor SET position = $2, updated_at = now() WHERE consumer = $1
+         )
+         INSERT INTO cache_invalidations (keys, lots)
+         SELECT $3, $4 WHERE cardinality($3::text[]) > 0 OR cardinality($4::text[]) > 0
+         RETURNING id",
     )
+    .bind(consumer)
+    .bind(position)
+    .bind(keys)
+    .bind(lots)
     .bind(&hours)
     .bind(&stations)
     .bind(&materials)
@@ -549,9 +550,8 @@ async fn write_rollup(
     .bind(&goods)
     .bind(&scraps)
     .bind(&counts)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .fetch_optional(&mut **tx)
+    .await
 }
 
 fn touched(changes: &mut Changes, row: &ScanRow) {
