@@ -14,7 +14,8 @@
 #
 # Settings (environment): MES_BENCH_CLIENTS (32), MES_BENCH_SECONDS (15 per run; 3 quick),
 # MES_BENCH_WORK_ORDERS (8: the contended write load), MES_BENCH_BATCH (20), MES_BENCH_LOTS
-# (120,000; 12,000 quick), MES_BENCH_OUT (target/bench). The figures are only comparable within
+# (120,000; 12,000 quick), MES_BENCH_OUT (target/bench), MES_BENCH_ONLY (groups to run: write,
+# batch, cached, cold; all when unset). The figures are only comparable within
 # one run: the services, the databases and the load generators all share this machine.
 set -euo pipefail
 

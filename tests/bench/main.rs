@@ -26,7 +26,8 @@
 //! otherwise), `MES_BENCH_CLIENTS` (32), `MES_BENCH_SECONDS` (15 per run),
 //! `MES_BENCH_WORK_ORDERS` (8: the contended write load), `MES_BENCH_BATCH` (20),
 //! `MES_BENCH_LOTS` (120,000: the generated plant; at least 6,144 for 1,365-node answers),
-//! `MES_BENCH_OUT` (the results directory; `target/bench`).
+//! `MES_BENCH_OUT` (the results directory; `target/bench`), `MES_BENCH_ONLY` (the groups of lines
+//! to run, comma-separated: `write`, `batch`, `cached`, `cold`; all when unset).
 
 mod baseline;
 mod measure;
