@@ -6,10 +6,15 @@
 //! (reserved) before its password is checked, so parallel guesses cannot get past the limit,
 //! and refunded when the login succeeds. The address is counted first: an attempt it refuses
 //! is not counted against the username. The in-process counts are bounded
-//! (`login_local_keys_max`): when full, the oldest are forgotten, never a new login refused. Each attempt is counted both in Redis (shared by the
-//! replicas) and in this process; the larger count decides. Login limits never fail open:
-//! when Redis is slow or down, the in-process counts alone decide (the limits hold per
-//! replica), and logins keep working.
+//! (`login_local_keys_max`): when full, the oldest are forgotten, never a new login refused.
+//! Each attempt is counted both in Redis (shared by the replicas) and in this process, which
+//! also remembers how many of its attempts Redis did not count. While Redis answers, its
+//! count plus those unseen attempts decides: exactly `limit` attempts get their password
+//! checked, however many run at once (the two counters see parallel attempts in different
+//! orders, so taking the larger of them would refuse some attempts under the limit). Login
+//! limits never fail open: when Redis is slow or down, the in-process count alone decides
+//! (the limits hold per replica), and logins keep working. An increment that timed out may
+//! still land in Redis later; it is then counted twice, which only errs on the safe side.
 //!
 //! Failure policy when Redis is down: rate limits and revocation checks fail open (logged and
 //! counted in `gateway_redis_failures_total`) so the shop floor keeps working; tokens are
@@ -107,8 +112,13 @@ impl Limits {
         let user = (format!("rl:login:user:{username}"), login.per_user);
         let deadline = tokio::time::Instant::now() + login.redis_timeout;
         let mut redis_up = true;
-        for ((key, limit), label) in [(&ip, "login_ip"), (&user, "login_user")] {
+        let mut counted_by_redis = [false; 2];
+        for (i, ((key, limit), label)) in [(&ip, "login_ip"), (&user, "login_user")]
+            .into_iter()
+            .enumerate()
+        {
             let (count, remaining) = self.count_login(key, deadline, &mut redis_up).await;
+            counted_by_redis[i] = redis_up;
             if count > u64::from(*limit) {
                 metrics::counter!("gateway_rate_limited_total", "subject" => label).increment(1);
                 let retry_after = remaining.as_millis().div_ceil(1000).max(1) as u64;
@@ -120,11 +130,15 @@ impl Limits {
                 return Err(Problem::rate_limited(retry_after));
             }
         }
-        Ok(Attempt { keys: [user, ip] })
+        let [ip_seen, user_seen] = counted_by_redis;
+        Ok(Attempt {
+            keys: [(user.0, user_seen), (ip.0, ip_seen)],
+        })
     }
 
     /// Counts one attempt against `key` in this process and in Redis (until `deadline`; after
-    /// a Redis failure, in this process alone): the larger count and its time left.
+    /// a Redis failure, in this process alone): the count that decides and its time left.
+    /// `redis_up` is cleared when Redis did not count this attempt.
     async fn count_login(
         &self,
         key: &str,
@@ -132,33 +146,40 @@ impl Limits {
         redis_up: &mut bool,
     ) -> (u64, Duration) {
         let local = self.login.count_locally(key);
-        if !*redis_up {
-            return local;
-        }
-        let shared = tokio::time::timeout_at(deadline, self.count_in_redis(key))
-            .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()));
-        match shared {
-            Ok(shared) if shared.0 >= local.0 => shared,
-            Ok(_) => local,
-            Err(e) => {
-                *redis_up = false;
-                metrics::counter!("gateway_redis_failures_total", "op" => "login_limit")
-                    .increment(1);
-                tracing::warn!(error = %e, "redis unavailable: login attempts limited by this replica alone");
-                local
+        if *redis_up {
+            let shared = tokio::time::timeout_at(deadline, self.count_in_redis(key))
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_owned()));
+            match shared {
+                // Redis counted every attempt it saw, in the order it saw them; add the ones
+                // of this process it never saw.
+                Ok((count, remaining)) => {
+                    return (count + self.login.unseen_by_redis(key), remaining);
+                }
+                Err(e) => {
+                    *redis_up = false;
+                    metrics::counter!("gateway_redis_failures_total", "op" => "login_limit")
+                        .increment(1);
+                    tracing::warn!(error = %e, "redis unavailable: login attempts limited by this replica alone");
+                }
             }
         }
+        self.login.mark_unseen_by_redis(key);
+        local
     }
 
     /// Gives a reserved attempt back (a successful login, or one whose password was never
     /// checked). Best effort: a refund that does not reach Redis expires with the window.
     pub async fn refund_login(&self, attempt: Attempt) {
         self.login.refund_locally(&attempt.keys);
+        if attempt.keys.iter().all(|(_, seen)| !seen) {
+            return;
+        }
         let pipeline = self.redis.client().pipeline();
         let window = self.login.window.as_millis() as i64;
         let queued: Result<(), Error> = async {
-            for (key, _) in &attempt.keys {
+            // Only what Redis counted is given back there.
+            for (key, _) in attempt.keys.iter().filter(|(_, seen)| *seen) {
                 let key = self.redis.key(key);
                 let () = pipeline.decr(&key).await?;
                 // Had the window just ended, DECR made a new key: it must expire too.
@@ -310,7 +331,16 @@ impl Limits {
 /// A reserved login attempt (see [`Limits::reserve_login`]).
 #[derive(Debug)]
 pub struct Attempt {
-    keys: [(String, u32); 2],
+    /// Each counted key, and whether Redis counted it too.
+    keys: [(String, bool); 2],
+}
+
+/// One key's attempts in this process during its window.
+struct LocalCount {
+    attempts: u64,
+    /// Of `attempts`, those Redis did not count (it was slow or down).
+    unseen_by_redis: u64,
+    end: Instant,
 }
 
 /// Settings and in-process counts of the login limits.
@@ -320,7 +350,7 @@ pub struct LoginLimits {
     window: Duration,
     redis_timeout: Duration,
     max_local_keys: usize,
-    local: Mutex<HashMap<String, (u64, Instant)>>,
+    local: Mutex<HashMap<String, LocalCount>>,
 }
 
 impl LoginLimits {
@@ -344,35 +374,61 @@ impl LoginLimits {
     /// Counts one attempt against `key` in this process: the count and time left.
     fn count_locally(&self, key: &str) -> (u64, Duration) {
         let now = Instant::now();
-        // A panic elsewhere while holding the lock leaves counts that are still counts.
-        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut local = self.counts();
         if !local.contains_key(key) && local.len() >= self.max_local_keys {
             self.make_room(&mut local, now);
         }
-        let entry = local
-            .entry(key.to_owned())
-            .or_insert((0, now + self.window));
-        if entry.1 <= now {
-            *entry = (0, now + self.window);
+        let entry = local.entry(key.to_owned()).or_insert(LocalCount {
+            attempts: 0,
+            unseen_by_redis: 0,
+            end: now + self.window,
+        });
+        if entry.end <= now {
+            *entry = LocalCount {
+                attempts: 0,
+                unseen_by_redis: 0,
+                end: now + self.window,
+            };
         }
-        entry.0 += 1;
-        (entry.0, entry.1.saturating_duration_since(now))
+        entry.attempts += 1;
+        (entry.attempts, entry.end.saturating_duration_since(now))
+    }
+
+    /// Records that Redis did not count the attempt just counted against `key`.
+    fn mark_unseen_by_redis(&self, key: &str) {
+        if let Some(entry) = self.counts().get_mut(key) {
+            entry.unseen_by_redis = (entry.unseen_by_redis + 1).min(entry.attempts);
+        }
+    }
+
+    /// How many of this window's attempts against `key` Redis did not count.
+    fn unseen_by_redis(&self, key: &str) -> u64 {
+        let now = Instant::now();
+        self.counts()
+            .get(key)
+            .filter(|entry| entry.end > now)
+            .map_or(0, |entry| entry.unseen_by_redis)
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalCount>> {
+        // A panic elsewhere while holding the lock leaves counts that are still counts.
+        self.local.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Frees room for a new key: drops the ended windows, and when every count is still live
     /// (a flood of usernames or addresses), forgets the oldest tenth at once (one pass per
     /// tenth of the capacity, not one per new key). Memory stays bounded and new logins are
     /// never refused for lack of room; Redis, when reachable, still holds the shared counts.
-    fn make_room(&self, local: &mut HashMap<String, (u64, Instant)>, now: Instant) {
-        local.retain(|_, (_, end)| *end > now);
+    fn make_room(&self, local: &mut HashMap<String, LocalCount>, now: Instant) {
+        local.retain(|_, count| count.end > now);
         if local.len() < self.max_local_keys {
             return;
         }
         let forget = (self.max_local_keys / 10).clamp(1, local.len());
-        let mut ends: Vec<Instant> = local.values().map(|(_, end)| *end).collect();
+        let mut ends: Vec<Instant> = local.values().map(|count| count.end).collect();
         let (_, &mut cutoff, _) = ends.select_nth_unstable(forget - 1);
         let before = local.len();
-        local.retain(|_, (_, end)| *end > cutoff);
+        local.retain(|_, count| count.end > cutoff);
         let forgotten = before - local.len();
         metrics::counter!("gateway_login_counts_forgotten_total").increment(forgotten as u64);
         tracing::warn!(
@@ -382,11 +438,15 @@ impl LoginLimits {
         );
     }
 
-    fn refund_locally(&self, keys: &[(String, u32)]) {
-        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        for (key, _) in keys {
+    fn refund_locally(&self, keys: &[(String, bool)]) {
+        let mut local = self.counts();
+        for (key, seen_by_redis) in keys {
             if let Some(entry) = local.get_mut(key) {
-                entry.0 = entry.0.saturating_sub(1);
+                entry.attempts = entry.attempts.saturating_sub(1);
+                if !seen_by_redis {
+                    entry.unseen_by_redis = entry.unseen_by_redis.saturating_sub(1);
+                }
+                entry.unseen_by_redis = entry.unseen_by_redis.min(entry.attempts);
             }
         }
     }

@@ -386,3 +386,48 @@ async fn attempts_refused_for_their_address_do_not_count_against_the_username() 
         res.text().await.unwrap_or_default()
     );
 }
+
+/// The login limit straight on [`gateway::limits::Limits`], without password hashing in
+/// between: hundreds of attempts on four worker threads, so that the in-process count and Redis
+/// see them in different orders. Exactly `limit` attempts must pass, never fewer (taking the
+/// larger of two differently ordered counts refused some attempts under the limit) nor more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_the_limit_of_parallel_attempts_passes_however_they_interleave() {
+    let prefix = format!("test:gateway:{}:", uuid::Uuid::new_v4().simple());
+    let redis = mes_common::cache::Redis::connect(REDIS, &prefix, Duration::from_secs(5))
+        .await
+        .expect("redis");
+    let _cleanup = mes_common::testing::RedisGuard {
+        url: REDIS.into(),
+        prefix: prefix.clone(),
+    };
+    let limit = 50;
+    let limits = gateway::limits::Limits::new(
+        redis,
+        1000,
+        1000,
+        1,
+        gateway::limits::LoginLimits::new(
+            limit,
+            1_000_000,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            1000,
+        ),
+    );
+    for round in 0..10 {
+        let user = format!("user-{round}");
+        let tasks: Vec<_> = (0..400)
+            .map(|_| {
+                let limits = limits.clone();
+                let user = user.clone();
+                tokio::spawn(async move { limits.reserve_login(&user, "10.0.0.1").await.is_ok() })
+            })
+            .collect();
+        let mut passed = 0;
+        for t in tasks {
+            passed += usize::from(t.await.unwrap());
+        }
+        assert_eq!(passed, limit as usize, "round {round}");
+    }
+}
