@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use mes_common::identity::Caller;
 
 use crate::AppState;
-use crate::limits::Subject;
+use crate::limits::{Admission, Subject};
 use crate::problem::Problem;
 
 pub const OPERATOR: &str = "operator";
@@ -326,7 +326,18 @@ impl FromRequestParts<AppState> for Principal {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         let token = bearer(parts)?;
         let claims = state.tokens.verify(token)?;
-        if state.limits.is_revoked(&claims.jti).await {
+        // One Redis round trip: the revocation check, then (unless revoked) the rate limits.
+        let user = Subject::User(&claims.sub);
+        let both;
+        let subjects: &[Subject<'_>] = match claims.device.as_deref() {
+            Some(d) => {
+                both = [user, Subject::Device(d)];
+                &both
+            }
+            None => std::slice::from_ref(&user),
+        };
+        let admission = state.limits.admit(&claims.jti, subjects).await;
+        if matches!(admission, Ok(Admission::Revoked)) {
             metrics::counter!("gateway_auth_failures_total", "reason" => "revoked").increment(1);
             return Err(Problem::unauthenticated("the access token was revoked"));
         }
@@ -335,11 +346,7 @@ impl FromRequestParts<AppState> for Principal {
         if let Some(d) = &claims.device {
             span.record("device", d.as_str());
         }
-        let mut subjects = vec![Subject::User(&claims.sub)];
-        if let Some(d) = &claims.device {
-            subjects.push(Subject::Device(d));
-        }
-        state.limits.hit(&subjects).await?;
+        admission?;
         let caller = claims.caller();
         Ok(Self { claims, caller })
     }

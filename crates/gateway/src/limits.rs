@@ -1,6 +1,7 @@
 //! Redis-backed state shared by every replica: per-user and per-device rate limits (a fixed
-//! window that starts at the first request: INCR, PEXPIRE NX, PTTL in one pipeline) and the
-//! token revocation list.
+//! window that starts at the first request: INCR, PEXPIRE NX, PTTL) and the token revocation
+//! list. An authenticated request costs one Redis command ([`Limits::admit`]: a script that
+//! checks the revocation list, then counts the request against its limits).
 //!
 //! Login attempts are limited per client address and per username: an attempt is counted
 //! (reserved) before its password is checked, so parallel guesses cannot get past the limit,
@@ -28,11 +29,34 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use fred::types::ExpireOptions;
 
-use mes_common::cache::Redis;
+use mes_common::cache::{Redis, Script};
 
 use crate::problem::Problem;
 
 const WINDOW_MS: i64 = 60_000;
+
+/// The revocation check and the rate-limit counters of one request, in one command.
+/// KEYS: the token's revocation key, then one counter per subject. ARGV: the window (ms).
+/// Returns `{1}` when the token was revoked (nothing counted), else `{0, count, pttl, ...}`
+/// (INCR, PEXPIRE NX and PTTL of each counter: a fixed window from the first request).
+static ADMIT: Script = Script::new(
+    "if redis.call('exists', KEYS[1]) == 1 then return {1} end
+local out = {0}
+for i = 2, #KEYS do
+  out[#out + 1] = redis.call('incr', KEYS[i])
+  redis.call('pexpire', KEYS[i], ARGV[1], 'NX')
+  out[#out + 1] = redis.call('pttl', KEYS[i])
+end
+return out",
+);
+
+/// Whether an authenticated request may go on (see [`Limits::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Its token was revoked (logout).
+    Revoked,
+}
 
 #[derive(Clone)]
 pub struct Limits {
@@ -228,43 +252,38 @@ impl Limits {
         Ok((count.max(0) as u64, remaining))
     }
 
-    /// Counts one request against every subject; `Err(429)` when any is over its limit.
-    pub async fn hit(&self, subjects: &[Subject<'_>]) -> Result<(), Problem> {
-        if subjects.is_empty() {
-            return Ok(());
-        }
-        let pipeline = self.redis.client().pipeline();
-        let mut keys = Vec::with_capacity(subjects.len());
-        for s in subjects {
-            let key = self.redis.key(&s.key());
-            let queued: Result<(), Error> = async {
-                let () = pipeline.incr(&key).await?;
-                let () = pipeline
-                    .pexpire(&key, WINDOW_MS, Some(ExpireOptions::NX))
-                    .await?;
-                let () = pipeline.pttl(&key).await?;
-                Ok(())
-            }
+    /// Admits one authenticated request in one Redis round trip ([`ADMIT`]): refused when its
+    /// token (`jti`) was revoked (the request then counts against no limit), else counted
+    /// against every subject and `Err(429)` when any is over its limit. Fails open when Redis
+    /// cannot tell (both failures counted in `gateway_redis_failures_total`).
+    pub async fn admit(&self, jti: &str, subjects: &[Subject<'_>]) -> Result<Admission, Problem> {
+        let mut keys = Vec::with_capacity(1 + subjects.len());
+        keys.push(Value::from(self.revoked_key(jti)));
+        keys.extend(
+            subjects
+                .iter()
+                .map(|s| Value::from(self.redis.key(&s.key()))),
+        );
+        let reply: Result<Vec<i64>, Error> = ADMIT
+            .run(self.redis.client(), keys, vec![Value::Integer(WINDOW_MS)])
             .await;
-            if let Err(e) = queued {
-                redis_failed("rate_limit", &e);
-                return Ok(());
+        let values = match reply {
+            Ok(v) if v.first() == Some(&1) => return Ok(Admission::Revoked),
+            Ok(v) if v.len() == 1 + 2 * subjects.len() => v,
+            Ok(_) => {
+                redis_failed("revocation_check", &"short script reply");
+                redis_failed("rate_limit", &"short script reply");
+                return Ok(Admission::Admitted);
             }
-            keys.push(key);
-        }
-        let values: Vec<i64> = match pipeline.all().await {
-            Ok(v) => v,
             Err(e) => {
+                redis_failed("revocation_check", &e);
                 redis_failed("rate_limit", &e);
-                return Ok(());
+                return Ok(Admission::Admitted);
             }
         };
         let mut retry_after = 0u64;
-        for (i, s) in subjects.iter().enumerate() {
-            let (Some(&count), Some(&pttl)) = (values.get(i * 3), values.get(i * 3 + 2)) else {
-                redis_failed("rate_limit", &"short pipeline reply");
-                return Ok(());
-            };
+        for (s, pair) in subjects.iter().zip(values[1..].chunks_exact(2)) {
+            let (count, pttl) = (pair[0], pair[1]);
             if count > i64::from(self.limit_of(*s)) {
                 metrics::counter!("gateway_rate_limited_total", "subject" => s.label())
                     .increment(1);
@@ -279,7 +298,7 @@ impl Limits {
         if retry_after > 0 {
             Err(Problem::rate_limited(retry_after))
         } else {
-            Ok(())
+            Ok(Admission::Admitted)
         }
     }
 
@@ -309,22 +328,6 @@ impl Limits {
                 self.retry_after,
             )
         })
-    }
-
-    /// Whether a token id was revoked (false when Redis cannot tell: fail open).
-    pub async fn is_revoked(&self, jti: &str) -> bool {
-        match self
-            .redis
-            .client()
-            .exists::<i64, _>(self.revoked_key(jti))
-            .await
-        {
-            Ok(n) => n > 0,
-            Err(e) => {
-                redis_failed("revocation_check", &e);
-                false
-            }
-        }
     }
 }
 

@@ -115,6 +115,59 @@ impl Redis {
     }
 }
 
+/// A Lua script run as one `EVALSHA` command: one write and one reply on the connection, where
+/// a pipeline of plain commands costs one socket write per command (the client flushes each
+/// pipelined command when nothing else is queued). The script is loaded (`SCRIPT LOAD`) on its
+/// first run; when Redis answers `NOSCRIPT` (it restarted or its script cache was flushed), the
+/// call is made again with `EVAL`, which also puts the script back in Redis's cache.
+pub struct Script {
+    body: &'static str,
+    /// `SCRIPT LOAD`'s answer (the script's SHA-1), once known.
+    sha: std::sync::OnceLock<Value>,
+}
+
+impl Script {
+    pub const fn new(body: &'static str) -> Self {
+        Self {
+            body,
+            sha: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Runs the script: `keys` are its `KEYS`, `args` its `ARGV`.
+    pub async fn run<R: FromValue>(
+        &self,
+        client: &Client,
+        keys: Vec<Value>,
+        args: Vec<Value>,
+    ) -> Result<R, Error> {
+        let sha = match self.sha.get() {
+            Some(sha) => sha.clone(),
+            None => {
+                let sha: String = client
+                    .custom(
+                        fred::cmd!("SCRIPT"),
+                        vec![Value::from("LOAD"), Value::from(self.body)],
+                    )
+                    .await?;
+                self.sha.get_or_init(|| Value::from(sha)).clone()
+            }
+        };
+        let mut call = Vec::with_capacity(2 + keys.len() + args.len());
+        call.push(sha);
+        call.push(Value::Integer(keys.len() as i64));
+        call.extend(keys);
+        call.extend(args);
+        match client.custom(fred::cmd!("EVALSHA"), call.clone()).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                call[0] = Value::from(self.body);
+                client.custom(fred::cmd!("EVAL"), call).await
+            }
+            other => other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
