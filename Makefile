@@ -18,7 +18,7 @@ K8S_VENV          := var/venv-k8s
 K8S_VALIDATE      := $(K8S_VENV)/bin/kubernetes-validate
 K8S_VALIDATE_PKG  ?= kubernetes-validate==1.37.0
 
-.PHONY: help run test build lint fmt bench bench-quick docker k8s clean deps-up deps-down
+.PHONY: help run test test-faults build lint fmt bench bench-quick docker k8s clean deps-up deps-down
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -38,6 +38,14 @@ test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test
 	else \
 		echo "cargo-nextest not found; using cargo test"; \
 		$(CARGO) test --workspace; \
+	fi
+
+test-faults: deps-up ## the fault suite alone: the binaries under a tablet load while processes are killed and PostgreSQL, Redis and the network fail
+	$(CARGO) build --workspace --bins
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run -p mes-e2e --test under_fire --no-capture; \
+	else \
+		$(CARGO) test -p mes-e2e --test under_fire -- --nocapture --test-threads 1; \
 	fi
 
 build: ## build every binary (debug)

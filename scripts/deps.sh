@@ -5,6 +5,9 @@
 #                                      ones only when nothing answers on the configured ports
 #   scripts/deps.sh down [STATE...]    stop what `up` started (all of it, or only the given state files)
 #   scripts/deps.sh down --purge       ... and delete the throwaway PostgreSQL data directories
+#   scripts/deps.sh crash STATE        stop a PostgreSQL this script started as a crash would
+#                                      (`pg_ctl stop -m immediate`: no checkpoint, recovery on the
+#                                      next `up`); the fault suite uses it on its private server
 #   scripts/deps.sh status             what answers, and what this script started
 #
 # Settings (environment):
@@ -15,6 +18,9 @@
 #   MES_STATE_DIR                   where state, data and logs go (default <repo>/var)
 #   MES_PG_OS_USER                  unprivileged OS user that runs a throwaway PostgreSQL when this
 #                                   script runs as root (default: mes-pg, created if missing)
+#   MES_PG_DURABLE                  `true`: a throwaway PostgreSQL keeps synchronous_commit on, so a
+#                                   commit it acknowledged survives a crash of the server (not of the
+#                                   machine: fsync stays off); the fault suite crashes it on purpose
 #   MES_DEPS_STARTED_FILE           if set, `up` appends the state file of everything it started in
 #                                   this call, so a caller (scripts/run.sh, .ci/run) can stop exactly that
 #
@@ -211,8 +217,12 @@ pg_ensure() {
 
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT (data $datadir, log $logfile)"
     # Throwaway server: no durability settings, enough connections for parallel test suites.
+    # With synchronous_commit off, a server crash loses the last acknowledged commits; a test
+    # that crashes the server asks for it on (MES_PG_DURABLE).
+    local sync=off
+    if [[ "${MES_PG_DURABLE:-false}" == true ]]; then sync=on; fi
     if ! run_as "$user" "$bindir/pg_ctl" -D "$datadir" -l "$logfile" -w -t 60 -s \
-        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='' -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='' -c max_connections=300 -c fsync=off -c synchronous_commit=$sync -c full_page_writes=off" \
         start; then
         tail -n 30 "$logfile" >&2 || true
         die "PostgreSQL did not start"
@@ -361,6 +371,18 @@ cmd_down() {
     done
 }
 
+cmd_crash() { # state-file
+    local state="${1:-}"
+    [[ -f "$state" ]] || die "crash: no such state file: $state"
+    [[ "$(state_get "$state" kind)" == postgres ]] || die "crash: $state is not a PostgreSQL"
+    local user bindir datadir
+    user="$(state_get "$state" user)"
+    bindir="$(state_get "$state" bindir)"
+    datadir="$(state_get "$state" datadir)"
+    log "crashing PostgreSQL on 127.0.0.1:$(state_get "$state" port) (pg_ctl stop -m immediate)"
+    run_as "$user" "$bindir/pg_ctl" -D "$datadir" -m immediate -w -t 30 -s stop
+}
+
 cmd_status() {
     if pg_up "$PG_HOST" "$PG_PORT"; then
         log "PostgreSQL $PG_HOST:$PG_PORT: up"
@@ -392,8 +414,12 @@ down)
     cmd_down "$@"
     ;;
 status) cmd_status ;;
+crash)
+    shift
+    cmd_crash "$@"
+    ;;
 *)
-    printf 'usage: %s up | down [--purge] [STATE_FILE...] | status\n' "$0" >&2
+    printf 'usage: %s up | down [--purge] [STATE_FILE...] | crash STATE_FILE | status\n' "$0" >&2
     exit 2
     ;;
 esac

@@ -16,6 +16,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 
+mod fault_proxy;
+pub use fault_proxy::{Fault, FaultProxy, PrivatePostgres};
+
 pub const SERVICES: [&str; 4] = ["scan-ingest", "trace-query", "erp-sync", "gateway"];
 
 /// A span as received, with the `service.name` of its resource.
@@ -121,9 +124,41 @@ pub struct System {
     pub run_dir: tempfile::TempDir,
     db_urls: Vec<String>,
     children: Vec<(&'static str, Child)>,
+    /// How each service was started (binary and environment), to start it again.
+    commands: HashMap<&'static str, Vec<(String, String)>>,
     /// Every service's Redis keys are under `e2e:<tag>:`.
     redis_prefix: String,
+    /// The Redis the cleanup talks to (the services may reach it through a proxy).
+    redis_admin_url: String,
+    /// The fault proxies between the gateway and each back-end service, when asked for.
+    backend_proxies: HashMap<&'static str, FaultProxy>,
 }
+
+/// Where the services find their dependencies, and what else they are told.
+pub struct Options<'a> {
+    /// Extra environment variables for every service.
+    pub env: &'a [(&'a str, &'a str)],
+    /// `host:port` of the PostgreSQL server the services use.
+    pub postgres: String,
+    /// The Redis URL the services use (a fault proxy's, say).
+    pub redis: String,
+    /// Put a [`FaultProxy`] between the gateway and each back-end service.
+    pub proxy_backends: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            env: &[],
+            postgres: "127.0.0.1:5432".into(),
+            redis: REDIS_URL.into(),
+            proxy_backends: false,
+        }
+    }
+}
+
+/// The test Redis (every test's keys under their own prefix).
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -165,6 +200,15 @@ impl System {
 
     /// [`System::start`] with extra environment variables for every service.
     pub async fn start_with(extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_opts(Options {
+            env: extra_env,
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// [`System::start`] with the given dependencies and environment.
+    pub async fn start_opts(options: Options<'_>) -> anyhow::Result<Self> {
         ensure_binaries();
         let (otlp, otlp_port) = OtlpReceiver::start().await?;
         let run_dir = tempfile::tempdir()?;
@@ -177,83 +221,131 @@ impl System {
             grpc.insert(s, free_port());
             metrics.insert(s, free_port());
         }
+        let mut backend_proxies = HashMap::new();
+        if options.proxy_backends {
+            for (s, port) in &grpc {
+                backend_proxies.insert(*s, FaultProxy::start(("127.0.0.1", *port)).await?);
+            }
+        }
+        // The URL the gateway calls a back-end service at: its fault proxy, if any.
+        let gateway_url = |s: &str| match backend_proxies.get(s) {
+            Some(p) => format!("http://127.0.0.1:{}", p.port),
+            None => format!("http://127.0.0.1:{}", grpc[s]),
+        };
         let gateway_port = free_port();
+        let mut commands = HashMap::new();
+        for service in SERVICES {
+            let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
+            let db_url = format!(
+                "postgres://postgres@{}/mes_e2e_{}_{}",
+                options.postgres,
+                service.replace('-', "_"),
+                &tag[..12]
+            );
+            let listen = match service {
+                "gateway" => format!("127.0.0.1:{gateway_port}"),
+                s => format!("127.0.0.1:{}", grpc[s]),
+            };
+            let url_of = |s: &str| {
+                if service == "gateway" {
+                    gateway_url(s)
+                } else {
+                    format!("http://127.0.0.1:{}", grpc[s])
+                }
+            };
+            let mut env: Vec<(String, String)> = vec![
+                ("MES_DEMO".into(), "true".into()),
+                ("MES_LOG_FORMAT".into(), "json".into()),
+                ("MES_LOG_LEVEL".into(), "info,sqlx=warn".into()),
+                (
+                    "MES_OTLP_ENDPOINT".into(),
+                    format!("http://127.0.0.1:{otlp_port}"),
+                ),
+                ("MES_REDIS_URL".into(), options.redis.clone()),
+                ("MES_INTERNAL_KEY".into(), format!("e2e-internal-key-{tag}")),
+                ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+                (format!("{prefix}DATABASE_URL"), db_url.clone()),
+                (format!("{prefix}DATABASE_MAX_CONNECTIONS"), "5".into()),
+                (format!("{prefix}LISTEN_ADDR"), listen),
+                (
+                    format!("{prefix}METRICS_ADDR"),
+                    // The gateway serves /metrics on its own port.
+                    match metrics.get(service) {
+                        Some(port) => format!("127.0.0.1:{port}"),
+                        None => String::new(),
+                    },
+                ),
+                (
+                    format!("{prefix}REDIS_PREFIX"),
+                    format!("e2e:{tag}:{service}:"),
+                ),
+                (format!("{prefix}SCAN_INGEST_URL"), url_of("scan-ingest")),
+                (format!("{prefix}TRACE_QUERY_URL"), url_of("trace-query")),
+                (format!("{prefix}ERP_SYNC_URL"), url_of("erp-sync")),
+                (
+                    "MES_ERP_SYNC_ERP__PLANT_FILE".into(),
+                    root.join("deploy/demo/plant.json").display().to_string(),
+                ),
+                (
+                    "MES_ERP_SYNC_ERP__OUTBOX_FILE".into(),
+                    outbox.display().to_string(),
+                ),
+            ];
+            env.extend(
+                options
+                    .env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            );
+            commands.insert(service, env);
+        }
         let mut sys = Self {
             gateway: format!("http://127.0.0.1:{gateway_port}"),
             internal_key: format!("e2e-internal-key-{tag}"),
             grpc,
             metrics,
             otlp,
-            outbox: outbox.clone(),
+            outbox,
             run_dir,
-            db_urls: Vec::new(),
+            db_urls: SERVICES
+                .iter()
+                .map(|s| {
+                    let prefix = format!("MES_{}_DATABASE_URL", s.to_uppercase().replace('-', "_"));
+                    commands[s]
+                        .iter()
+                        .find(|(k, _)| *k == prefix)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                })
+                .collect(),
             children: Vec::new(),
+            commands,
             redis_prefix: format!("e2e:{tag}:"),
+            redis_admin_url: REDIS_URL.into(),
+            backend_proxies,
         };
         for service in SERVICES {
-            let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
-            let db_url = format!(
-                "postgres://postgres@127.0.0.1:5432/mes_e2e_{}_{}",
-                service.replace('-', "_"),
-                &tag[..12]
-            );
-            sys.db_urls.push(db_url.clone());
-            let listen = match service {
-                "gateway" => format!("127.0.0.1:{gateway_port}"),
-                s => format!("127.0.0.1:{}", sys.grpc[s]),
-            };
-            let log = std::fs::File::create(sys.run_dir.path().join(format!("{service}.log")))?;
-            let mut cmd = Command::new(bin_dir().join(service));
-            cmd.current_dir(&root)
-                .env("MES_DEMO", "true")
-                .env("MES_LOG_FORMAT", "json")
-                .env("MES_LOG_LEVEL", "info,sqlx=warn")
-                .env("MES_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
-                .env("MES_REDIS_URL", "redis://127.0.0.1:6379")
-                .env("MES_INTERNAL_KEY", &sys.internal_key)
-                .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-                .env(format!("{prefix}DATABASE_URL"), &db_url)
-                .env(format!("{prefix}DATABASE_MAX_CONNECTIONS"), "5")
-                .env(format!("{prefix}LISTEN_ADDR"), listen)
-                .env(
-                    format!("{prefix}METRICS_ADDR"),
-                    // The gateway serves /metrics on its own port.
-                    match sys.metrics.get(service) {
-                        Some(port) => format!("127.0.0.1:{port}"),
-                        None => String::new(),
-                    },
-                )
-                .env(
-                    format!("{prefix}REDIS_PREFIX"),
-                    format!("e2e:{tag}:{service}:"),
-                )
-                .env(
-                    format!("{prefix}SCAN_INGEST_URL"),
-                    format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]),
-                )
-                .env(
-                    format!("{prefix}TRACE_QUERY_URL"),
-                    format!("http://127.0.0.1:{}", sys.grpc["trace-query"]),
-                )
-                .env(
-                    format!("{prefix}ERP_SYNC_URL"),
-                    format!("http://127.0.0.1:{}", sys.grpc["erp-sync"]),
-                )
-                .env(
-                    "MES_ERP_SYNC_ERP__PLANT_FILE",
-                    root.join("deploy/demo/plant.json"),
-                )
-                .env("MES_ERP_SYNC_ERP__OUTBOX_FILE", &outbox)
-                .envs(extra_env.iter().copied())
-                .stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log));
-            let child = cmd
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot start {service}: {e}"))?;
+            let child = sys.spawn(service)?;
             sys.children.push((service, child));
         }
         sys.wait_ready().await?;
         Ok(sys)
+    }
+
+    /// Starts one service process as it was started first (its log appended to).
+    fn spawn(&self, service: &'static str) -> anyhow::Result<Child> {
+        let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.path().join(format!("{service}.log")))?;
+        Command::new(bin_dir().join(service))
+            .current_dir(&root)
+            .envs(self.commands[service].iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {service}: {e}"))
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -384,6 +476,116 @@ impl System {
         let (_, child) = self.children.iter_mut().find(|(n, _)| *n == service)?;
         terminate(child)
     }
+
+    /// Runs the gateway's admin command line (`gateway device enrol ...`) against the running
+    /// system's gateway database: what it printed.
+    pub fn gateway_admin(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin_dir().join("gateway"))
+            .args(args)
+            .envs(self.commands["gateway"].iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "gateway {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills one service with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill_service(&mut self, service: &str) {
+        if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| *n == service) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped or killed service again, with the same settings, and waits until it
+    /// serves (`within`).
+    pub async fn restart_service(
+        &mut self,
+        service: &'static str,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| *n == service)
+            .ok_or_else(|| anyhow::anyhow!("no service {service}"))?;
+        if self.children[i].1.try_wait()?.is_none() {
+            anyhow::bail!("{service} is still running");
+        }
+        self.children[i].1 = self.spawn(service)?;
+        let deadline = Instant::now() + within;
+        while !self.serves(service).await {
+            if let Some(status) = self.children[i].1.try_wait()? {
+                anyhow::bail!(
+                    "{service} exited again ({status}):\n{}",
+                    self.log_tail(service)
+                );
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{service} did not serve within {within:?}:\n{}",
+                    self.log_tail(service)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Whether a service answers: the gateway's `/readyz`, a back-end's gRPC health check.
+    pub async fn serves(&self, service: &str) -> bool {
+        if service == "gateway" {
+            return reqwest::Client::new()
+                .get(format!("{}/readyz", self.gateway))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+        }
+        let Some(port) = self.grpc.get(service) else {
+            return false;
+        };
+        let Ok(endpoint) =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        else {
+            return false;
+        };
+        let Ok(channel) = endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+        else {
+            return false;
+        };
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok_and(|r| {
+                r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            })
+    }
+
+    /// The fault proxy between the gateway and a back-end service
+    /// ([`Options::proxy_backends`]).
+    pub fn backend_proxy(&self, service: &str) -> Option<&FaultProxy> {
+        self.backend_proxies.get(service)
+    }
+
+    /// Whether a service process has exited.
+    pub fn exited(&mut self, service: &str) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(n, _)| *n == service)
+            .is_none_or(|(_, c)| !matches!(c.try_wait(), Ok(None)))
+    }
 }
 
 fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
@@ -413,7 +615,7 @@ impl Drop for System {
             drop(mes_common::testing::DbGuard { url });
         }
         drop(mes_common::testing::RedisGuard {
-            url: "redis://127.0.0.1:6379".into(),
+            url: self.redis_admin_url.clone(),
             prefix: self.redis_prefix.clone(),
         });
     }

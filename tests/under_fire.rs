@@ -1,0 +1,660 @@
+//! Under fire: the four real binaries under a tablet-like load over REST while their processes
+//! are killed and their dependencies crash, stall and reset. Each scenario ends with a set
+//! check straight from the databases (Jepsen-style): every acknowledged scan is stored exactly
+//! once, inventory equals the initial quantity minus the stored consumes, and trace-query's read
+//! model and erp-sync's production rows hold exactly scan-ingest's set. No client ever sees a
+//! 500; a 503 always carries `Retry-After`.
+//!
+//! `make test-faults` runs these alone; `make test` runs them with the rest.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mes_common::identity::CallerKey;
+use mes_e2e::{Fault, FaultProxy, Options, PrivatePostgres, System};
+use mes_proto::v1 as pb;
+use mes_proto::v1::master_data_client::MasterDataClient;
+use mes_proto::v1::scan_ingest_client::ScanIngestClient;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use uuid::Uuid;
+
+/// Tablets submitting at once; each has its own work order, station and raw lot.
+const TABLETS: usize = 6;
+/// Each raw lot's initial quantity.
+const RAW_QUANTITY: i64 = 1_000_000;
+/// How long a tablet keeps retrying one scan before the scenario fails: the recovery bound.
+const GIVE_UP: Duration = Duration::from_secs(60);
+const JWT_SECRET: &str = "under-fire-jwt-secret-of-at-least-32-bytes";
+
+fn wo(i: usize) -> String {
+    format!("FIRE-WO-{i}")
+}
+fn station(i: usize) -> String {
+    format!("FIRE-ST-{i}")
+}
+fn raw_lot(i: usize) -> String {
+    format!("FIRE-RAW-{i}")
+}
+fn device(i: usize) -> String {
+    format!("FIRE-TAB-{i}")
+}
+
+/// Services settings for every scenario: a fixed token key (so a restarted gateway accepts the
+/// tablets' tokens), no per-user rate limit in the way of six tablets of one operator.
+const ENV: &[(&str, &str)] = &[
+    ("MES_GATEWAY_JWT_SECRET", JWT_SECRET),
+    ("MES_GATEWAY_RATE_LIMIT_PER_MINUTE_USER", "1000000"),
+    ("MES_GATEWAY_RATE_LIMIT_PER_MINUTE_DEVICE", "1000000"),
+];
+
+/// The fire plant: one work order (op 10), station, raw lot and enrolled tablet per tablet, the
+/// work orders started. Returns each tablet's device secret.
+async fn seed(sys: &System) -> anyhow::Result<Vec<String>> {
+    let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
+    let channel = tonic::transport::Channel::from_shared(url)?
+        .connect()
+        .await?;
+    let channel = mes_common::grpc::signed(channel, CallerKey::from_config(&sys.internal_key));
+    let mut md = MasterDataClient::new(channel.clone());
+    md.upsert_materials(pb::UpsertMaterialsRequest {
+        items: ["FIRE-RAW", "FIRE-OUT"]
+            .iter()
+            .map(|m| pb::Material {
+                number: (*m).into(),
+                description: format!("fault suite {m}"),
+                tracking: "lot".into(),
+                unit: "pcs".into(),
+            })
+            .collect(),
+    })
+    .await?;
+    md.upsert_stations(pb::UpsertStationsRequest {
+        items: (0..TABLETS)
+            .map(|i| pb::Station {
+                id: station(i),
+                name: format!("fire station {i}"),
+            })
+            .collect(),
+    })
+    .await?;
+    md.upsert_received_lots(pb::UpsertReceivedLotsRequest {
+        items: (0..TABLETS)
+            .map(|i| pb::ReceivedLot {
+                lot: raw_lot(i),
+                material: "FIRE-RAW".into(),
+                quantity: RAW_QUANTITY.to_string(),
+                supplier: "Fire Supplier".into(),
+                supplier_lot: format!("FS-{i}"),
+                received_at: None,
+            })
+            .collect(),
+    })
+    .await?;
+    md.upsert_work_orders(pb::UpsertWorkOrdersRequest {
+        items: (0..TABLETS)
+            .map(|i| pb::WorkOrderSpec {
+                number: wo(i),
+                material: "FIRE-OUT".into(),
+                planned_quantity: "1000000000".into(),
+                status: "released".into(),
+                operations: vec![pb::OperationSpec {
+                    step: 10,
+                    station: station(i),
+                    description: "fire".into(),
+                }],
+                components: vec![pb::Component {
+                    material: "FIRE-RAW".into(),
+                    quantity_per_unit: "1".into(),
+                }],
+            })
+            .collect(),
+    })
+    .await?;
+    let mut si = ScanIngestClient::new(channel);
+    for i in 0..TABLETS {
+        let mut req = tonic::Request::new(pb::SubmitScansRequest {
+            scans: vec![pb::Scan {
+                scan_id: Uuid::new_v4().to_string(),
+                kind: pb::ScanKind::StartOperation as i32,
+                work_order: wo(i),
+                operation: 10,
+                station: station(i),
+                scanned_at: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp(),
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }],
+        });
+        req.metadata_mut().insert(
+            "x-mes-user",
+            tonic::metadata::MetadataValue::from_static("op1"),
+        );
+        req.metadata_mut().insert(
+            "x-mes-roles",
+            tonic::metadata::MetadataValue::from_static("operator"),
+        );
+        let results = si.submit_scans(req).await?.into_inner().results;
+        anyhow::ensure!(
+            results
+                .iter()
+                .all(|r| r.status == pb::ScanStatus::Accepted as i32),
+            "start refused: {results:?}"
+        );
+    }
+    (0..TABLETS)
+        .map(|i| {
+            let out = sys.gateway_admin(&[
+                "device",
+                "enrol",
+                "--id",
+                &device(i),
+                "--station",
+                &station(i),
+            ])?;
+            out.lines()
+                .find_map(|l| l.strip_prefix("device secret: "))
+                .map(|s| s.trim().to_owned())
+                .ok_or_else(|| anyhow::anyhow!("no device secret in {out:?}"))
+        })
+        .collect()
+}
+
+/// What a scan did, as its tablet knows it.
+#[derive(Debug, Clone)]
+struct Sent {
+    kind: &'static str,
+    lot: String,
+    quantity: i64,
+}
+
+/// Everything the tablets saw.
+#[derive(Default)]
+struct Ledger {
+    /// Scans answered `accepted` or `duplicate`: durably stored, the API says.
+    acked: HashMap<Uuid, (usize, Sent)>,
+    /// Every answer by kind: `200 accepted`, `503`, `connection error`...
+    answers: BTreeMap<String, u64>,
+    /// What must never happen: a 500, a 503 without `Retry-After`, a rejected scan, a scan
+    /// given up on.
+    violations: Vec<String>,
+    /// The longest time one scan took from its first try to its acknowledgement.
+    longest_outage: Duration,
+}
+
+impl Ledger {
+    fn answer(&mut self, what: impl Into<String>) {
+        *self.answers.entry(what.into()).or_default() += 1;
+    }
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+    tablets: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+}
+
+async fn login(http: &reqwest::Client, gateway: &str, i: usize, secret: &str) -> Option<String> {
+    let r = http
+        .post(format!("{gateway}/api/v1/auth/token"))
+        .json(&json!({
+            "username": "op1",
+            "password": "demo-op1",
+            "device_id": device(i),
+            "device_secret": secret,
+        }))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let v: Value = r.json().await.ok()?;
+    v["access_token"].as_str().map(str::to_owned)
+}
+
+/// Starts the tablets: each submits one scan at a time (a consume of 1 to 3 from its raw lot,
+/// every fifth a produce of a new lot), and retries the same scan id on 503, 504, 429 and
+/// connection errors with a capped backoff, as API.md tells clients to.
+fn start_load(gateway: &str, secrets: &[String]) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let tablets = (0..TABLETS)
+        .map(|i| {
+            let (stop, ledger, gateway) = (stop.clone(), ledger.clone(), gateway.to_owned());
+            let secret = secrets[i].clone();
+            tokio::spawn(async move { tablet(i, &secret, &gateway, &stop, &ledger).await })
+        })
+        .collect();
+    Load {
+        stop,
+        ledger,
+        tablets,
+        started: Instant::now(),
+    }
+}
+
+async fn tablet(i: usize, secret: &str, gateway: &str, stop: &AtomicBool, ledger: &Mutex<Ledger>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client");
+    let mut token = None;
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let scan_id = Uuid::new_v4();
+        let sent = if n.is_multiple_of(5) {
+            Sent {
+                kind: "produce",
+                lot: format!("FIRE-OUT-{i}-{n}"),
+                quantity: 1,
+            }
+        } else {
+            Sent {
+                kind: "consume",
+                lot: raw_lot(i),
+                quantity: (n % 3 + 1) as i64,
+            }
+        };
+        let mut body = json!({
+            "scan_id": scan_id,
+            "kind": sent.kind,
+            "work_order": wo(i),
+            "operation": 10,
+            "station": station(i),
+            "lot": sent.lot,
+            "quantity": sent.quantity.to_string(),
+            "scanned_at": chrono::Utc::now().to_rfc3339(),
+        });
+        if sent.kind == "produce" {
+            body["material"] = "FIRE-OUT".into();
+        }
+        let first_try = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        // The same scan until it is acknowledged, whatever happens (stopping waits for it).
+        loop {
+            if first_try.elapsed() > GIVE_UP {
+                ledger.lock().unwrap().violations.push(format!(
+                    "scan {scan_id} not acknowledged within {GIVE_UP:?}"
+                ));
+                return;
+            }
+            if token.is_none() {
+                token = login(&http, gateway, i, secret).await;
+                if token.is_none() {
+                    ledger.lock().unwrap().answer("login failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            }
+            let res = http
+                .post(format!("{gateway}/api/v1/scans"))
+                .bearer_auth(token.as_deref().unwrap_or_default())
+                .json(&json!({ "scans": [body] }))
+                .send()
+                .await;
+            let res = match res {
+                Ok(res) => res,
+                Err(e) => {
+                    let what = if e.is_timeout() {
+                        "client timeout"
+                    } else {
+                        "connection error"
+                    };
+                    ledger.lock().unwrap().answer(what);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let status = res.status().as_u16();
+            let retry_after = res
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let text = res.text().await.unwrap_or_default();
+            match status {
+                200 => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                    let result = &v["results"][0];
+                    let outcome = result["status"].as_str().unwrap_or("?").to_owned();
+                    let mut l = ledger.lock().unwrap();
+                    l.answer(format!("200 {outcome}"));
+                    if outcome == "accepted" || outcome == "duplicate" {
+                        l.longest_outage = l.longest_outage.max(first_try.elapsed());
+                        l.acked.insert(scan_id, (i, sent));
+                    } else {
+                        l.violations
+                            .push(format!("scan {scan_id} answered {outcome}: {result}"));
+                    }
+                    break;
+                }
+                401 => {
+                    ledger.lock().unwrap().answer("401");
+                    token = None;
+                }
+                429 | 503 | 504 => {
+                    {
+                        let mut l = ledger.lock().unwrap();
+                        l.answer(status.to_string());
+                        if status != 504 && retry_after.is_none() {
+                            l.violations
+                                .push(format!("{status} without Retry-After: {text}"));
+                        }
+                    }
+                    let wait = retry_after
+                        .map(Duration::from_secs)
+                        .unwrap_or(backoff)
+                        .min(Duration::from_secs(2));
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => {
+                    // A 500, or a client error that retrying cannot heal: the tablet stops.
+                    let mut l = ledger.lock().unwrap();
+                    l.answer(other.to_string());
+                    l.violations
+                        .push(format!("scan {scan_id}: {other}: {text}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Load {
+    /// Stops the tablets after their current scan and returns what they saw.
+    async fn finish(self) -> Ledger {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tablets {
+            t.await.expect("tablet panicked");
+        }
+        let ledger = std::mem::take(&mut *self.ledger.lock().unwrap());
+        eprintln!(
+            "load held {:?}: {} scans acknowledged; answers {:?}; longest scan {:?}",
+            self.started.elapsed(),
+            ledger.acked.len(),
+            ledger.answers,
+            ledger.longest_outage
+        );
+        ledger
+    }
+
+    fn acked(&self) -> usize {
+        self.ledger.lock().unwrap().acked.len()
+    }
+
+    /// Waits until `more` scans more than now were acknowledged (the load is really flowing).
+    async fn wait_progress(&self, more: usize, within: Duration) {
+        let target = self.acked() + more;
+        let deadline = Instant::now() + within;
+        while self.acked() < target {
+            if Instant::now() > deadline {
+                let l = self.ledger.lock().unwrap();
+                panic!(
+                    "the load made no progress: {} of {target} acknowledged; answers {:?}; violations {:?}",
+                    l.acked.len(),
+                    l.answers,
+                    l.violations
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn connect(url: &str) -> sqlx::PgConnection {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match sqlx::PgConnection::connect(url).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for {url}: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
+}
+
+/// Scan ids stored in `table` of `service`'s database for the fire work orders.
+async fn stored_ids(sys: &System, service: &str, table: &str) -> Vec<Uuid> {
+    let mut db = connect(sys.database_url(service).expect("database")).await;
+    let sql = match table {
+        "scans" => {
+            "SELECT scan_id FROM scans WHERE work_order LIKE 'FIRE-WO-%' AND kind IN ('consume', 'produce')"
+        }
+        "production_scans" => {
+            "SELECT scan_id FROM production_scans WHERE work_order LIKE 'FIRE-WO-%' AND kind IN ('consume', 'produce')"
+        }
+        other => panic!("no such table {other}"),
+    };
+    sqlx::query_scalar(sql)
+        .fetch_all(&mut db)
+        .await
+        .unwrap_or_else(|e| panic!("{service} {table}: {e}"))
+}
+
+/// The Jepsen-style check, straight from the databases.
+async fn check_sets(sys: &System, ledger: &Ledger) {
+    assert!(
+        ledger.violations.is_empty(),
+        "violations: {:#?}",
+        ledger.violations
+    );
+    assert!(!ledger.acked.is_empty(), "nothing was acknowledged");
+    let acked: HashSet<Uuid> = ledger.acked.keys().copied().collect();
+
+    // scan-ingest: every acknowledged scan stored once, nothing else stored (every scan sent
+    // was acknowledged in the end: tablets never give up on one).
+    let stored = stored_ids(sys, "scan-ingest", "scans").await;
+    let stored_set: HashSet<Uuid> = stored.iter().copied().collect();
+    assert_eq!(stored.len(), stored_set.len(), "a scan stored twice");
+    let lost: Vec<_> = acked.difference(&stored_set).collect();
+    let extra: Vec<_> = stored_set.difference(&acked).collect();
+    assert!(
+        lost.is_empty() && extra.is_empty(),
+        "scan-ingest: {} acknowledged scans lost ({lost:?}), {} stored never acknowledged ({extra:?})",
+        lost.len(),
+        extra.len()
+    );
+
+    // Inventory is the ledger: initial minus the acknowledged consumes, each exactly once.
+    let mut db = connect(sys.database_url("scan-ingest").unwrap()).await;
+    for i in 0..TABLETS {
+        let consumed: i64 = ledger
+            .acked
+            .values()
+            .filter(|(t, s)| *t == i && s.kind == "consume")
+            .map(|(_, s)| s.quantity)
+            .sum();
+        let on_hand: String =
+            sqlx::query_scalar("SELECT quantity_on_hand::text FROM lots WHERE lot = $1")
+                .bind(raw_lot(i))
+                .fetch_one(&mut db)
+                .await
+                .expect("raw lot");
+        assert_eq!(
+            on_hand.parse::<f64>().unwrap_or(-1.0),
+            (RAW_QUANTITY - consumed) as f64,
+            "{}: on hand {on_hand}, expected {RAW_QUANTITY} - {consumed}",
+            raw_lot(i)
+        );
+    }
+    let produced: i64 = ledger
+        .acked
+        .values()
+        .filter(|(_, s)| s.kind == "produce")
+        .count() as i64;
+    let produced_lots: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM lots WHERE lot LIKE 'FIRE-OUT-%' AND quantity_on_hand = 1",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("produced lots");
+    assert_eq!(produced_lots, produced, "produced lots with quantity 1");
+
+    // The feed's consumers converge on exactly the same set.
+    for (service, table) in [("trace-query", "scans"), ("erp-sync", "production_scans")] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let ids = stored_ids(sys, service, table).await;
+            let set: HashSet<Uuid> = ids.iter().copied().collect();
+            assert_eq!(ids.len(), set.len(), "{service}: a scan applied twice");
+            assert!(
+                set.is_subset(&acked),
+                "{service} holds scans scan-ingest never acknowledged"
+            );
+            if set == acked {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service}: {} of {} acknowledged scans after 90 s",
+                set.len(),
+                acked.len()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The system, on the fire plant, with the tablets' load started.
+async fn start(options: Options<'_>) -> (System, Load) {
+    let sys = System::start_opts(options).await.expect("system");
+    let secrets = seed(&sys).await.expect("seed");
+    let load = start_load(&sys.gateway, &secrets);
+    load.wait_progress(50, Duration::from_secs(30)).await;
+    (sys, load)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_every_service_under_load_loses_and_duplicates_nothing() {
+    let (mut sys, load) = start(Options {
+        env: ENV,
+        ..Options::default()
+    })
+    .await;
+    // scan-ingest (the system of record) three times, each other service twice; trace-query
+    // and erp-sync are killed mid-projection, the gateway with requests in flight.
+    for service in [
+        "scan-ingest",
+        "trace-query",
+        "gateway",
+        "erp-sync",
+        "scan-ingest",
+        "trace-query",
+        "erp-sync",
+        "gateway",
+        "scan-ingest",
+    ] {
+        sys.kill_service(service);
+        eprintln!("killed {service} at {:?}", load.started.elapsed());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        sys.restart_service(service, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        load.wait_progress(30, Duration::from_secs(60)).await;
+    }
+    let ledger = load.finish().await;
+    check_sets(&sys, &ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_crash_mid_load_costs_only_503s_and_the_services_recover_by_themselves() {
+    let pg = PrivatePostgres::start().expect("private PostgreSQL");
+    let (mut sys, load) = start(Options {
+        env: ENV,
+        postgres: pg.addr(),
+        ..Options::default()
+    })
+    .await;
+    for round in 0..2 {
+        pg.crash().expect("crash");
+        eprintln!("PostgreSQL crashed at {:?}", load.started.elapsed());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        pg.start_again().expect("start again");
+        let back = Instant::now();
+        load.wait_progress(30, Duration::from_secs(60)).await;
+        eprintln!(
+            "round {round}: scans acknowledged again {:?} after PostgreSQL was back",
+            back.elapsed()
+        );
+    }
+    for service in mes_e2e::SERVICES {
+        assert!(
+            !sys.exited(service),
+            "{service} died with PostgreSQL:\n{}",
+            sys.log(service)
+        );
+    }
+    let ledger = load.finish().await;
+    check_sets(&sys, &ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_blackholed_then_reset_never_stops_the_scans() {
+    let redis = FaultProxy::start(("127.0.0.1", 6379)).await.expect("proxy");
+    let (sys, load) = start(Options {
+        env: ENV,
+        redis: format!("redis://{}", redis.addr()),
+        ..Options::default()
+    })
+    .await;
+    for (fault, hold) in [
+        (Fault::Blackhole, Duration::from_secs(5)),
+        (Fault::Reset, Duration::from_secs(3)),
+        (
+            Fault::Latency(Duration::from_millis(300)),
+            Duration::from_secs(3),
+        ),
+    ] {
+        redis.set(fault);
+        eprintln!("redis {fault:?} at {:?}", load.started.elapsed());
+        // Scans keep being acknowledged while Redis misbehaves.
+        load.wait_progress(20, hold.max(Duration::from_secs(30)))
+            .await;
+        tokio::time::sleep(hold).await;
+        redis.set(Fault::Pass);
+        load.wait_progress(20, Duration::from_secs(30)).await;
+    }
+    let ledger = load.finish().await;
+    check_sets(&sys, &ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_and_resets_between_the_gateway_and_the_services_cost_only_retries() {
+    let (sys, load) = start(Options {
+        env: ENV,
+        proxy_backends: true,
+        ..Options::default()
+    })
+    .await;
+    let proxy = sys.backend_proxy("scan-ingest").expect("proxy");
+    for (fault, hold) in [
+        (
+            Fault::Latency(Duration::from_millis(200)),
+            Duration::from_secs(4),
+        ),
+        (Fault::Reset, Duration::from_secs(2)),
+        (Fault::Blackhole, Duration::from_secs(3)),
+    ] {
+        proxy.set(fault);
+        eprintln!(
+            "gateway -> scan-ingest {fault:?} at {:?}",
+            load.started.elapsed()
+        );
+        tokio::time::sleep(hold).await;
+        proxy.set(Fault::Pass);
+        load.wait_progress(30, Duration::from_secs(60)).await;
+    }
+    let ledger = load.finish().await;
+    check_sets(&sys, &ledger).await;
+}
