@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use mes_common::cache::Redis;
 use mes_common::{Shutdown, grpc};
-use mes_proto::v1::trace_query_server::TraceQueryServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -181,7 +180,7 @@ impl Application {
         let api = api::Api::new(state.clone());
         let result = grpc::server("trace-query", settings.service.caller_key())
             .add_routes(grpc::standard_services(health_service)?)
-            .add_service(TraceQueryServer::new(api))
+            .add_service(api.service())
             .serve_with_incoming_shutdown(grpc::incoming(listener), shutdown.wait())
             .await;
         // The consumer finishes its batch (and its cache deletions), the delayed second

@@ -1,8 +1,12 @@
 //! The answers, each through the cache ([`crate::cache`]) with its database query
-//! ([`crate::store::queries`]) behind it. Arguments are validated by the caller.
+//! ([`crate::store::queries`]) behind it. Arguments are validated by the caller. An answer is
+//! its protobuf encoding ([`Encoded`]): what the cache holds is what the API sends, never
+//! decoded and encoded again on its way.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
+use fred::bytes::Bytes;
 use mes_proto::v1 as pb;
 use prost::Message;
 use sqlx::PgPool;
@@ -13,12 +17,34 @@ use crate::error::Error;
 use crate::stats::Query;
 use crate::store::queries;
 
-fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, Arc<Error>> {
-    M::decode(bytes).map_err(|e| {
-        Arc::new(Error::Internal(
-            anyhow::Error::new(e).context("undecodable cached answer"),
-        ))
-    })
+/// An answer of type `M`, encoded (as cached, or as just loaded and stored).
+#[derive(Debug, Clone)]
+pub struct Encoded<M> {
+    bytes: Bytes,
+    answer: PhantomData<fn() -> M>,
+}
+
+impl<M: Message + Default> Encoded<M> {
+    fn new(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            answer: PhantomData,
+        }
+    }
+
+    /// The encoded message, as the API sends it.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    /// The answer itself.
+    pub fn decode(&self) -> Result<M, Arc<Error>> {
+        M::decode(self.bytes.as_ref()).map_err(|e| {
+            Arc::new(Error::Internal(
+                anyhow::Error::new(e).context("undecodable cached answer"),
+            ))
+        })
+    }
 }
 
 fn encode<M: Message>(m: Option<M>) -> Option<Vec<u8>> {
@@ -32,7 +58,7 @@ pub async fn genealogy(
     lot: &str,
     direction: Direction,
     depth: u32,
-) -> Result<pb::Genealogy, Arc<Error>> {
+) -> Result<Encoded<pb::Genealogy>, Arc<Error>> {
     let (d, query) = match direction {
         Direction::Backward => ("b", Query::GenealogyBackward),
         Direction::Forward => ("f", Query::GenealogyForward),
@@ -56,14 +82,14 @@ pub async fn genealogy(
             ))
         })
         .await?;
-    decode(&bytes)
+    Ok(Encoded::new(bytes))
 }
 
 pub async fn lot_history(
     cache: &QueryCache,
     pool: &PgPool,
     lot: &str,
-) -> Result<pb::LotHistory, Arc<Error>> {
+) -> Result<Encoded<pb::LotHistory>, Arc<Error>> {
     let lookup = Lookup {
         query: Query::LotHistory,
         slot: Slot::Key(cache.key(&format!("h:{lot}"))),
@@ -78,14 +104,14 @@ pub async fn lot_history(
             Ok(encode(queries::history(&pool, &lot).await?))
         })
         .await?;
-    decode(&bytes)
+    Ok(Encoded::new(bytes))
 }
 
 pub async fn work_order_summary(
     cache: &QueryCache,
     pool: &PgPool,
     work_order: &str,
-) -> Result<pb::WorkOrderSummary, Arc<Error>> {
+) -> Result<Encoded<pb::WorkOrderSummary>, Arc<Error>> {
     let lookup = Lookup {
         query: Query::WorkOrderSummary,
         slot: Slot::Key(cache.key(&format!("wo:{work_order}"))),
@@ -100,7 +126,7 @@ pub async fn work_order_summary(
             Ok(encode(queries::work_order_summary(&pool, &wo).await?))
         })
         .await?;
-    decode(&bytes)
+    Ok(Encoded::new(bytes))
 }
 
 pub async fn production_report(
@@ -108,7 +134,7 @@ pub async fn production_report(
     pool: &PgPool,
     window: Window,
     group_by: GroupBy,
-) -> Result<pb::ProductionReport, Arc<Error>> {
+) -> Result<Encoded<pb::ProductionReport>, Arc<Error>> {
     let field = format!(
         "{}:{}:{}",
         group_by.as_str(),
@@ -136,5 +162,5 @@ pub async fn production_report(
             ))
         })
         .await?;
-    decode(&bytes)
+    Ok(Encoded::new(bytes))
 }

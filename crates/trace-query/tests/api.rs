@@ -1139,3 +1139,104 @@ async fn generated_plant_loads_through_scan_ingest_and_is_traced_to_full_depth()
     app.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_are_sent_as_stored_and_equal_the_database_ones() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_trace_query(TqOptions {
+            prewarm: Some(false),
+            ..Default::default()
+        })
+        .await;
+    env.typical_run().await;
+    env.settled(&app).await;
+    let pool = app.state.pool.clone();
+    let hits = || app.state.stats.cache_results(CacheResult::Hit);
+    let mut client = app.client();
+
+    // Genealogy, both directions: the first answer is loaded (and stored), the second is the
+    // cached bytes as they are; both equal the database's answer.
+    for (lot, direction) in [("BIKE-S0001", Backward), ("STEEL-L1", Forward)] {
+        let request = pb::GenealogyRequest {
+            lot: lot.into(),
+            direction: direction as i32,
+            max_depth: 0,
+        };
+        let loaded = client.get_genealogy(request.clone()).await.unwrap();
+        let before = hits();
+        let cached = client.get_genealogy(request).await.unwrap();
+        assert_eq!(
+            hits(),
+            before + 1,
+            "{lot}: the second answer is a cache hit"
+        );
+        let direction = trace_query::domain::Direction::from_proto(direction as i32).unwrap();
+        let truth = trace_query::store::queries::genealogy(
+            &pool,
+            lot,
+            direction,
+            trace_query::domain::DEFAULT_DEPTH,
+        )
+        .await
+        .unwrap()
+        .expect("known lot");
+        assert!(truth.nodes.len() > 1, "{lot}: {truth:?}");
+        assert_eq!(loaded.into_inner(), truth, "{lot}: loaded answer");
+        assert_eq!(cached.into_inner(), truth, "{lot}: cached answer");
+    }
+
+    // History and work-order summary: the cached answer equals the loaded one and the database's.
+    let request = pb::LotHistoryRequest {
+        lot: "FRAME-L1".into(),
+    };
+    let loaded = client.get_lot_history(request.clone()).await.unwrap();
+    let before = hits();
+    let cached = client.get_lot_history(request).await.unwrap();
+    assert_eq!(hits(), before + 1);
+    let truth = trace_query::store::queries::history(&pool, "FRAME-L1")
+        .await
+        .unwrap()
+        .expect("known lot");
+    assert!(!truth.events.is_empty());
+    assert_eq!(loaded.into_inner(), truth);
+    assert_eq!(cached.into_inner(), truth);
+
+    let request = pb::WorkOrderSummaryRequest {
+        work_order: "WO-1000".into(),
+    };
+    let loaded = client
+        .get_work_order_summary(request.clone())
+        .await
+        .unwrap();
+    let before = hits();
+    let cached = client.get_work_order_summary(request).await.unwrap();
+    assert_eq!(hits(), before + 1);
+    let truth = trace_query::store::queries::work_order_summary(&pool, "WO-1000")
+        .await
+        .unwrap()
+        .expect("known work order");
+    assert_eq!(loaded.into_inner(), truth);
+    assert_eq!(cached.into_inner(), truth);
+
+    // Errors still come as statuses: an unknown lot, a cached "not found", a bad request.
+    for _ in 0..2 {
+        let e = client
+            .get_genealogy(pb::GenealogyRequest {
+                lot: "NO-SUCH-LOT".into(),
+                direction: Backward as i32,
+                max_depth: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    }
+    let e = client
+        .get_lot_history(pb::LotHistoryRequest { lot: "".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    app.stop().await;
+    env.stop().await;
+}

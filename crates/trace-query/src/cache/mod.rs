@@ -39,7 +39,7 @@ use fred::bytes::Bytes;
 use fred::interfaces::{ClientLike, KeysInterface};
 use fred::types::{Expiration, SetOptions, Value};
 use mes_common::Shutdown;
-use mes_common::cache::Redis;
+use mes_common::cache::{Redis, Script};
 use rand::Rng;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
@@ -86,6 +86,27 @@ for i = 1, #KEYS, 2 do
   redis.call('unlink', KEYS[i])
 end
 return #KEYS / 2";
+
+/// The read of a request: the membership filter (for lot queries), the cached "not found" and
+/// the cached answer, in one command. KEYS: the answer's key, the "not found" key when
+/// ARGV[2] is '1', then the filter when filter positions follow. ARGV: the hash field ('' for a
+/// string key), '1'/'0', then the lot's bit positions in the filter. Returns {3} when the filter
+/// knows the lot is not there (only once the filter is built: its sentinel bit 0 is set),
+/// {2} for a cached "not found", {1, answer} for a cached answer, {0} for a miss.
+static PROBE: Script = Script::new(
+    "local k = 2
+if ARGV[2] == '1' then k = 3 end
+if #ARGV > 2 and redis.call('getbit', KEYS[k], 0) == 1 then
+  for i = 3, #ARGV do
+    if redis.call('getbit', KEYS[k], ARGV[i]) == 0 then return {3} end
+  end
+end
+if ARGV[2] == '1' and redis.call('exists', KEYS[2]) == 1 then return {2} end
+local v
+if ARGV[1] == '' then v = redis.call('get', KEYS[1]) else v = redis.call('hget', KEYS[1], ARGV[1]) end
+if v then return {1, v} end
+return {0}",
+);
 
 /// Where an answer is cached.
 #[derive(Debug, Clone)]
@@ -257,12 +278,11 @@ impl QueryCache {
         let what = lookup.what.clone();
         let flight = lookup.flight.clone();
         let leader_inner = inner.clone();
-        let (out, leader) = inner
-            .flights
-            .run(&flight, move || async move {
-                leader_inner.lead(lookup, load).await
-            })
-            .await;
+        // Boxed: the miss path's state is large, and a hit's future need not carry it.
+        let (out, leader) = Box::pin(inner.flights.run(&flight, move || async move {
+            leader_inner.lead(lookup, load).await
+        }))
+        .await;
         let (result, outcome) = out.unwrap_or_else(|| {
             (
                 Err(Arc::new(Error::Internal(anyhow::anyhow!(
@@ -477,69 +497,46 @@ impl Inner {
         args
     }
 
-    /// Filter, "not found" and answer in one pipelined round trip.
+    /// Filter, "not found" and answer in one command ([`PROBE`]).
     async fn probe(&self, lookup: &Lookup) -> Probe {
         if !self.up.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire) {
             return Probe::Miss;
         }
-        let client = self.redis.client();
-        let pipe = client.pipeline();
-        let mut queued: Result<(), fred::error::Error> = Ok(());
-        let has_filter = lookup.filter_lot.is_some();
+        let (key, field) = match &lookup.slot {
+            Slot::Key(k) => (k.as_str(), ""),
+            Slot::Field { key, field } => (key.as_str(), field.as_str()),
+        };
+        let mut keys = vec![Value::from(key)];
+        let mut args = vec![Value::from(field)];
+        if let Some(neg) = &lookup.negative {
+            keys.push(Value::from(neg.as_str()));
+            args.push(Value::from("1"));
+        } else {
+            args.push(Value::from("0"));
+        }
         if let Some(lot) = &lookup.filter_lot {
-            let mut offsets = vec![0];
-            offsets.extend(self.bloom.positions(lot));
-            queued = queued.and(
-                pipe.custom::<(), Value>(
-                    fred::cmd!("BITFIELD"),
-                    self.bitfield_args(&offsets, false),
-                )
-                .await,
+            keys.push(Value::from(self.filter_key.as_str()));
+            let positions = self.bloom.positions(lot);
+            args.reserve(positions.len());
+            args.extend(
+                positions
+                    .into_iter()
+                    .map(|o| Value::Integer(i64::try_from(o).unwrap_or(0))),
             );
         }
-        if let Some(neg) = &lookup.negative {
-            queued = queued.and(pipe.get::<(), _>(neg.as_str()).await);
-        }
-        queued = queued.and(match &lookup.slot {
-            Slot::Key(k) => pipe.get::<(), _>(k.as_str()).await,
-            Slot::Field { key, field } => {
-                fred::interfaces::HashesInterface::hget::<(), _, _>(
-                    &pipe,
-                    key.as_str(),
-                    field.as_str(),
-                )
-                .await
-            }
-        });
-        if let Err(e) = queued {
-            self.failed(&e.to_string());
-            return Probe::Miss;
-        }
-        let Some(values) = self.call(pipe.all::<Vec<Value>>()).await else {
+        let reply: Option<Vec<Value>> = self.call(PROBE.run(self.redis.client(), keys, args)).await;
+        let Some(reply) = reply else {
             return Probe::Miss;
         };
-        let mut values = values.into_iter();
-        if has_filter {
-            let bits: Vec<i64> = values
+        let mut reply = reply.into_iter();
+        match reply.next().and_then(|v| v.as_i64()) {
+            Some(1) => reply
                 .next()
-                .map(|v| {
-                    v.into_array()
-                        .into_iter()
-                        .map(|b| b.as_i64().unwrap_or(0))
-                        .collect()
-                })
-                .unwrap_or_default();
-            // bits[0] is the sentinel: a filter not (re)built yet is bypassed.
-            if bits.first() == Some(&1) && bits.contains(&0) {
-                return Probe::Rejected;
-            }
-        }
-        if lookup.negative.is_some() && values.next().is_some_and(|v| !v.is_null()) {
-            return Probe::Negative;
-        }
-        match values.next().and_then(bytes_of) {
-            Some(b) => Probe::Found(b),
-            None => Probe::Miss,
+                .and_then(bytes_of)
+                .map_or(Probe::Miss, Probe::Found),
+            Some(2) => Probe::Negative,
+            Some(3) => Probe::Rejected,
+            _ => Probe::Miss,
         }
     }
 
