@@ -65,15 +65,16 @@ fn trace_id_of(traceparent: &str) -> Option<String> {
         .then(|| id.to_ascii_lowercase())
 }
 
+/// `bytes` (at most 16) random bytes in hex, not all zero.
 fn random_hex(bytes: usize) -> String {
     use rand::Rng as _;
     let mut rng = rand::rng();
+    let mut buf = [0u8; 16];
+    let buf = &mut buf[..bytes.min(16)];
     loop {
-        let s: String = (0..bytes)
-            .map(|_| format!("{:02x}", rng.random::<u8>()))
-            .collect();
-        if s.bytes().any(|b| b != b'0') {
-            return s;
+        rng.fill(&mut buf[..]);
+        if buf.iter().any(|&b| b != 0) {
+            return crate::auth::hex(buf);
         }
     }
 }
@@ -226,5 +227,7 @@ mod tests {
             None
         );
         assert_eq!(random_hex(16).len(), 32);
+        assert_eq!(random_hex(8).len(), 16);
+        assert!(random_hex(16).bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }
