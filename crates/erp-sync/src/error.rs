@@ -28,6 +28,9 @@ pub enum Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
+        if let Some(message) = mes_common::errors::bad_input(&e) {
+            return Self::InvalidArgument(message);
+        }
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::Unavailable {
@@ -60,8 +63,8 @@ impl From<SyncError> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::PermissionDenied(m) => Status::permission_denied(mes_common::errors::bounded(m)),
+            Error::InvalidArgument(m) => Status::invalid_argument(mes_common::errors::bounded(m)),
             Error::Unavailable { what, source } => {
                 tracing::warn!(dependency = what, error = %format!("{source:#}"), "dependency unavailable");
                 Status::unavailable(format!("{what} unavailable, retry later"))

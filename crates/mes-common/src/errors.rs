@@ -1,7 +1,38 @@
 //! The one mapping from gRPC status codes to HTTP statuses and problem codes
-//! (as grpc-gateway does), used by the gateway to render `application/problem+json`.
+//! (as grpc-gateway does), used by the gateway to render `application/problem+json`; and
+//! what the services tell a caller whose own values PostgreSQL refused.
 
 use tonic::Code;
+
+/// The message for a PostgreSQL error that the request's own values caused, never the server:
+/// SQLSTATE class 22, data exception (a NUL character in text, a number or date out of range,
+/// a value too long...). The services answer it INVALID_ARGUMENT, not INTERNAL.
+pub fn bad_input(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("22")) => {
+            Some(bounded(format!("a value was refused: {}", d.message())))
+        }
+        _ => None,
+    }
+}
+
+/// The longest status message a service sends. Messages that name the request's values (a
+/// 40 KB lot number) must stay far below what clients accept in a header: hyper refuses a
+/// header list over 16 KiB, which the caller would see as a protocol error.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `message`, cut to [`MAX_STATUS_MESSAGE`] bytes at a character boundary (marked with `…`).
+pub fn bounded(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE {
+        let mut end = MAX_STATUS_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
 
 /// `(http status, problem code)` for a gRPC code.
 pub fn http_for(code: Code) -> (u16, &'static str) {
@@ -25,6 +56,16 @@ pub fn http_for(code: Code) -> (u16, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(bounded("lot X not found".into()), "lot X not found");
+        let long = format!("lot {} not found", "é".repeat(5_000));
+        let cut = bounded(long);
+        assert!(cut.len() <= MAX_STATUS_MESSAGE, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.starts_with("lot éé"));
+    }
 
     #[test]
     fn mapping_follows_grpc_gateway() {

@@ -49,7 +49,9 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        if is_unavailable(&e) {
+        if let Some(message) = mes_common::errors::bad_input(&e) {
+            Self::invalid("request", message)
+        } else if is_unavailable(&e) {
             Self::Unavailable(e.into())
         } else {
             Self::Internal(e.into())
@@ -91,22 +93,26 @@ impl From<anyhow::Error> for Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
+        use mes_common::errors::bounded;
         match e {
             Error::Invalid(violations) => {
                 let mut details = ErrorDetails::new();
-                for v in &violations {
-                    details.add_bad_request_violation(v.field.clone(), v.message.clone());
+                for v in violations.iter().take(100) {
+                    details.add_bad_request_violation(
+                        bounded(v.field.clone()),
+                        bounded(v.message.clone()),
+                    );
                 }
                 let message = violations
                     .first()
-                    .map(|v| format!("{}: {}", v.field, v.message))
+                    .map(|v| bounded(format!("{}: {}", v.field, v.message)))
                     .unwrap_or_else(|| "invalid request".into());
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
-            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
-            Error::Conflict(m) => Status::aborted(m),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::NotFound(what) => Status::not_found(bounded(format!("{what} not found"))),
+            Error::Conflict(m) => Status::aborted(bounded(m)),
+            Error::FailedPrecondition(m) => Status::failed_precondition(bounded(m)),
+            Error::PermissionDenied(m) => Status::permission_denied(bounded(m)),
             Error::Unauthenticated => Status::unauthenticated("the caller is not identified"),
             Error::Unavailable(source) => {
                 tracing::error!(error = %format!("{source:#}"), "database unavailable");

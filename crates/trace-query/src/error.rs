@@ -1,5 +1,6 @@
 //! trace-query's errors and their gRPC status.
 
+use mes_common::errors::bounded;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -28,14 +29,14 @@ impl Error {
         match self {
             Error::Invalid { field, message } => {
                 let mut details = ErrorDetails::new();
-                details.add_bad_request_violation(field.clone(), message.clone());
+                details.add_bad_request_violation(bounded(field.clone()), bounded(message.clone()));
                 Status::with_error_details(
                     Code::InvalidArgument,
-                    format!("{field}: {message}"),
+                    bounded(format!("{field}: {message}")),
                     details,
                 )
             }
-            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::NotFound(what) => Status::not_found(bounded(format!("{what} not found"))),
             Error::Unavailable(source) => {
                 tracing::error!(
                     error = source as &dyn std::error::Error,
@@ -53,6 +54,9 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
+        if let Some(message) = mes_common::errors::bad_input(&e) {
+            return Self::invalid("request", message);
+        }
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::Unavailable(e)
