@@ -18,7 +18,7 @@ K8S_VENV          := var/venv-k8s
 K8S_VALIDATE      := $(K8S_VENV)/bin/kubernetes-validate
 K8S_VALIDATE_PKG  ?= kubernetes-validate==1.37.0
 
-.PHONY: help run test test-faults build lint fmt bench bench-quick docker k8s clean deps-up deps-down
+.PHONY: help run test test-faults reliability-report build lint fmt bench bench-quick docker k8s clean deps-up deps-down
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -47,6 +47,20 @@ test-faults: deps-up ## the fault suite alone: the binaries under a tablet load 
 	else \
 		$(CARGO) test -p mes-e2e --test under_fire -- --nocapture --test-threads 1; \
 	fi
+
+reliability-report: deps-up ## the fault suite and the REST/gRPC fuzzers, then target/reliability/report.md (and .json)
+	rm -rf "$(or $(CARGO_TARGET_DIR),target)/reliability"
+	$(CARGO) build --workspace --bins
+	@status=0; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run -p mes-e2e --no-fail-fast \
+			-E 'binary(under_fire) | binary(grpc_fuzz) | test(the_rest_api_survives_schema_driven_fuzzing)' || status=$$?; \
+	else \
+		$(CARGO) test -p mes-e2e --test under_fire --test grpc_fuzz -- --test-threads 1 || status=$$?; \
+		$(CARGO) test -p mes-e2e --test e2e the_rest_api_survives_schema_driven_fuzzing || status=$$?; \
+	fi; \
+	python3 scripts/reliability-report.py "$(or $(CARGO_TARGET_DIR),target)" || status=$$?; \
+	exit $$status
 
 build: ## build every binary (debug)
 	$(CARGO) build --workspace --bins

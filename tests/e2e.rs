@@ -546,8 +546,9 @@ async fn the_rest_api_survives_schema_driven_fuzzing() {
             .args([
                 "--phases",
                 "examples,coverage,fuzzing",
+                // ~5,000 generated requests on two cores.
                 "--max-time",
-                "45",
+                "100",
                 "--workers",
                 "2",
             ])
@@ -562,6 +563,24 @@ async fn the_rest_api_survives_schema_driven_fuzzing() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    // schemathesis's own summary (test cases generated, passed, failures) for the report.
+    let summary: Vec<&str> = report
+        .lines()
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("test cases") || l.contains("passed") || l.contains("failed")
+        })
+        .take(20)
+        .collect();
+    mes_e2e::reliability_record(
+        "REST fuzzing (schemathesis)",
+        &json!({
+            "scenario": "REST fuzzing (schemathesis)",
+            "checks": "not_a_server_error",
+            "summary": summary,
+            "passed": out.status.success(),
+        }),
     );
     assert!(
         out.status.success(),

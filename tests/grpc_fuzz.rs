@@ -325,7 +325,6 @@ async fn every_grpc_method_survives_hostile_messages_without_internal_errors() {
             };
             cases += 1;
             let code = status.as_ref().map_or(tonic::Code::Ok, |s| s.code());
-            *outcomes.entry(format!("{code:?}")).or_default() += 1;
             // tonic answers a request it cannot decode with INTERNAL "failed to decode
             // Protobuf message", as the gRPC status codes prescribe; every other INTERNAL or
             // UNKNOWN is a failure of ours.
@@ -337,9 +336,12 @@ async fn every_grpc_method_survives_hostile_messages_without_internal_errors() {
                 tonic::Code::Internal => !undecodable,
                 _ => false,
             };
-            if undecodable {
-                *outcomes.entry("Internal (undecodable)".into()).or_default() += 1;
-            }
+            let outcome = if undecodable {
+                "Internal (undecodable request)".to_owned()
+            } else {
+                format!("{code:?}")
+            };
+            *outcomes.entry(outcome).or_default() += 1;
             if bad
                 && failures.len() < 40
                 && !failures.iter().any(|f: &String| f.starts_with(&m.path))
@@ -360,6 +362,24 @@ async fn every_grpc_method_survives_hostile_messages_without_internal_errors() {
     eprintln!(
         "{cases} gRPC calls over {} methods: {outcomes:?}",
         methods.len()
+    );
+    let mut alive = true;
+    for service in ["scan-ingest", "trace-query", "erp-sync"] {
+        alive &= !sys.exited(service) && sys.serves(service).await;
+    }
+    mes_e2e::reliability_record(
+        "gRPC fuzzing",
+        &serde_json::json!({
+            "scenario": "gRPC fuzzing",
+            "seed": seed.to_string(),
+            "methods": methods.len(),
+            "cases": cases,
+            "outcomes": outcomes,
+            "internal_or_unknown_failures": failures.len(),
+            "services_alive": alive,
+            "passed": failures.is_empty() && alive,
+            "problems": failures,
+        }),
     );
     for service in ["scan-ingest", "trace-query", "erp-sync"] {
         assert!(

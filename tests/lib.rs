@@ -621,6 +621,32 @@ impl Drop for System {
     }
 }
 
+/// Where the reliability report's records go: `<target>/reliability/`.
+pub fn reliability_dir() -> PathBuf {
+    bin_dir()
+        .parent()
+        .map(|p| p.join("reliability"))
+        .unwrap_or_else(|| PathBuf::from("target/reliability"))
+}
+
+/// Writes one scenario's figures for `make reliability-report` (`<target>/reliability/<name>.json`).
+pub fn reliability_record(name: &str, record: &serde_json::Value) {
+    let dir = reliability_dir();
+    let file: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::write(
+            dir.join(format!("{file}.json")),
+            serde_json::to_vec_pretty(record).unwrap_or_default(),
+        )
+    });
+    if let Err(e) = written {
+        eprintln!("cannot write the reliability record {name}: {e}");
+    }
+}
+
 /// A Python virtual environment with `packages`, created once under the target directory and
 /// reused (a marker file records what was installed).
 pub fn python_tool(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
