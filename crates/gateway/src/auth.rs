@@ -3,8 +3,9 @@
 //! [`Principal`] extractor that authenticates a request, applies the rate limits and records
 //! the user on the request span.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use argon2::Argon2;
@@ -220,6 +221,7 @@ pub struct Tokens {
     validation: Validation,
     issuer: String,
     ttl: u64,
+    verified: Arc<Verified>,
 }
 
 impl Tokens {
@@ -239,6 +241,7 @@ impl Tokens {
             validation,
             issuer: issuer.to_owned(),
             ttl: ttl_seconds,
+            verified: Arc::new(Verified::default()),
         }
     }
 
@@ -269,15 +272,66 @@ impl Tokens {
         Ok((token, claims))
     }
 
-    /// Verifies signature, algorithm, issuer, audience and expiry.
+    /// Verifies signature, algorithm, issuer, audience and expiry. A token verified before
+    /// (the same text) is not decoded and its signature not computed again, but its expiry is
+    /// checked each time (an expired one is verified again, and refused as before).
     pub fn verify(&self, token: &str) -> Result<Claims, Problem> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        self.verify_at(token, now_secs())
+    }
+
+    fn verify_at(&self, token: &str, now: u64) -> Result<Claims, Problem> {
+        if let Some(claims) = self.verified.get(token) {
+            // jsonwebtoken's rule: expired when `exp < now - leeway`.
+            if claims.exp.saturating_add(self.validation.leeway) >= now {
+                return Ok(Claims::clone(&claims));
+            }
+            self.verified.forget(token);
+            let expired = jsonwebtoken::errors::ErrorKind::ExpiredSignature;
+            return Err(refused(&expired.into()));
+        }
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|data| data.claims)
-            .map_err(|e| {
-                tracing::info!(reason = %e, "token refused");
-                metrics::counter!("gateway_auth_failures_total", "reason" => "token").increment(1);
-                Problem::unauthenticated("the access token is invalid or expired")
-            })
+            .map_err(|e| refused(&e))?;
+        self.verified.remember(token, &claims);
+        Ok(claims)
+    }
+}
+
+fn refused(reason: &jsonwebtoken::errors::Error) -> Problem {
+    tracing::info!(reason = %reason, "token refused");
+    metrics::counter!("gateway_auth_failures_total", "reason" => "token").increment(1);
+    Problem::unauthenticated("the access token is invalid or expired")
+}
+
+/// Tokens whose verification succeeded, by their exact text (a token of other bytes, even
+/// with the same claims, is verified on its own). Bounded: when full, it starts again empty.
+#[derive(Default)]
+struct Verified {
+    claims: Mutex<HashMap<String, Arc<Claims>>>,
+}
+
+impl Verified {
+    /// At most this many tokens are remembered (a few hundred bytes each).
+    const CAPACITY: usize = 10_000;
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Claims>>> {
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, token: &str) -> Option<Arc<Claims>> {
+        self.map().get(token).cloned()
+    }
+
+    fn remember(&self, token: &str, claims: &Claims) {
+        let mut map = self.map();
+        if map.len() >= Self::CAPACITY {
+            map.clear();
+        }
+        map.insert(token.to_owned(), Arc::new(claims.clone()));
+    }
+
+    fn forget(&self, token: &str) {
+        self.map().remove(token);
     }
 }
 
@@ -395,6 +449,28 @@ mod tests {
         assert!(t.verify(&forged).is_err());
         assert!(t.verify("not.a.token").is_err());
         assert!(t.verify("").is_err());
+    }
+
+    #[test]
+    fn a_verified_token_is_still_refused_once_expired_and_other_bytes_are_verified_anew() {
+        let t = tokens();
+        let (tok, claims) = t.issue("op1", vec!["operator".into()], None, None).unwrap();
+        let now = now_secs();
+        assert_eq!(t.verify_at(&tok, now).unwrap(), claims);
+        assert_eq!(t.verify_at(&tok, now).unwrap(), claims, "verified again");
+        // Within the leeway, then past it: the remembered verification does not outlive exp.
+        assert!(t.verify_at(&tok, claims.exp + 5).is_ok());
+        assert!(t.verify_at(&tok, claims.exp + 6).is_err());
+        assert!(t.verify_at(&tok, now).is_ok(), "verified in full again");
+        assert!(t.verify_at(&tok, claims.exp + 6).is_err());
+        // Another signature over the same claims, or a changed payload, is not the token seen.
+        let other = EncodingKey::from_secret(b"another-secret-another-secret-xx");
+        let forged = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &other).unwrap();
+        assert!(t.verify_at(&forged, now).is_err());
+        let (admin, _) = t.issue("op1", vec!["admin".into()], None, None).unwrap();
+        let mut parts: Vec<&str> = tok.split('.').collect();
+        parts[1] = admin.split('.').nth(1).unwrap();
+        assert!(t.verify_at(&parts.join("."), now).is_err());
     }
 
     #[test]
