@@ -27,9 +27,12 @@ pub enum Fault {
     Reset,
 }
 
-/// A TCP proxy in front of one upstream address, with a [`Fault`] that can change at any time.
+/// A TCP proxy in front of one upstream address, with a [`Fault`] that can change at any time;
+/// or in front of several instances of a service, each new connection to the next one (as a
+/// Kubernetes Service spreads connections over the ready endpoints).
 pub struct FaultProxy {
     pub port: u16,
+    upstreams: Arc<Mutex<Vec<SocketAddr>>>,
     fault: watch::Sender<Fault>,
     connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     accepted: Arc<AtomicU64>,
@@ -47,6 +50,7 @@ impl FaultProxy {
             upstream.ip().is_loopback(),
             "fault proxies only forward to loopback"
         );
+        let upstreams = Arc::new(Mutex::new(vec![upstream]));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let (fault, watcher) = watch::channel(Fault::Pass);
@@ -55,9 +59,18 @@ impl FaultProxy {
         let acceptor = {
             let connections = connections.clone();
             let accepted = accepted.clone();
+            let upstreams = upstreams.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let n = accepted.fetch_add(1, Ordering::Relaxed) as usize;
+                    let upstream = {
+                        let all = upstreams.lock().unwrap();
+                        all.get(n % all.len().max(1)).copied()
+                    };
+                    let Some(upstream) = upstream else {
+                        reset(client);
+                        continue;
+                    };
                     if *watcher.borrow() == Fault::Reset {
                         reset(client);
                         continue;
@@ -94,11 +107,21 @@ impl FaultProxy {
         };
         Ok(Self {
             port,
+            upstreams,
             fault,
             connections,
             accepted,
             acceptor,
         })
+    }
+
+    /// The loopback ports new connections go to, in turn (open connections stay where they
+    /// are, as with a Kubernetes Service whose endpoints change).
+    pub fn set_upstreams(&self, ports: &[u16]) {
+        *self.upstreams.lock().unwrap() = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
     }
 
     /// Changes the fault; [`Fault::Reset`] also resets every open connection at once.

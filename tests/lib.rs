@@ -130,8 +130,10 @@ pub struct System {
     redis_prefix: String,
     /// The Redis the cleanup talks to (the services may reach it through a proxy).
     redis_admin_url: String,
-    /// The fault proxies between the gateway and each back-end service, when asked for.
+    /// The fault proxies in front of each back-end service, when asked for.
     backend_proxies: HashMap<&'static str, FaultProxy>,
+    /// Further instances of back-end services: (service, gRPC port, process).
+    instances: Vec<(&'static str, u16, Child)>,
 }
 
 /// Where the services find their dependencies, and what else they are told.
@@ -142,7 +144,9 @@ pub struct Options<'a> {
     pub postgres: String,
     /// The Redis URL the services use (a fault proxy's, say).
     pub redis: String,
-    /// Put a [`FaultProxy`] between the gateway and each back-end service.
+    /// Put a [`FaultProxy`] in front of each back-end service: every other service calls it
+    /// through the proxy, which can also spread connections over several instances
+    /// ([`System::start_instance`]).
     pub proxy_backends: bool,
 }
 
@@ -246,13 +250,9 @@ impl System {
                 "gateway" => format!("127.0.0.1:{gateway_port}"),
                 s => format!("127.0.0.1:{}", grpc[s]),
             };
-            let url_of = |s: &str| {
-                if service == "gateway" {
-                    gateway_url(s)
-                } else {
-                    format!("http://127.0.0.1:{}", grpc[s])
-                }
-            };
+            // With proxies, every service calls the others through them (the gateway its
+            // back-ends, trace-query and erp-sync scan-ingest's feed), as through a Service.
+            let url_of = |s: &str| gateway_url(s);
             let mut env: Vec<(String, String)> = vec![
                 ("MES_DEMO".into(), "true".into()),
                 ("MES_LOG_FORMAT".into(), "json".into()),
@@ -323,6 +323,7 @@ impl System {
             redis_prefix: format!("e2e:{tag}:"),
             redis_admin_url: REDIS_URL.into(),
             backend_proxies,
+            instances: Vec::new(),
         };
         for service in SERVICES {
             let child = sys.spawn(service)?;
@@ -330,6 +331,57 @@ impl System {
         }
         sys.wait_ready().await?;
         Ok(sys)
+    }
+
+    /// Starts another instance of a back-end service on its own gRPC and metrics ports, and
+    /// waits until it serves: its gRPC port.
+    pub async fn start_instance(
+        &mut self,
+        service: &'static str,
+        within: Duration,
+    ) -> anyhow::Result<u16> {
+        let (port, metrics) = (free_port(), free_port());
+        let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
+        let mut env = self.commands[service].clone();
+        env.push((format!("{prefix}LISTEN_ADDR"), format!("127.0.0.1:{port}")));
+        env.push((
+            format!("{prefix}METRICS_ADDR"),
+            format!("127.0.0.1:{metrics}"),
+        ));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.path().join(format!("{service}-{port}.log")))?;
+        let child = Command::new(bin_dir().join(service))
+            .current_dir(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        self.instances.push((service, port, child));
+        let deadline = Instant::now() + within;
+        while !serves_grpc(port).await {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{service} instance on {port} did not serve within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(port)
+    }
+
+    /// Stops the instance of `service` on gRPC `port` as Kubernetes does (SIGTERM, then its
+    /// graceful shutdown) and waits for it to exit.
+    pub fn stop_instance(&mut self, service: &str, port: u16) -> Option<std::process::ExitStatus> {
+        if self.grpc.get(service) == Some(&port) {
+            return self.stop_service(service);
+        }
+        let i = self
+            .instances
+            .iter()
+            .position(|(s, p, _)| *s == service && *p == port)?;
+        let (_, _, mut child) = self.instances.remove(i);
+        terminate(&mut child)
     }
 
     /// Starts one service process as it was started first (its log appended to).
@@ -546,35 +598,13 @@ impl System {
                 .await
                 .is_ok_and(|r| r.status().is_success());
         }
-        let Some(port) = self.grpc.get(service) else {
-            return false;
-        };
-        let Ok(endpoint) =
-            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        else {
-            return false;
-        };
-        let Ok(channel) = endpoint
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-        else {
-            return false;
-        };
-        tonic_health::pb::health_client::HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .is_ok_and(|r| {
-                r.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            })
+        match self.grpc.get(service) {
+            Some(port) => serves_grpc(*port).await,
+            None => false,
+        }
     }
 
-    /// The fault proxy between the gateway and a back-end service
-    /// ([`Options::proxy_backends`]).
+    /// The fault proxy in front of a back-end service ([`Options::proxy_backends`]).
     pub fn backend_proxy(&self, service: &str) -> Option<&FaultProxy> {
         self.backend_proxies.get(service)
     }
@@ -586,6 +616,31 @@ impl System {
             .find(|(n, _)| *n == service)
             .is_none_or(|(_, c)| !matches!(c.try_wait(), Ok(None)))
     }
+}
+
+/// Whether the gRPC server on a loopback port answers its health check with SERVING.
+async fn serves_grpc(port: u16) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+    else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| {
+            r.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
 }
 
 fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
@@ -608,6 +663,9 @@ fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
 
 impl Drop for System {
     fn drop(&mut self) {
+        for (_, _, child) in &mut self.instances {
+            terminate(child);
+        }
         for (_, child) in self.children.iter_mut().rev() {
             terminate(child);
         }

@@ -183,6 +183,8 @@ struct Ledger {
     violations: Vec<String>,
     /// The longest time one scan took from its first try to its acknowledgement.
     longest_outage: Duration,
+    /// The first 429/503/504 answers, whole (what an operator would read).
+    refusals: Vec<String>,
 }
 
 impl Ledger {
@@ -354,6 +356,9 @@ async fn tablet(i: usize, secret: &str, gateway: &str, stop: &AtomicBool, ledger
                     {
                         let mut l = ledger.lock().unwrap();
                         l.answer(status.to_string());
+                        if l.refusals.len() < 10 {
+                            l.refusals.push(format!("{status}: {text}"));
+                        }
                         if status != 504 && retry_after.is_none() {
                             l.violations
                                 .push(format!("{status} without Retry-After: {text}"));
@@ -738,4 +743,84 @@ async fn latency_and_resets_between_the_gateway_and_the_services_cost_only_retri
         load.finish().await,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_two_instances_of_each_back_end_fails_no_scan() {
+    let (mut sys, mut load) = start(Options {
+        env: ENV,
+        proxy_backends: true,
+        ..Options::default()
+    })
+    .await;
+    for service in ["scan-ingest", "trace-query", "erp-sync"] {
+        // Two instances behind the service's address, as a Deployment with two replicas.
+        let first = sys.grpc[service];
+        let second = sys
+            .start_instance(service, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let mut running = vec![first, second];
+        sys.backend_proxy(service)
+            .expect("proxy")
+            .set_upstreams(&running);
+        load.wait_progress(20, Duration::from_secs(60)).await;
+        // `kubectl rollout restart`: each old instance in turn replaced by a new one that
+        // serves first; the old one leaves the endpoints, then gets SIGTERM.
+        for old in [first, second] {
+            let new = sys
+                .start_instance(service, Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            running.retain(|p| *p != old);
+            running.push(new);
+            sys.backend_proxy(service)
+                .expect("proxy")
+                .set_upstreams(&running);
+            load.fault(format!(
+                "rolling restart: {service} :{old} replaced by :{new}"
+            ));
+            let status = sys.stop_instance(service, old);
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "{service} :{old} did not shut down cleanly: {status:?}"
+            );
+            load.wait_progress(20, Duration::from_secs(60)).await;
+        }
+    }
+    let failed: u64 = {
+        let l = load.ledger.lock().unwrap();
+        for r in &l.refusals {
+            eprintln!("refused: {r}");
+        }
+        let ids: Vec<String> = l
+            .refusals
+            .iter()
+            .filter_map(|r| r.split("\"trace_id\":\"").nth(1))
+            .map(|t| t[..32.min(t.len())].to_owned())
+            .collect();
+        for line in sys
+            .log("gateway")
+            .lines()
+            .chain(sys.log("scan-ingest").lines())
+            .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
+        {
+            eprintln!("gateway: {}", &line[..line.len().min(600)]);
+        }
+        l.answers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("200"))
+            .map(|(_, n)| *n)
+            .sum()
+    };
+    check_sets(
+        &sys,
+        "rolling restart of every back-end",
+        load.finish().await,
+    )
+    .await;
+    assert_eq!(
+        failed, 0,
+        "requests that failed during the rolling restarts"
+    );
 }

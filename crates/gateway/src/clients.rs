@@ -79,6 +79,12 @@ impl Backends {
 
     /// Runs one call in a `grpc.client` span (so the trace context flows on), with the caller
     /// identity in the metadata; a non-OK status becomes a problem.
+    ///
+    /// An idempotent call ([`IDEMPOTENT`]) whose connection failed under it (an instance
+    /// shutting down closed the connection, a reset) is tried once more at once on a new
+    /// connection, so a rolling restart of a service costs its clients nothing. A service's
+    /// own UNAVAILABLE (its database is down) is not retried here: the client is told
+    /// 503 with `Retry-After`.
     pub async fn call<M, R, F, Fut>(
         &self,
         service: &'static str,
@@ -88,7 +94,40 @@ impl Backends {
         f: F,
     ) -> Result<R, Problem>
     where
-        F: FnOnce(tonic::Request<M>) -> Fut,
+        M: Clone,
+        F: Fn(tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let retry = IDEMPOTENT.contains(&method).then(|| message.clone());
+        match self.call_once(service, method, caller, message, &f).await {
+            Err(status) if problem::connection_failed(&status) => match retry {
+                Some(message) => {
+                    metrics::counter!("gateway_grpc_retries_total",
+                        "service" => service, "method" => method)
+                    .increment(1);
+                    tracing::info!(service, method, error = %status, "connection failed under an idempotent call; trying once more");
+                    self.call_once(service, method, caller, message, &f)
+                        .await
+                        .map_err(|status| problem::from_status(service, &status, self.retry_after))
+                }
+                None => Err(problem::from_status(service, &status, self.retry_after)),
+            },
+            other => {
+                other.map_err(|status| problem::from_status(service, &status, self.retry_after))
+            }
+        }
+    }
+
+    async fn call_once<M, R, F, Fut>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        caller: &Caller,
+        message: M,
+        f: &F,
+    ) -> Result<R, tonic::Status>
+    where
+        F: Fn(tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let span = tracing::info_span!(
@@ -112,10 +151,7 @@ impl Backends {
         metrics::histogram!("grpc_client_request_duration_seconds",
             "service" => service, "method" => method, "code" => format!("{code:?}"))
         .record(start.elapsed().as_secs_f64());
-        let _g = span.enter();
-        result
-            .map(tonic::Response::into_inner)
-            .map_err(|status| problem::from_status(service, &status, self.retry_after))
+        result.map(tonic::Response::into_inner)
     }
 
     /// grpc.health.v1 Check of a service: `Ok(latency)` when SERVING.
@@ -158,3 +194,18 @@ impl Backends {
         }
     }
 }
+
+/// Calls that may be sent twice with the same effect as once: scans (idempotent by scan id)
+/// and every read.
+pub const IDEMPOTENT: &[&str] = &[
+    "SubmitScans",
+    "GetScan",
+    "GetLot",
+    "GetWorkOrder",
+    "ListWorkOrders",
+    "GetGenealogy",
+    "GetLotHistory",
+    "GetWorkOrderSummary",
+    "GetProductionReport",
+    "GetStatus",
+];

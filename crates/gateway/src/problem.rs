@@ -284,6 +284,19 @@ fn transport_failure(status: &tonic::Status) -> bool {
     .any(|m| message.starts_with(m))
 }
 
+/// Whether a call failed because its connection did (closed by an instance shutting down,
+/// reset, refused), not because the service answered it or the call timed out: a new
+/// connection may well serve it. The service may or may not have applied it.
+pub(crate) fn connection_failed(status: &tonic::Status) -> bool {
+    let from_transport = status.metadata().is_empty();
+    match status.code() {
+        tonic::Code::Unavailable => from_transport && std::error::Error::source(status).is_some(),
+        tonic::Code::Cancelled => from_transport && !timed_out(status),
+        tonic::Code::Internal => transport_failure(status),
+        _ => false,
+    }
+}
+
 /// Whether the client's per-call timeout (a `Cancelled` status built from tonic's
 /// `TimeoutExpired`) ended the call.
 fn timed_out(status: &tonic::Status) -> bool {
