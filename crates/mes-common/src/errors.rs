@@ -4,12 +4,17 @@
 
 use tonic::Code;
 
-/// The message for a PostgreSQL error that the request's own values caused, never the server:
-/// SQLSTATE class 22, data exception (a NUL character in text, a number or date out of range,
-/// a value too long...). The services answer it INVALID_ARGUMENT, not INTERNAL.
+/// Data exceptions that only a request's own values cause: a NUL character in text (22021),
+/// a character the encoding cannot hold (22P05), a value too long (22001), a number or a date
+/// out of range (22003, 22008). Other data exceptions, such as a text that does not convert
+/// (22P02), mean our code sent something it should not have: they stay INTERNAL.
+const BAD_INPUT: &[&str] = &["22021", "22P05", "22001", "22003", "22008"];
+
+/// The message for a PostgreSQL error that the request's own values caused, never the server
+/// ([`BAD_INPUT`]). The services answer it INVALID_ARGUMENT, not INTERNAL.
 pub fn bad_input(e: &sqlx::Error) -> Option<String> {
     match e {
-        sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("22")) => {
+        sqlx::Error::Database(d) if d.code().is_some_and(|c| BAD_INPUT.contains(&c.as_ref())) => {
             Some(bounded(format!("a value was refused: {}", d.message())))
         }
         _ => None,

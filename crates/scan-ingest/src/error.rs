@@ -190,6 +190,14 @@ mod tests {
     }
 
     #[test]
+    fn values_the_database_cannot_hold_are_invalid_arguments() {
+        // A NUL character in text, a number out of range: the caller's values, not a bug.
+        for sqlstate in ["22021", "22003"] {
+            assert_eq!(code_of(sqlstate), Code::InvalidArgument, "{sqlstate}");
+        }
+    }
+
+    #[test]
     fn a_bug_stays_internal() {
         for sqlstate in ["42601", "42P01", "23514", "22P02"] {
             assert_eq!(code_of(sqlstate), Code::Internal, "{sqlstate}");
