@@ -222,6 +222,28 @@ fn deps_script() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/deps.sh"))
 }
 
+/// `scripts/deps.sh up` for a durable throwaway PostgreSQL on `port` (what it started listed
+/// in `started`).
+fn deps_up(port: u16, started: Option<&std::path::Path>) -> anyhow::Result<std::process::Output> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(deps_script())
+        .arg("up")
+        .env("MES_PG_HOST", "127.0.0.1")
+        .env("MES_PG_PORT", port.to_string())
+        .env("MES_PG_DURABLE", "true")
+        .env_remove("MES_DATABASE_URL");
+    if let Some(file) = started {
+        cmd.env("MES_DEPS_STARTED_FILE", file);
+    }
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "deps.sh up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
 impl PrivatePostgres {
     pub fn start() -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -229,20 +251,7 @@ impl PrivatePostgres {
             .port();
         let dir = tempfile::tempdir()?;
         let started = dir.path().join("started");
-        let out = Command::new("bash")
-            .arg(deps_script())
-            .arg("up")
-            .env("MES_PG_HOST", "127.0.0.1")
-            .env("MES_PG_PORT", port.to_string())
-            .env("MES_PG_DURABLE", "true")
-            .env("MES_DEPS_STARTED_FILE", &started)
-            .env_remove("MES_DATABASE_URL")
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "deps.sh up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = deps_up(port, Some(&started))?;
         let listed = std::fs::read_to_string(&started).unwrap_or_default();
         let state = listed
             .lines()
@@ -273,20 +282,7 @@ impl PrivatePostgres {
 
     /// Starts it again (crash recovery runs first).
     pub fn start_again(&self) -> anyhow::Result<()> {
-        let out = Command::new("bash")
-            .arg(deps_script())
-            .arg("up")
-            .env("MES_PG_HOST", "127.0.0.1")
-            .env("MES_PG_PORT", self.port.to_string())
-            .env("MES_PG_DURABLE", "true")
-            .env_remove("MES_DATABASE_URL")
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "deps.sh up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        deps_up(self.port, None).map(drop)
     }
 
     fn deps(&self, args: &[&str]) -> anyhow::Result<()> {
