@@ -60,6 +60,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Whole-request timeout.
     pub request_timeout_ms: u64,
+    /// Time a client has to send a request's whole header section (slowloris protection).
+    pub header_read_timeout_ms: u64,
     /// TCP connect timeout to a service: a service that is down answers 503 at once.
     pub grpc_connect_timeout_ms: u64,
     /// Per-call timeout of a gRPC call to a service.
@@ -98,6 +100,7 @@ impl Settings {
             client_ip_header: String::new(),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 15_000,
+            header_read_timeout_ms: 10_000,
             grpc_connect_timeout_ms: 1_000,
             grpc_request_timeout_ms: 10_000,
             health_timeout_ms: 1_000,
@@ -140,6 +143,10 @@ impl Settings {
         );
         anyhow::ensure!(self.token_ttl_seconds > 0, "token_ttl_seconds must be > 0");
         anyhow::ensure!(self.max_body_bytes > 0, "max_body_bytes must be > 0");
+        anyhow::ensure!(
+            self.header_read_timeout_ms > 0,
+            "header_read_timeout_ms must be > 0"
+        );
         anyhow::ensure!(
             self.rate_limit_per_minute_user > 0 && self.rate_limit_per_minute_device > 0,
             "rate limits must be > 0"

@@ -22,7 +22,6 @@ pub mod routes;
 pub mod store;
 pub mod trace;
 
-use std::future::IntoFuture;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -279,20 +278,12 @@ impl Application {
                 tokio::time::sleep(delay).await;
             }
         };
-        // Small JSON responses: send them at once (no Nagle wait for the client's delayed ACK).
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        // The peer address is the client address of the login limits (see `client_ip_header`).
-        let server = axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop)
-        .into_future();
+        let server = serve(
+            self.listener,
+            self.router,
+            Duration::from_millis(state.settings.header_read_timeout_ms),
+            stop,
+        );
         let deadline = async {
             shutdown.wait().await;
             tokio::time::sleep(delay + grace).await;
@@ -307,4 +298,67 @@ impl Application {
         tracing::info!("gateway stopped");
         Ok(())
     }
+}
+
+/// Serves `router` on `listener` until `stop` completes, then lets open connections finish
+/// their requests. Each connection gets the peer address (the client address of the login
+/// limits, see `client_ip_header`), TCP_NODELAY (small JSON responses go at once, no Nagle wait
+/// for the client's delayed ACK) and a deadline for a request's header section: a client that
+/// trickles its headers (slowloris) is cut off after `header_read_timeout` instead of holding a
+/// connection forever (axum::serve sets no timer, so hyper applied none).
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_read_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let service = router
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
+            .map_request(|req: hyper::Request<hyper::body::Incoming>| {
+                req.map(axum::body::Body::new)
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(tcp),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -1,4 +1,6 @@
-//! CORS and trace headers.
+//! CORS, trace headers, and clients too slow to finish a request.
+
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -146,4 +148,82 @@ async fn an_incoming_traceparent_is_continued() {
         .unwrap();
     let (tid, _) = trace_headers(&res);
     assert!(is_hex(&tid, 32) && tid != "4bf92f3577b34da6a3ce929d0e0e4736");
+}
+
+/// Writes `head` then one more byte of `trickle` every `every`, until the gateway closes the
+/// connection or answers (`Some`: how long it held on, and what it answered) or `patience` ends
+/// (`None`).
+async fn trickle(
+    app: &TestApp,
+    head: &str,
+    trickle: &[u8],
+    every: Duration,
+    patience: Duration,
+) -> Option<(Duration, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    for byte in trickle.iter().cycle() {
+        if started.elapsed() > patience {
+            return None;
+        }
+        tokio::select! {
+            read = tcp.read(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    return Some((started.elapsed(), String::from_utf8_lossy(&answer).into_owned()));
+                }
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            },
+            () = tokio::time::sleep(every) => {
+                if tcp.write_all(&[*byte]).await.is_err() {
+                    return Some((started.elapsed(), String::from_utf8_lossy(&answer).into_owned()));
+                }
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_sending_its_headers_byte_by_byte_is_cut_off() {
+    let app = spawn_with(test_settings()).await;
+    // Slowloris: a request line, then header bytes one every 200 ms, never the blank line.
+    let cut = trickle(
+        &app,
+        "GET /healthz HTTP/1.1\r\nHost: gateway\r\n",
+        b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+    )
+    .await;
+    let (after, _) = cut.expect("the gateway kept a never-ending header section open for 60 s");
+    assert!(
+        after < Duration::from_secs(45),
+        "cut off only after {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_sending_its_body_byte_by_byte_gets_an_answer_within_the_request_timeout() {
+    let mut settings = test_settings();
+    settings.request_timeout_ms = 2_000;
+    let app = spawn_with(settings).await;
+    let cut = trickle(
+        &app,
+        "POST /api/v1/auth/token HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+        b"{\"username\": \"op1\", \"password\": \"",
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )
+    .await;
+    let (after, answer) = cut.expect("the gateway waited 30 s for a trickling body");
+    assert!(
+        after < Duration::from_secs(10),
+        "answered only after {after:?}: {answer}"
+    );
 }
