@@ -228,7 +228,7 @@ async fn forged_tampered_expired_and_other_algorithm_tokens_are_401() {
     let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims(600), &key).unwrap();
     assert_refused(&app, &hs512).await;
 
-    // Another secret; another issuer; garbage; wrong scheme.
+    // Another secret; another issuer or audience; garbage; wrong scheme.
     let other = EncodingKey::from_secret(b"not-the-gateway-secret-0123456789abcdef");
     let wrong_key =
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(600), &other).unwrap();
@@ -237,6 +237,15 @@ async fn forged_tampered_expired_and_other_algorithm_tokens_are_401() {
     foreign["iss"] = json!("someone-else");
     let foreign = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &foreign, &key).unwrap();
     assert_refused(&app, &foreign).await;
+    // The right issuer and key, but meant for another audience; and no audience at all.
+    let mut elsewhere = claims(600);
+    elsewhere["aud"] = json!("another-service");
+    let elsewhere = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &elsewhere, &key).unwrap();
+    assert_refused(&app, &elsewhere).await;
+    let mut nowhere = claims(600);
+    nowhere.as_object_mut().unwrap().remove("aud");
+    let nowhere = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &nowhere, &key).unwrap();
+    assert_refused(&app, &nowhere).await;
     assert_refused(&app, "garbage").await;
     let res = app
         .client
