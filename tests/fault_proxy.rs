@@ -232,9 +232,11 @@ fn deps_up(port: u16, started: Option<&std::path::Path>) -> anyhow::Result<std::
         .env("MES_PG_PORT", port.to_string())
         .env("MES_PG_DURABLE", "true")
         .env_remove("MES_DATABASE_URL");
-    if let Some(file) = started {
-        cmd.env("MES_DEPS_STARTED_FILE", file);
-    }
+    // Only this test stops its server: never list it in a caller's file (.ci/run exports one).
+    match started {
+        Some(file) => cmd.env("MES_DEPS_STARTED_FILE", file),
+        None => cmd.env_remove("MES_DEPS_STARTED_FILE"),
+    };
     let out = cmd.output()?;
     anyhow::ensure!(
         out.status.success(),

@@ -340,9 +340,24 @@ impl System {
         service: &'static str,
         within: Duration,
     ) -> anyhow::Result<u16> {
+        self.start_instance_with(service, &[], within).await
+    }
+
+    /// [`System::start_instance`] with some settings of its own (another database, say).
+    pub async fn start_instance_with(
+        &mut self,
+        service: &'static str,
+        env_over: &[(&str, &str)],
+        within: Duration,
+    ) -> anyhow::Result<u16> {
         let (port, metrics) = (free_port(), free_port());
         let prefix = format!("MES_{}_", service.to_uppercase().replace('-', "_"));
         let mut env = self.commands[service].clone();
+        env.extend(
+            env_over
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         env.push((format!("{prefix}LISTEN_ADDR"), format!("127.0.0.1:{port}")));
         env.push((
             format!("{prefix}METRICS_ADDR"),
