@@ -319,6 +319,12 @@ stop_one() { # state-file purge(true|false)
         if [[ "$purge" == true && -n "$datadir" && -d "$datadir" ]]; then
             log "removing $datadir"
             rm -rf "$datadir"
+            # Its server log and initdb log beside it, too (the fault suite starts one per test).
+            local logfile
+            logfile="$(state_get "$state" log)"
+            if [[ -n "$logfile" ]]; then
+                rm -f "$logfile" "$(dirname "$logfile")/initdb-$port.log"
+            fi
         fi
         ;;
     redis)
