@@ -170,3 +170,30 @@ pub async fn reflection_services(
     }
     if v1alpha { list!(v1alpha) } else { list!(v1) }
 }
+
+/// Counts the SQL statements sqlx executes while it is the default subscriber of the current
+/// thread (sqlx reports each as a `sqlx::query` event): how many statements a piece of work
+/// costs, without any PostgreSQL extension. Run the work on a current-thread runtime.
+#[derive(Clone, Default)]
+pub struct StatementCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl StatementCounter {
+    /// Starts counting on this thread until the guard is dropped.
+    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+    }
+
+    /// Statements counted so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StatementCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "sqlx::query" {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}

@@ -3,14 +3,13 @@
 //! model and report the same changes as applying the events one by one. Generated event
 //! sequences are applied one per batch and in batches of various sizes, and compared.
 //!
-//! `apply_throughput` (ignored; `cargo test -p trace-query --test apply_batches -- --ignored
-//! --nocapture`) measures the time and the statements (pg_stat_statements) of applying 20,000
-//! consume events in feed batches of 500.
+//! `a_batch_of_consumes_costs_a_few_statements_whatever_its_size` counts the statements of
+//! applying 20,000 consume events in batches of 500 and of 20 (speed is measured by `make bench`).
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use mes_proto::v1 as pb;
@@ -538,48 +537,16 @@ fn consume_feed(orders: usize, consumes: usize) -> Vec<pb::Event> {
     f.events
 }
 
-/// Statements of one database, from pg_stat_statements: (calls, query) by calls.
-async fn statements(dbname: &str) -> Vec<(i64, f64, String)> {
-    let admin = PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
-        .await
-        .expect("postgres");
-    let rows: Vec<(i64, f64, String)> = sqlx::query_as(
-        "SELECT calls, total_exec_time, query FROM pg_stat_statements
-         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)
-         ORDER BY calls DESC",
-    )
-    .bind(dbname)
-    .fetch_all(&admin)
-    .await
-    .unwrap_or_default();
-    admin.close().await;
-    rows
-}
+/// The most statements a batch of consume events may cost, whatever its size (measured: 6).
+const STATEMENTS_PER_BATCH: u64 = 8;
 
-/// CPU time (user + system) of this process so far, in ms (Linux; 0 elsewhere).
-fn cpu_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which ends with ')'): utime and stime are the 12th and
-    // 13th, in clock ticks (100 per second).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) * 10.0
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement: run with --ignored --nocapture"]
-async fn apply_throughput() {
+/// A batch of consume events costs a fixed, small number of statements, however many events it
+/// holds (the projection applies runs of scan.accepted set-based): 20,000 events of 50 work
+/// orders in batches of 500, then of 20.
+#[tokio::test]
+async fn a_batch_of_consumes_costs_a_few_statements_whatever_its_size() {
     for size in [500, 20] {
-        let (guard, pool) = database("throughput").await;
-        let dbname = guard.url.rsplit('/').next().unwrap_or_default().to_owned();
+        let (_guard, pool) = database("statements").await;
         let setup = consume_feed(50, 0);
         let n = setup.len() as u64;
         apply::apply(&pool, CONSUMER, &setup).await.expect("setup");
@@ -588,38 +555,25 @@ async fn apply_throughput() {
         for (i, e) in events.iter_mut().enumerate() {
             e.position = n + 1 + i as u64;
         }
-        let before: i64 = statements(&dbname).await.iter().map(|s| s.0).sum();
-        let (started, cpu) = (Instant::now(), cpu_ms());
+        let counter = mes_common::testing::StatementCounter::default();
+        let counting = counter.install();
         let mut batches = 0;
         for batch in events.chunks(size) {
             apply::apply(&pool, CONSUMER, batch).await.expect("apply");
             batches += 1;
         }
-        let (took, cpu) = (started.elapsed(), cpu_ms() - cpu);
-        let mut stats = statements(&dbname).await;
-        let after: i64 = stats.iter().map(|s| s.0).sum();
-        let edges: i64 = sqlx::query_scalar("SELECT count(*) FROM genealogy_edges")
-            .fetch_one(&pool)
-            .await
-            .expect("edges");
+        drop(counting);
+        let statements = counter.count();
         println!(
-            "{} consume events in {batches} batches of {size}: {:.0} ms ({:.0} events/s), {edges} edges; \
-             CPU of this process {cpu:.0} ms ({:.2} ms per batch)",
-            events.len(),
-            took.as_secs_f64() * 1e3,
-            events.len() as f64 / took.as_secs_f64(),
-            cpu / batches as f64,
+            "{} consume events in {batches} batches of {size}: {statements} statements",
+            events.len()
         );
-        println!(
-            "statements (pg_stat_statements, this database): {} in all, {:.1} per batch; by time:",
-            after - before,
-            (after - before) as f64 / batches as f64
+        assert!(statements >= batches, "the counter saw no statements");
+        assert!(
+            statements <= batches * STATEMENTS_PER_BATCH,
+            "{statements} statements for {batches} batches of {size}; at most \
+             {STATEMENTS_PER_BATCH} per batch expected"
         );
-        stats.sort_by(|a, b| b.1.total_cmp(&a.1));
-        for (calls, ms, query) in stats.iter().take(10) {
-            let q: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
-            println!("{calls:>7} calls {ms:>9.1} ms  {}", &q[..q.len().min(100)]);
-        }
         pool.close().await;
     }
 }
