@@ -363,16 +363,7 @@ impl System {
             format!("{prefix}METRICS_ADDR"),
             format!("127.0.0.1:{metrics}"),
         ));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.run_dir.path().join(format!("{service}-{port}.log")))?;
-        let child = Command::new(bin_dir().join(service))
-            .current_dir(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()?;
+        let child = self.spawn_with(service, &env, &format!("{service}-{port}"))?;
         self.instances.push((service, port, child));
         let deadline = Instant::now() + within;
         while !serves_grpc(port).await {
@@ -401,14 +392,24 @@ impl System {
 
     /// Starts one service process as it was started first (its log appended to).
     fn spawn(&self, service: &'static str) -> anyhow::Result<Child> {
+        self.spawn_with(service, &self.commands[service], service)
+    }
+
+    /// Starts a service binary with `env`, its output appended to `<log>.log` in the run dir.
+    fn spawn_with(
+        &self,
+        service: &str,
+        env: &[(String, String)],
+        log: &str,
+    ) -> anyhow::Result<Child> {
         let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.run_dir.path().join(format!("{service}.log")))?;
+            .open(self.run_dir.path().join(format!("{log}.log")))?;
         Command::new(bin_dir().join(service))
             .current_dir(&root)
-            .envs(self.commands[service].iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
