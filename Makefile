@@ -18,7 +18,7 @@ K8S_VENV          := var/venv-k8s
 K8S_VALIDATE      := $(K8S_VENV)/bin/kubernetes-validate
 K8S_VALIDATE_PKG  ?= kubernetes-validate==1.37.0
 
-.PHONY: help run test test-faults reliability-report build lint fmt bench bench-quick docker k8s clean deps-up deps-down
+.PHONY: help run test test-faults reliability-report failpoint-bins build lint fmt bench bench-quick docker k8s clean deps-up deps-down
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -31,6 +31,7 @@ test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@# the end-to-end suite (tests/) starts the four service binaries: build them first
+	$(MAKE) --no-print-directory failpoint-bins
 	$(CARGO) build --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace"; \
@@ -41,6 +42,7 @@ test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test
 	fi
 
 test-faults: deps-up ## the fault suite alone: the binaries under a tablet load while processes are killed and PostgreSQL, Redis and the network fail
+	$(MAKE) --no-print-directory failpoint-bins
 	$(CARGO) build --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run -p mes-e2e --test under_fire --no-capture; \
@@ -50,6 +52,7 @@ test-faults: deps-up ## the fault suite alone: the binaries under a tablet load 
 
 reliability-report: deps-up ## the fault suite and the REST/gRPC fuzzers, then target/reliability/report.md (and .json)
 	rm -rf "$(or $(CARGO_TARGET_DIR),target)/reliability"
+	$(MAKE) --no-print-directory failpoint-bins
 	$(CARGO) build --workspace --bins
 	@status=0; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
@@ -61,6 +64,15 @@ reliability-report: deps-up ## the fault suite and the REST/gRPC fuzzers, then t
 	fi; \
 	python3 scripts/reliability-report.py "$(or $(CARGO_TARGET_DIR),target)" || status=$$?; \
 	exit $$status
+
+# The fault suite's crash points: scan-ingest and erp-sync built with their `failpoints` feature,
+# copied to target/debug/failpoints/ (the next workspace build puts the plain binaries back in
+# target/debug/; both builds stay cached, so switching costs a copy). No other build enables it.
+FAILPOINT_DIR := $(or $(CARGO_TARGET_DIR),target)/debug/failpoints
+failpoint-bins: ## scan-ingest and erp-sync with their fail points, for the fault suite (target/debug/failpoints/)
+	$(CARGO) build -p scan-ingest -p erp-sync --bins --features scan-ingest/failpoints,erp-sync/failpoints
+	mkdir -p "$(FAILPOINT_DIR)"
+	cp "$(or $(CARGO_TARGET_DIR),target)/debug/scan-ingest" "$(or $(CARGO_TARGET_DIR),target)/debug/erp-sync" "$(FAILPOINT_DIR)/"
 
 build: ## build every binary (debug)
 	$(CARGO) build --workspace --bins

@@ -134,6 +134,8 @@ pub struct System {
     backend_proxies: HashMap<&'static str, FaultProxy>,
     /// Further instances of back-end services: (service, gRPC port, process).
     instances: Vec<(&'static str, u16, Child)>,
+    /// The binary each service runs (with fail points for some, [`Options::failpoints`]).
+    binaries: HashMap<&'static str, PathBuf>,
 }
 
 /// Where the services find their dependencies, and what else they are told.
@@ -148,6 +150,10 @@ pub struct Options<'a> {
     /// through the proxy, which can also spread connections over several instances
     /// ([`System::start_instance`]).
     pub proxy_backends: bool,
+    /// Run scan-ingest and erp-sync built with their fail points (`make test` builds them
+    /// into `target/<profile>/failpoints/`); a service's `FAILPOINTS` variable
+    /// ([`System::set_env`]) then says where it crashes.
+    pub failpoints: bool,
 }
 
 impl Default for Options<'_> {
@@ -157,6 +163,7 @@ impl Default for Options<'_> {
             postgres: "127.0.0.1:5432".into(),
             redis: REDIS_URL.into(),
             proxy_backends: false,
+            failpoints: false,
         }
     }
 }
@@ -183,16 +190,29 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The service binaries must be built first (`make test` runs `cargo build --workspace --bins`).
-fn ensure_binaries() {
-    for s in SERVICES {
-        let path = bin_dir().join(s);
-        assert!(
-            path.exists(),
-            "{} is missing: build the services first (`cargo build --workspace --bins`, as `make test` does)",
-            path.display()
-        );
-    }
+/// The services built with their fail points (the `failpoints` feature).
+pub const WITH_FAILPOINTS: [&str; 2] = ["scan-ingest", "erp-sync"];
+
+/// The binary of each service: built first (`make test` runs `cargo build --workspace --bins`,
+/// and `make failpoint-bins` for the fail-point builds).
+fn binaries(failpoints: bool) -> HashMap<&'static str, PathBuf> {
+    SERVICES
+        .iter()
+        .map(|s| {
+            let path = if failpoints && WITH_FAILPOINTS.contains(s) {
+                bin_dir().join("failpoints").join(s)
+            } else {
+                bin_dir().join(s)
+            };
+            assert!(
+                path.exists(),
+                "{} is missing: build the services first (`cargo build --workspace --bins`, and \
+                 `make failpoint-bins` for the fail-point builds, as `make test` does)",
+                path.display()
+            );
+            (*s, path)
+        })
+        .collect()
 }
 
 impl System {
@@ -213,7 +233,7 @@ impl System {
 
     /// [`System::start`] with the given dependencies and environment.
     pub async fn start_opts(options: Options<'_>) -> anyhow::Result<Self> {
-        ensure_binaries();
+        let binaries = binaries(options.failpoints);
         let (otlp, otlp_port) = OtlpReceiver::start().await?;
         let run_dir = tempfile::tempdir()?;
         let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -324,6 +344,7 @@ impl System {
             redis_admin_url: REDIS_URL.into(),
             backend_proxies,
             instances: Vec::new(),
+            binaries,
         };
         for service in SERVICES {
             let child = sys.spawn(service)?;
@@ -407,7 +428,7 @@ impl System {
             .create(true)
             .append(true)
             .open(self.run_dir.path().join(format!("{log}.log")))?;
-        Command::new(bin_dir().join(service))
+        Command::new(&self.binaries[service])
             .current_dir(&root)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone()?))
@@ -559,6 +580,19 @@ impl System {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Sets (or, with `None`, removes) one environment variable of a service for its next
+    /// starts ([`System::restart_service`], [`System::start_instance`]).
+    pub fn set_env(&mut self, service: &str, key: &str, value: Option<&str>) {
+        let env = self
+            .commands
+            .get_mut(service)
+            .unwrap_or_else(|| panic!("no service {service}"));
+        env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            env.push((key.to_owned(), v.to_owned()));
+        }
     }
 
     /// Kills one service with SIGKILL (no shutdown of any kind) and reaps it.

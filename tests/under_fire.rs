@@ -2,16 +2,26 @@
 //! are killed and their dependencies crash, stall and reset. Each scenario ends with a set
 //! check straight from the databases (Jepsen-style): every acknowledged scan is stored exactly
 //! once, inventory equals the initial quantity minus the stored consumes, and trace-query's read
-//! model and erp-sync's production rows hold exactly scan-ingest's set. No client ever sees a
-//! 500; a 503 always carries `Retry-After`.
+//! model and erp-sync's production rows hold exactly scan-ingest's set, and the ERP booked
+//! each completed operation once with the MES's quantity. No client ever sees a 500; a 503
+//! always carries `Retry-After`.
+//!
+//! Where a crash must land at an exact spot (between scan-ingest's commit and its answer,
+//! between the ERP's booking and erp-sync's record of it), the services run built with their
+//! fail points (`make failpoint-bins`) and `FAILPOINTS` says where they exit.
 //!
 //! `make test-faults` runs these alone; `make test` runs them with the rest.
+
+#[path = "../crates/erp-sync/tests/support/erp_double.rs"]
+#[allow(dead_code)]
+mod erp_double;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use erp_double::ErpDouble;
 use mes_common::identity::CallerKey;
 use mes_e2e::{Fault, FaultProxy, Options, PrivatePostgres, System};
 use mes_proto::v1 as pb;
@@ -32,6 +42,12 @@ const JWT_SECRET: &str = "under-fire-jwt-secret-of-at-least-32-bytes";
 fn wo(i: usize) -> String {
     format!("FIRE-WO-{i}")
 }
+/// Tablet `i`'s `k`-th work order, when tablets work through a sequence of them.
+fn cycle_wo(i: usize, k: usize) -> String {
+    format!("FIRE-WO-{i}-{k}")
+}
+/// Work orders released per tablet when tablets work through a sequence of them.
+const CYCLE_WORK_ORDERS: usize = 800;
 fn station(i: usize) -> String {
     format!("FIRE-ST-{i}")
 }
@@ -50,9 +66,20 @@ const ENV: &[(&str, &str)] = &[
     ("MES_GATEWAY_RATE_LIMIT_PER_MINUTE_DEVICE", "1000000"),
 ];
 
-/// The fire plant: one work order (op 10), station, raw lot and enrolled tablet per tablet, the
-/// work orders started. Returns each tablet's device secret.
-async fn seed(sys: &System) -> anyhow::Result<Vec<String>> {
+/// What the tablets do.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// Consumes and produces on one work order each, started by the seed.
+    OneOrder,
+    /// A sequence of work orders each: start the operation, this many consumes and produces,
+    /// complete it (so erp-sync confirms every work order to the ERP), on to the next.
+    Cycle(u64),
+}
+
+/// The fire plant: a station, raw lot and enrolled tablet per tablet, and its work orders (op
+/// 10): one, started, or a sequence ([`Shape::Cycle`]) that the tablet starts itself. Returns
+/// each tablet's device secret.
+async fn seed(sys: &System, shape: Shape) -> anyhow::Result<Vec<String>> {
     let url = format!("http://127.0.0.1:{}", sys.grpc["scan-ingest"]);
     let channel = tonic::transport::Channel::from_shared(url)?
         .connect()
@@ -93,26 +120,18 @@ async fn seed(sys: &System) -> anyhow::Result<Vec<String>> {
             .collect(),
     })
     .await?;
-    md.upsert_work_orders(pb::UpsertWorkOrdersRequest {
-        items: (0..TABLETS)
-            .map(|i| pb::WorkOrderSpec {
-                number: wo(i),
-                material: "FIRE-OUT".into(),
-                planned_quantity: "1000000000".into(),
-                status: "released".into(),
-                operations: vec![pb::OperationSpec {
-                    step: 10,
-                    station: station(i),
-                    description: "fire".into(),
-                }],
-                components: vec![pb::Component {
-                    material: "FIRE-RAW".into(),
-                    quantity_per_unit: "1".into(),
-                }],
-            })
+    let numbers: Vec<(usize, String)> = match shape {
+        Shape::OneOrder => (0..TABLETS).map(|i| (i, wo(i))).collect(),
+        Shape::Cycle(_) => (0..TABLETS)
+            .flat_map(|i| (0..CYCLE_WORK_ORDERS).map(move |k| (i, cycle_wo(i, k))))
             .collect(),
-    })
-    .await?;
+    };
+    for chunk in numbers.chunks(200) {
+        md.upsert_work_orders(work_orders(chunk)).await?;
+    }
+    if let Shape::Cycle(_) = shape {
+        return enrol(sys);
+    }
     let mut si = ScanIngestClient::new(channel);
     for i in 0..TABLETS {
         let mut req = tonic::Request::new(pb::SubmitScansRequest {
@@ -145,6 +164,35 @@ async fn seed(sys: &System) -> anyhow::Result<Vec<String>> {
             "start refused: {results:?}"
         );
     }
+    enrol(sys)
+}
+
+/// Work orders of 1,000,000,000 FIRE-OUT from FIRE-RAW, one operation at the tablet's station.
+fn work_orders(numbers: &[(usize, String)]) -> pb::UpsertWorkOrdersRequest {
+    pb::UpsertWorkOrdersRequest {
+        items: numbers
+            .iter()
+            .map(|(i, number)| pb::WorkOrderSpec {
+                number: number.clone(),
+                material: "FIRE-OUT".into(),
+                planned_quantity: "1000000000".into(),
+                status: "released".into(),
+                operations: vec![pb::OperationSpec {
+                    step: 10,
+                    station: station(*i),
+                    description: "fire".into(),
+                }],
+                components: vec![pb::Component {
+                    material: "FIRE-RAW".into(),
+                    quantity_per_unit: "1".into(),
+                }],
+            })
+            .collect(),
+    }
+}
+
+/// Enrols each tablet at its station (`gateway device enrol`): the device secrets.
+fn enrol(sys: &System) -> anyhow::Result<Vec<String>> {
     (0..TABLETS)
         .map(|i| {
             let out = sys.gateway_admin(&[
@@ -167,8 +215,17 @@ async fn seed(sys: &System) -> anyhow::Result<Vec<String>> {
 #[derive(Debug, Clone)]
 struct Sent {
     kind: &'static str,
+    work_order: String,
+    /// Empty for starts and completions.
     lot: String,
     quantity: i64,
+}
+
+impl Sent {
+    /// Whether the scan moves material (what the set checks compare).
+    fn moves_material(&self) -> bool {
+        matches!(self.kind, "consume" | "produce")
+    }
 }
 
 /// Everything the tablets saw.
@@ -229,16 +286,17 @@ async fn login(http: &reqwest::Client, gateway: &str, i: usize, secret: &str) ->
 }
 
 /// Starts the tablets: each submits one scan at a time (a consume of 1 to 3 from its raw lot,
-/// every fifth a produce of a new lot), and retries the same scan id on 503, 504, 429 and
-/// connection errors with a capped backoff, as API.md tells clients to.
-fn start_load(gateway: &str, secrets: &[String]) -> Load {
+/// every fifth a produce of a new lot; with [`Shape::Cycle`], operations started and
+/// completed around them), and retries the same scan id on 503, 504, 429 and connection
+/// errors with a capped backoff, as API.md tells clients to.
+fn start_load(gateway: &str, secrets: &[String], shape: Shape) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let tablets = (0..TABLETS)
         .map(|i| {
             let (stop, ledger, gateway) = (stop.clone(), ledger.clone(), gateway.to_owned());
             let secret = secrets[i].clone();
-            tokio::spawn(async move { tablet(i, &secret, &gateway, &stop, &ledger).await })
+            tokio::spawn(async move { tablet(i, &secret, &gateway, &stop, &ledger, shape).await })
         })
         .collect();
     Load {
@@ -250,39 +308,69 @@ fn start_load(gateway: &str, secrets: &[String]) -> Load {
     }
 }
 
-async fn tablet(i: usize, secret: &str, gateway: &str, stop: &AtomicBool, ledger: &Mutex<Ledger>) {
+async fn tablet(
+    i: usize,
+    secret: &str,
+    gateway: &str,
+    stop: &AtomicBool,
+    ledger: &Mutex<Ledger>,
+    shape: Shape,
+) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .expect("http client");
     let mut token = None;
     let mut n = 0u64;
+    // With [`Shape::Cycle`]: the work order worked on, and its scans acknowledged so far.
+    let (mut order, mut on_order) = (0usize, 0u64);
     while !stop.load(Ordering::SeqCst) {
         n += 1;
         let scan_id = Uuid::new_v4();
-        let sent = if n.is_multiple_of(5) {
-            Sent {
+        let work_order = match shape {
+            Shape::OneOrder => wo(i),
+            Shape::Cycle(_) if order >= CYCLE_WORK_ORDERS => {
+                ledger.lock().unwrap().violations.push(format!(
+                    "tablet {i} completed all its {CYCLE_WORK_ORDERS} work orders: release more"
+                ));
+                return;
+            }
+            Shape::Cycle(_) => cycle_wo(i, order),
+        };
+        let bookend = |kind| Sent {
+            kind,
+            work_order: work_order.clone(),
+            lot: String::new(),
+            quantity: 0,
+        };
+        let sent = match shape {
+            Shape::Cycle(_) if on_order == 0 => bookend("start_operation"),
+            Shape::Cycle(per_order) if on_order > per_order => bookend("complete_operation"),
+            _ if n.is_multiple_of(5) => Sent {
                 kind: "produce",
+                work_order: work_order.clone(),
                 lot: format!("FIRE-OUT-{i}-{n}"),
                 quantity: 1,
-            }
-        } else {
-            Sent {
+            },
+            _ => Sent {
                 kind: "consume",
+                work_order: work_order.clone(),
                 lot: raw_lot(i),
                 quantity: (n % 3 + 1) as i64,
-            }
+            },
         };
         let mut body = json!({
             "scan_id": scan_id,
             "kind": sent.kind,
-            "work_order": wo(i),
+            "work_order": sent.work_order,
             "operation": 10,
             "station": station(i),
-            "lot": sent.lot,
-            "quantity": sent.quantity.to_string(),
             "scanned_at": chrono::Utc::now().to_rfc3339(),
         });
+        if sent.moves_material() {
+            body["lot"] = sent.lot.clone().into();
+            body["quantity"] = sent.quantity.to_string().into();
+        }
         if sent.kind == "produce" {
             body["material"] = "FIRE-OUT".into();
         }
@@ -341,6 +429,11 @@ async fn tablet(i: usize, secret: &str, gateway: &str, stop: &AtomicBool, ledger
                     l.answer(format!("200 {outcome}"));
                     if outcome == "accepted" || outcome == "duplicate" {
                         l.longest_outage = l.longest_outage.max(first_try.elapsed());
+                        if sent.kind == "complete_operation" {
+                            (order, on_order) = (order + 1, 0);
+                        } else {
+                            on_order += 1;
+                        }
                         l.acked.insert(scan_id, (i, sent));
                     } else {
                         l.violations
@@ -468,10 +561,10 @@ async fn stored_ids(sys: &System, service: &str, table: &str) -> Vec<Uuid> {
         .unwrap_or_else(|e| panic!("{service} {table}: {e}"))
 }
 
-/// The Jepsen-style check, straight from the databases.
-/// The Jepsen-style check, straight from the databases; its figures go to the reliability
-/// report (`make reliability-report`) before anything is asserted.
-async fn check_sets(sys: &System, scenario: &str, run: Finished) {
+/// The Jepsen-style check, straight from the databases (and, given the ERP double, from the
+/// ERP's books); its figures go to the reliability report (`make reliability-report`) before
+/// anything is asserted.
+async fn check_sets(sys: &System, scenario: &str, run: Finished, erp: Option<&ErpDouble>) {
     let Finished {
         ledger,
         held,
@@ -481,7 +574,14 @@ async fn check_sets(sys: &System, scenario: &str, run: Finished) {
     if ledger.acked.is_empty() {
         problems.push("nothing was acknowledged".into());
     }
-    let acked: HashSet<Uuid> = ledger.acked.keys().copied().collect();
+    // The scans that move material: what scan-ingest's, trace-query's and erp-sync's scan
+    // tables are compared on.
+    let acked: HashSet<Uuid> = ledger
+        .acked
+        .iter()
+        .filter(|(_, (_, s))| s.moves_material())
+        .map(|(id, _)| *id)
+        .collect();
 
     // scan-ingest: every acknowledged scan stored once, nothing else stored (every scan sent
     // was acknowledged in the end: tablets never give up on one).
@@ -575,6 +675,16 @@ async fn check_sets(sys: &System, scenario: &str, run: Finished) {
         }
     }
 
+    let erp_books = match erp {
+        Some(double) => {
+            let (record, found) = check_erp_books(double, &ledger).await;
+            duplicated += record["booked_twice"].as_u64().unwrap_or(0) as usize;
+            problems.extend(found);
+            record
+        }
+        None => Value::Null,
+    };
+
     let server_errors: u64 = ledger
         .answers
         .iter()
@@ -594,6 +704,7 @@ async fn check_sets(sys: &System, scenario: &str, run: Finished) {
             "stored_never_acknowledged": extra.len(),
             "inventory_mismatches": inventory_wrong,
             "consumers": consumers,
+            "erp": erp_books,
             "longest_client_visible_outage_s": ledger.longest_outage.as_secs_f64(),
             "answers": ledger.answers,
             "server_errors_other_than_503": server_errors,
@@ -612,6 +723,102 @@ async fn check_sets(sys: &System, scenario: &str, run: Finished) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// The ERP's side of exactly once: every acknowledged completion's confirmation (key
+/// `{work order}:10:{completing scan}`) booked once, with the good quantity the MES counted
+/// (the produces acknowledged on that work order), and nothing else booked. Waits up to 90 s
+/// for erp-sync's outbox to drain. The figures for the report, and the problems found.
+async fn check_erp_books(double: &ErpDouble, ledger: &Ledger) -> (Value, Vec<String>) {
+    let mut expected: BTreeMap<String, (String, rust_decimal::Decimal)> = BTreeMap::new();
+    for (id, (_, sent)) in &ledger.acked {
+        if sent.kind != "complete_operation" {
+            continue;
+        }
+        let good = ledger
+            .acked
+            .values()
+            .filter(|(_, s)| s.kind == "produce" && s.work_order == sent.work_order)
+            .map(|(_, s)| rust_decimal::Decimal::from(s.quantity))
+            .sum();
+        expected.insert(
+            format!("{}:10:{id}", sent.work_order),
+            (sent.work_order.clone(), good),
+        );
+    }
+    let waited = Instant::now();
+    let deadline = waited + Duration::from_secs(90);
+    let counts = loop {
+        let counts = double.confirmation_counts();
+        if expected.keys().all(|k| counts.contains_key(k)) || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut problems = Vec::new();
+    if expected.is_empty() {
+        problems.push("no operation was completed: the ERP was not exercised".into());
+    }
+    let lost: Vec<&String> = expected
+        .keys()
+        .filter(|k| !counts.contains_key(*k))
+        .collect();
+    let foreign: Vec<&String> = counts
+        .keys()
+        .filter(|k| k.starts_with("FIRE-") && !expected.contains_key(*k))
+        .collect();
+    let booked_twice: usize = counts.values().map(|n| n.saturating_sub(1)).sum();
+    let mut wrong = Vec::new();
+    for (key, (work_order, good)) in &expected {
+        let booked = double
+            .confirmation(key)
+            .and_then(|c| c["good_quantity"].as_str().map(str::to_owned))
+            .and_then(|q| q.parse::<rust_decimal::Decimal>().ok());
+        if booked.is_some_and(|b| b != *good) {
+            wrong.push(format!("{key}: booked {booked:?}, the MES counted {good}"));
+        }
+        let total = double.good_quantities().get(work_order).copied();
+        if total.is_some_and(|t| t != *good) {
+            wrong.push(format!(
+                "{work_order}: the ERP's books say {total:?}, the MES {good}"
+            ));
+        }
+    }
+    if !lost.is_empty() {
+        problems.push(format!(
+            "the ERP never booked {} confirmations after 90 s, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        ));
+    }
+    if !foreign.is_empty() {
+        problems.push(format!(
+            "the ERP booked {} confirmations no completion asked for, e.g. {:?}",
+            foreign.len(),
+            &foreign[..foreign.len().min(5)]
+        ));
+    }
+    if booked_twice > 0 {
+        problems.push(format!("the ERP booked {booked_twice} confirmations twice"));
+    }
+    problems.extend(wrong.iter().take(10).cloned());
+    let retried: usize = double
+        .posts()
+        .iter()
+        .filter(|(k, posts)| k.starts_with("FIRE-") && posts.len() > 1)
+        .count();
+    let record = json!({
+        "confirmations_expected": expected.len(),
+        "booked": counts.keys().filter(|k| k.starts_with("FIRE-")).count(),
+        "lost": lost.len(),
+        "booked_twice": booked_twice,
+        "foreign": foreign.len(),
+        "quantity_mismatches": wrong.len(),
+        "keys_posted_more_than_once": retried,
+        "drained_after_load_s": waited.elapsed().as_secs_f64(),
+    });
+    eprintln!("ERP books: {record}");
+    (record, problems)
 }
 
 /// trace-query's read model, after whatever happened to it, equals the one a fresh instance
@@ -729,9 +936,13 @@ async fn read_model_equals_a_rebuild(sys: &mut System) {
 
 /// The system, on the fire plant, with the tablets' load started.
 async fn start(options: Options<'_>) -> (System, Load) {
+    start_shaped(options, Shape::OneOrder).await
+}
+
+async fn start_shaped(options: Options<'_>, shape: Shape) -> (System, Load) {
     let sys = System::start_opts(options).await.expect("system");
-    let secrets = seed(&sys).await.expect("seed");
-    let load = start_load(&sys.gateway, &secrets);
+    let secrets = seed(&sys, shape).await.expect("seed");
+    let load = start_load(&sys.gateway, &secrets, shape);
     load.wait_progress(50, Duration::from_secs(30)).await;
     (sys, load)
 }
@@ -764,7 +975,7 @@ async fn kill_9_of_every_service_under_load_loses_and_duplicates_nothing() {
             .unwrap_or_else(|e| panic!("{e:#}"));
         load.wait_progress(30, Duration::from_secs(60)).await;
     }
-    check_sets(&sys, "kill -9 of every service", load.finish().await).await;
+    check_sets(&sys, "kill -9 of every service", load.finish().await, None).await;
     // trace-query was killed mid-projection twice: its read model is still exactly the one a
     // rebuild from the feed makes.
     read_model_equals_a_rebuild(&mut sys).await;
@@ -798,7 +1009,13 @@ async fn a_postgresql_crash_mid_load_costs_only_503s_and_the_services_recover_by
             sys.log(service)
         );
     }
-    check_sets(&sys, "PostgreSQL crash and restart", load.finish().await).await;
+    check_sets(
+        &sys,
+        "PostgreSQL crash and restart",
+        load.finish().await,
+        None,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -827,7 +1044,13 @@ async fn redis_blackholed_then_reset_never_stops_the_scans() {
         redis.set(Fault::Pass);
         load.wait_progress(20, Duration::from_secs(30)).await;
     }
-    check_sets(&sys, "Redis blackhole, reset, latency", load.finish().await).await;
+    check_sets(
+        &sys,
+        "Redis blackhole, reset, latency",
+        load.finish().await,
+        None,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -857,6 +1080,7 @@ async fn latency_and_resets_between_the_gateway_and_the_services_cost_only_retri
         &sys,
         "gateway to scan-ingest latency, reset, blackhole",
         load.finish().await,
+        None,
     )
     .await;
 }
@@ -933,10 +1157,271 @@ async fn a_rolling_restart_of_two_instances_of_each_back_end_fails_no_scan() {
         &sys,
         "rolling restart of every back-end",
         load.finish().await,
+        None,
     )
     .await;
     assert_eq!(
         failed, 0,
         "requests that failed during the rolling restarts"
     );
+}
+
+/// Restarts `service` each time it exits, as a Deployment's restart policy would, until it has
+/// exited `crashes` times at its fail point `point` (within `within`): the crashes seen.
+async fn supervise(
+    sys: &mut System,
+    load: &mut Load,
+    service: &'static str,
+    point: &str,
+    crashes: usize,
+    within: Duration,
+) -> usize {
+    let deadline = Instant::now() + within;
+    let mut seen = 0;
+    while seen < crashes {
+        assert!(
+            Instant::now() < deadline,
+            "{service} exited {seen} times at {point} in {within:?}, not {crashes}:\n{}",
+            sys.log(service)
+        );
+        if !sys.exited(service) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        seen += 1;
+        load.fault(format!("{service} exited at fail point {point}, restarted"));
+        // It may reach its fail point again before it reports serving: then it is restarted
+        // on the next turn.
+        if let Err(e) = sys.restart_service(service, Duration::from_secs(60)).await {
+            assert!(sys.exited(service), "{service} did not come back: {e:#}");
+        }
+    }
+    let logged = sys
+        .log(service)
+        .matches(&format!("fail point {point}:"))
+        .count();
+    assert!(
+        logged >= seen,
+        "{service} exited {seen} times but only {logged} at its fail point {point}"
+    );
+    seen
+}
+
+/// Arms `service`'s fail points with `failpoints` (`None`: disarms them) by restarting it
+/// gracefully with that `FAILPOINTS`.
+async fn arm(sys: &mut System, load: &mut Load, service: &'static str, failpoints: Option<&str>) {
+    sys.set_env(service, "FAILPOINTS", failpoints);
+    sys.stop_service(service);
+    sys.restart_service(service, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    load.fault(format!(
+        "{service} restarted with FAILPOINTS={failpoints:?}"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_scan_ingests_commit_and_its_answer_is_healed_by_the_retry() {
+    const POINT: &str = "scan-ingest::after-commit";
+    let (mut sys, mut load) = start(Options {
+        env: ENV,
+        failpoints: true,
+        ..Options::default()
+    })
+    .await;
+    // Every 25th committed batch of scans is never answered: scan-ingest exits right after
+    // its commit. The tablets' retries must find their scans stored (`duplicate`), once.
+    let armed = format!("{POINT}=25*off->return");
+    arm(&mut sys, &mut load, "scan-ingest", Some(&armed)).await;
+    let crashes = supervise(
+        &mut sys,
+        &mut load,
+        "scan-ingest",
+        POINT,
+        4,
+        Duration::from_secs(180),
+    )
+    .await;
+    arm(&mut sys, &mut load, "scan-ingest", None).await;
+    load.wait_progress(30, Duration::from_secs(60)).await;
+    let run = load.finish().await;
+    let duplicates = run
+        .ledger
+        .answers
+        .get("200 duplicate")
+        .copied()
+        .unwrap_or(0);
+    eprintln!("{crashes} crashes after commit; {duplicates} retries answered duplicate");
+    // Each crash left at least the scan whose commit it followed unanswered; its retry is
+    // answered `duplicate` (stored before, not stored again).
+    assert!(
+        duplicates > 0,
+        "no retry was answered duplicate: the crashes did not land between commit and answer"
+    );
+    check_sets(
+        &sys,
+        "scan-ingest crashing between commit and answer",
+        run,
+        None,
+    )
+    .await;
+}
+
+const ERP_TOKEN: &str = "under-fire-erp-bearer-token";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erp_down_flapping_slow_throttling_and_crashes_after_booking_lose_and_duplicate_no_confirmation()
+ {
+    const POINT: &str = "erp-sync::after-erp-accepted";
+    let double = ErpDouble::start(mes_common::testing::demo_plant(), Some(ERP_TOKEN)).await;
+    let base = double.base_url();
+    // A short call timeout and retry/breaker cadence, so each fault is met many times; the
+    // attempts are not limited, so an outage makes no dead letter.
+    let mut env: Vec<(&str, &str)> = ENV.to_vec();
+    env.extend([
+        ("MES_ERP_SYNC_ERP__ADAPTER", "rest"),
+        ("MES_ERP_SYNC_ERP__REST_BASE_URL", base.as_str()),
+        ("MES_ERP_SYNC_ERP__REST_TOKEN", ERP_TOKEN),
+        ("MES_ERP_SYNC_ERP__CALL_TIMEOUT_MS", "500"),
+        ("MES_ERP_SYNC_ERP__RETRY_INITIAL_MS", "50"),
+        ("MES_ERP_SYNC_ERP__RETRY_MAX_MS", "1000"),
+        ("MES_ERP_SYNC_ERP__RETRY_AFTER_TIMEOUT_MS", "1000"),
+        ("MES_ERP_SYNC_ERP__BREAKER_FAILURE_THRESHOLD", "3"),
+        ("MES_ERP_SYNC_ERP__BREAKER_OPEN_MS", "1000"),
+        ("MES_ERP_SYNC_ERP__MAX_ATTEMPTS", "100000"),
+    ]);
+    let (mut sys, mut load) = start_shaped(
+        Options {
+            env: &env,
+            failpoints: true,
+            ..Options::default()
+        },
+        Shape::Cycle(10),
+    )
+    .await;
+    let booked = |d: &ErpDouble| {
+        d.confirmation_counts()
+            .keys()
+            .filter(|k| k.starts_with("FIRE-"))
+            .count()
+    };
+    // The ERP books confirmations again after each fault (erp-sync recovered by itself).
+    async fn erp_progress(double: &ErpDouble, booked: impl Fn(&ErpDouble) -> usize) {
+        let target = booked(double) + 3;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while booked(double) < target {
+            assert!(
+                Instant::now() < deadline,
+                "the ERP booked nothing new for 60 s after the fault was lifted"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    erp_progress(&double, booked).await;
+
+    // Down (500s): the breaker opens, and erp-sync stops hammering the ERP.
+    double.set_fault(erp_double::Fault::ServerError);
+    load.fault("ERP answers 500 for 5 s");
+    let mut breaker_opened = false;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(5) {
+        breaker_opened |= sys.metric("erp-sync", "erp_breaker_state").await == Some(2.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    double.set_fault(erp_double::Fault::None);
+    assert!(
+        breaker_opened,
+        "the breaker never opened during a 5 s ERP outage"
+    );
+    erp_progress(&double, booked).await;
+
+    for (fault, hold) in [
+        // Slower than erp-sync's call timeout: the ERP books what erp-sync gives up on.
+        (
+            erp_double::Fault::Slow(Duration::from_millis(800)),
+            Duration::from_secs(4),
+        ),
+        (erp_double::Fault::Reset, Duration::from_secs(3)),
+        (erp_double::Fault::Throttle(3), Duration::from_secs(4)),
+    ] {
+        double.set_fault(fault);
+        load.fault(format!("ERP {fault:?} for {hold:?}"));
+        tokio::time::sleep(hold).await;
+        double.set_fault(erp_double::Fault::None);
+        erp_progress(&double, booked).await;
+    }
+    load.fault("ERP flapping: 500s and answers every 300 ms for 6 s");
+    for _ in 0..10 {
+        double.set_fault(erp_double::Fault::ServerError);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        double.set_fault(erp_double::Fault::None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    erp_progress(&double, booked).await;
+
+    // erp-sync exits after every third booking, before its outbox records it: the repost
+    // finds the ERP's booking (409 duplicate) and books nothing twice.
+    let armed = format!("{POINT}=2*off->return");
+    arm(&mut sys, &mut load, "erp-sync", Some(&armed)).await;
+    supervise(
+        &mut sys,
+        &mut load,
+        "erp-sync",
+        POINT,
+        3,
+        Duration::from_secs(180),
+    )
+    .await;
+    arm(&mut sys, &mut load, "erp-sync", None).await;
+    erp_progress(&double, booked).await;
+
+    check_sets(
+        &sys,
+        "ERP down, flapping, slow, throttling; erp-sync crashing after the ERP booked",
+        load.finish().await,
+        Some(&double),
+    )
+    .await;
+    // The reposts after each crash found their bookings.
+    let reposted = double
+        .posts()
+        .iter()
+        .filter(|(k, p)| k.starts_with("FIRE-") && p.len() > 1)
+        .count();
+    assert!(
+        reposted > 0,
+        "no confirmation was ever posted twice: the faults did not bite"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_resets_and_a_blackhole_between_the_services_and_postgresql_cost_only_retries() {
+    let pg = FaultProxy::start(("127.0.0.1", 5432)).await.expect("proxy");
+    let (sys, mut load) = start(Options {
+        env: ENV,
+        postgres: pg.addr(),
+        ..Options::default()
+    })
+    .await;
+    for (fault, hold) in [
+        (
+            Fault::Latency(Duration::from_millis(50)),
+            Duration::from_secs(4),
+        ),
+        (Fault::Reset, Duration::from_secs(2)),
+        (Fault::Blackhole, Duration::from_secs(3)),
+    ] {
+        pg.set(fault);
+        load.fault(format!("services -> PostgreSQL {fault:?} for {hold:?}"));
+        tokio::time::sleep(hold).await;
+        pg.set(Fault::Pass);
+        load.wait_progress(30, Duration::from_secs(60)).await;
+    }
+    check_sets(
+        &sys,
+        "services to PostgreSQL latency, reset, blackhole",
+        load.finish().await,
+        None,
+    )
+    .await;
 }

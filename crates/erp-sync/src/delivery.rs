@@ -299,6 +299,11 @@ impl Delivery {
 
         let (wait, after) = match result {
             Ok(posted) => {
+                // The fault suite's crash after the ERP booked a document and before the
+                // outbox knows (tests/under_fire.rs): the repost must not book it twice.
+                fail::fail_point!("erp-sync::after-erp-accepted", |_| {
+                    mes_common::shutdown::crash("erp-sync::after-erp-accepted")
+                });
                 let state = self.on_result(true);
                 outbound::mark_delivered(fenced.conn(), row.id).await?;
                 fenced.commit().await?;

@@ -2,6 +2,9 @@ use erp_sync::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `FAILPOINTS` configures the fault suite's fail points; without the `failpoints` feature
+    // there are none and this does nothing.
+    let _failpoints = fail::FailScenario::setup();
     let settings = Settings::load()?;
     let telemetry = mes_common::telemetry::init("erp-sync", &settings.service)?;
     let app = Application::build(settings).await?;

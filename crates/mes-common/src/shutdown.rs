@@ -76,6 +76,17 @@ async fn wait_for_signal() {
     }
 }
 
+/// Ends the process at once, as a crash at this spot would: no graceful shutdown, no answer
+/// to requests in flight, no flush of anything but this line. The fault suite's fail points
+/// call it (`fail::fail_point!(name, |_| mes_common::shutdown::crash(name))`, compiled in
+/// only with a service's `failpoints` feature).
+pub fn crash(point: &str) -> ! {
+    eprintln!(
+        "{{\"level\":\"ERROR\",\"fields\":{{\"message\":\"fail point {point}: exiting as a crash here would\"}}}}"
+    );
+    std::process::exit(86)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
