@@ -18,7 +18,7 @@ K8S_VENV          := var/venv-k8s
 K8S_VALIDATE      := $(K8S_VENV)/bin/kubernetes-validate
 K8S_VALIDATE_PKG  ?= kubernetes-validate==1.37.0
 
-.PHONY: help run test test-faults reliability-report failpoint-bins build lint fmt bench bench-quick docker k8s clean deps-up deps-down
+.PHONY: help run test test-faults reliability-report failpoint-bins build lint fmt bench bench-quick docker k8s alerts compose-check clean deps-up deps-down
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -30,6 +30,8 @@ run: ## build and run all four services on the demo plant (Ctrl-C stops everythi
 test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test suite
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/promtool-test.sh
+	scripts/compose-check.sh
 	@# the end-to-end suite (tests/) starts the four service binaries: build them first
 	$(MAKE) --no-print-directory failpoint-bins
 	$(CARGO) build --workspace --bins
@@ -115,6 +117,12 @@ k8s: $(K8S_VALIDATE) ## render every k8s overlay with kustomize and validate it 
 		done; \
 		echo "k8s/overlays/$$o: $$(grep -c '^kind:' var/k8s/$$o.yaml) resources valid"; \
 	done
+
+alerts: ## promtool: check the alert rules and the compose Prometheus config, run the rules' unit tests (deploy/prometheus/tests)
+	scripts/promtool-test.sh
+
+compose-check: ## validate deploy/docker-compose.yml against the Compose Specification without a Docker engine
+	scripts/compose-check.sh
 
 deps-up: ## make sure PostgreSQL and Redis answer (starts throwaway local ones if not)
 	scripts/deps.sh up
