@@ -43,7 +43,8 @@ def main() -> int:
         return 1
 
     faults = [r for r in records if "acknowledged" in r]
-    fuzz = [r for r in records if "acknowledged" not in r]
+    reads = [r for r in records if "reads" in r]
+    fuzz = [r for r in records if "acknowledged" not in r and "reads" not in r]
     lines = [
         "# Reliability report",
         "",
@@ -75,6 +76,25 @@ def main() -> int:
                      + ", ".join(f"{k}: {v}" for k, v in r["answers"].items()) + ".")
         for p in r.get("problems", []):
             lines.append(f"  - problem: {p}")
+    erp = [r for r in faults if r.get("erp")]
+    if erp:
+        lines += ["", "The ERP's books (the HTTP ERP double), read after erp-sync's outbox drained:", "",
+                  "| scenario | confirmations expected | booked | lost | booked twice | not asked for "
+                  "| quantity mismatches | keys posted more than once | drained after the load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in erp:
+            e = r["erp"]
+            lines.append(
+                f"| {r['scenario']} | {e['confirmations_expected']} | {e['booked']} | {e['lost']} "
+                f"| {e['booked_twice']} | {e['foreign']} | {e['quantity_mismatches']} "
+                f"| {e['keys_posted_more_than_once']} | {e['drained_after_load_s']:.1f} s |")
+    for r in reads:
+        lines += ["", f"Trace reads during **{r['scenario']}**: answers "
+                  + ", ".join(f"{k}: {v}" for k, v in r["reads"].items())
+                  + f"; the stalest answer lacked a lot produced {r['stalest_answer_s']:.1f} s before "
+                  f"(bound {r['staleness_bound_s']:.0f} s); answers staler than the bound: "
+                  f"{r['stale_answers']}; fresh answers after the faults: "
+                  f"{r['fresh_answers_after_faults']}; {'pass' if r['passed'] else 'FAIL'}."]
     lines += ["", "## Hostile input", ""]
     for r in fuzz:
         if "cases" in r:

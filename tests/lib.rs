@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 mod fault_proxy;
-pub use fault_proxy::{Fault, FaultProxy, PrivatePostgres};
+pub use fault_proxy::{Fault, FaultProxy, PrivatePostgres, PrivateRedis};
 
 pub const SERVICES: [&str; 4] = ["scan-ingest", "trace-query", "erp-sync", "gateway"];
 

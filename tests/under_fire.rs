@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use erp_double::ErpDouble;
 use mes_common::identity::CallerKey;
-use mes_e2e::{Fault, FaultProxy, Options, PrivatePostgres, System};
+use mes_e2e::{Fault, FaultProxy, Options, PrivatePostgres, PrivateRedis, System};
 use mes_proto::v1 as pb;
 use mes_proto::v1::master_data_client::MasterDataClient;
 use mes_proto::v1::scan_ingest_client::ScanIngestClient;
@@ -242,6 +242,8 @@ struct Ledger {
     longest_outage: Duration,
     /// The first 429/503/504 answers, whole (what an operator would read).
     refusals: Vec<String>,
+    /// Lots produced: (tablet, lot, when the produce was acknowledged).
+    produced: Vec<(usize, String, Instant)>,
 }
 
 impl Ledger {
@@ -433,6 +435,9 @@ async fn tablet(
                             (order, on_order) = (order + 1, 0);
                         } else {
                             on_order += 1;
+                        }
+                        if sent.kind == "produce" {
+                            l.produced.push((i, sent.lot.clone(), Instant::now()));
                         }
                         l.acked.insert(scan_id, (i, sent));
                     } else {
@@ -1018,15 +1023,139 @@ async fn a_postgresql_crash_mid_load_costs_only_503s_and_the_services_recover_by
     .await;
 }
 
+/// How stale a trace may be: a lot's produce acknowledged this long ago must be in every
+/// genealogy answer. trace-query's cache bound (`STALENESS_BOUND`, 4 s: a replica that died
+/// between its commit and its deletions) plus 1 s for the feed to reach the projection.
+const TRACE_BOUND: Duration = Duration::from_secs(5);
+
+/// What a reader of traces saw.
+#[derive(Default)]
+struct Reads {
+    /// Every answer by kind (`200`, `503`, `connection error`...).
+    answers: BTreeMap<String, u64>,
+    /// Answers missing a lot produced more than [`TRACE_BOUND`] before they were asked, and
+    /// any answer other than 200/503/504.
+    violations: Vec<String>,
+    /// The oldest produce an answer did not show yet (age at the time it was asked).
+    stalest: Duration,
+    /// 200 answers after the last fault was lifted.
+    fresh_after_faults: u64,
+}
+
+/// A quality engineer's screen: asks, over and over, for the forward genealogy of each
+/// tablet's raw lot (every lot produced from it), and checks each answer against what the
+/// tablets were acknowledged: a lot produced more than [`TRACE_BOUND`] before the question
+/// must be in the answer.
+fn start_reader(
+    gateway: String,
+    token: String,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+    faults_over: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Reads> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("http client");
+        let mut reads = Reads::default();
+        while !stop.load(Ordering::SeqCst) {
+            for i in 0..TABLETS {
+                let after_faults = faults_over.load(Ordering::SeqCst);
+                let asked = Instant::now();
+                let expected: Vec<(String, Instant)> = ledger
+                    .lock()
+                    .unwrap()
+                    .produced
+                    .iter()
+                    .filter(|(t, _, _)| *t == i)
+                    .map(|(_, lot, at)| (lot.clone(), *at))
+                    .collect();
+                let res = http
+                    .get(format!(
+                        "{gateway}/api/v1/lots/{}/genealogy?direction=forward&max_depth=1",
+                        raw_lot(i)
+                    ))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                let res = match res {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let what = if e.is_timeout() {
+                            "client timeout"
+                        } else {
+                            "connection error"
+                        };
+                        *reads.answers.entry(what.into()).or_default() += 1;
+                        continue;
+                    }
+                };
+                let status = res.status().as_u16();
+                *reads.answers.entry(status.to_string()).or_default() += 1;
+                let text = res.text().await.unwrap_or_default();
+                match status {
+                    200 => {
+                        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                        let shown: HashSet<&str> = v["nodes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|n| n["lot"].as_str())
+                            .collect();
+                        for (lot, at) in &expected {
+                            if shown.contains(lot.as_str()) {
+                                continue;
+                            }
+                            let age = asked.duration_since(*at);
+                            reads.stalest = reads.stalest.max(age);
+                            if age > TRACE_BOUND && reads.violations.len() < 20 {
+                                reads.violations.push(format!(
+                                    "{}'s genealogy lacks {lot}, produced {age:?} before it was asked",
+                                    raw_lot(i)
+                                ));
+                            }
+                        }
+                        if after_faults {
+                            reads.fresh_after_faults += 1;
+                        }
+                    }
+                    503 | 504 => {}
+                    other => {
+                        if reads.violations.len() < 20 {
+                            reads.violations.push(format!("genealogy: {other}: {text}"));
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        reads
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_blackholed_then_reset_never_stops_the_scans() {
-    let redis = FaultProxy::start(("127.0.0.1", 6379)).await.expect("proxy");
+async fn redis_blackholed_reset_slow_then_killed_never_stops_scans_nor_serves_stale_traces() {
+    let mut redis = PrivateRedis::start().expect("private Redis");
+    let proxy = FaultProxy::start(("127.0.0.1", redis.port))
+        .await
+        .expect("proxy");
     let (sys, mut load) = start(Options {
         env: ENV,
-        redis: format!("redis://{}", redis.addr()),
+        redis: format!("redis://{}", proxy.addr()),
         ..Options::default()
     })
     .await;
+    let faults_over = Arc::new(AtomicBool::new(false));
+    let reader = start_reader(
+        sys.gateway.clone(),
+        sys.token("qa1", None).await,
+        load.ledger.clone(),
+        load.stop.clone(),
+        faults_over.clone(),
+    );
+    // Traces are served, and cached, before anything fails.
+    load.wait_progress(20, Duration::from_secs(30)).await;
     for (fault, hold) in [
         (Fault::Blackhole, Duration::from_secs(5)),
         (Fault::Reset, Duration::from_secs(3)),
@@ -1035,22 +1164,54 @@ async fn redis_blackholed_then_reset_never_stops_the_scans() {
             Duration::from_secs(3),
         ),
     ] {
-        redis.set(fault);
+        proxy.set(fault);
         load.fault(format!("Redis {fault:?} for {hold:?}"));
         // Scans keep being acknowledged while Redis misbehaves.
         load.wait_progress(20, hold.max(Duration::from_secs(30)))
             .await;
         tokio::time::sleep(hold).await;
-        redis.set(Fault::Pass);
+        proxy.set(Fault::Pass);
         load.wait_progress(20, Duration::from_secs(30)).await;
     }
-    check_sets(
-        &sys,
-        "Redis blackhole, reset, latency",
-        load.finish().await,
-        None,
-    )
-    .await;
+    // Killed: it comes back empty (the cache and trace-query's membership filter are gone).
+    redis.kill();
+    load.fault("Redis killed (SIGKILL), 3 s down, restarted empty");
+    load.wait_progress(20, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.start_again().expect("Redis again");
+    load.wait_progress(20, Duration::from_secs(30)).await;
+    // Traces recover: fresh answers keep coming for a while after the last fault.
+    faults_over.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let run = load.finish().await;
+    let reads = reader.await.expect("reader");
+    eprintln!(
+        "trace reads: {:?}; stalest answer lacked a lot produced {:?} before; {} fresh answers after the faults",
+        reads.answers, reads.stalest, reads.fresh_after_faults
+    );
+    mes_e2e::reliability_record(
+        "Redis faults: trace reads",
+        &json!({
+            "scenario": "Redis blackhole, reset, latency, kill: trace reads",
+            "reads": reads.answers,
+            "staleness_bound_s": TRACE_BOUND.as_secs_f64(),
+            "stalest_answer_s": reads.stalest.as_secs_f64(),
+            "stale_answers": reads.violations.len(),
+            "fresh_answers_after_faults": reads.fresh_after_faults,
+            "passed": reads.violations.is_empty() && reads.fresh_after_faults > 0,
+        }),
+    );
+    assert!(
+        reads.violations.is_empty(),
+        "trace answers staler than {TRACE_BOUND:?} or failing:\n{}",
+        reads.violations.join("\n")
+    );
+    assert!(
+        reads.fresh_after_faults >= 10,
+        "traces did not recover after the faults: {:?}",
+        reads.answers
+    );
+    check_sets(&sys, "Redis blackhole, reset, latency, kill", run, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
