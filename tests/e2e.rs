@@ -163,7 +163,7 @@ async fn one_trace_follows_a_scan_from_the_tablet_into_scan_ingest() {
     }
 }
 
-/// DEMO.md "typical run" through the REST API, then what each step left behind.
+/// The typical run of docs/demo-plant.md through the REST API, then what each step left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_typical_run_works_end_to_end_over_rest() {
     let sys = System::start().await.expect("system");

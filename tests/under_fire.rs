@@ -290,7 +290,7 @@ async fn login(http: &reqwest::Client, gateway: &str, i: usize, secret: &str) ->
 /// Starts the tablets: each submits one scan at a time (a consume of 1 to 3 from its raw lot,
 /// every fifth a produce of a new lot; with [`Shape::Cycle`], operations started and
 /// completed around them), and retries the same scan id on 503, 504, 429 and connection
-/// errors with a capped backoff, as API.md tells clients to.
+/// errors with a capped backoff, as docs/api.md tells clients to.
 fn start_load(gateway: &str, secrets: &[String], shape: Shape) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Mutex::new(Ledger::default()));

@@ -1,4 +1,4 @@
-//! The gateway: the only public edge of the MES. REST/JSON for tablets (see `API.md`), JWT
+//! The gateway: the only public edge of the MES. REST/JSON for tablets (see `docs/api.md`), JWT
 //! bearer auth with roles and device-to-station binding, per-user and per-device rate limits in
 //! Redis, token revocation, CORS allow-list, request-size limits and timeouts, problem+json
 //! errors carrying the trace id, OpenAPI 3.1 at `/openapi.json`; every call forwarded to

@@ -122,7 +122,7 @@ pub async fn withdraw_device(pool: &PgPool, device_id: &str) -> sqlx::Result<boo
     Ok(r.rows_affected() > 0)
 }
 
-/// The demo users and devices of DEMO.md (only ever seeded in demo mode).
+/// The demo users and devices of docs/demo-plant.md (only ever seeded in demo mode).
 pub const DEMO_USERS: &[(&str, &str, &str)] = &[
     ("admin", "demo-admin", "admin"),
     ("sup1", "demo-sup1", "supervisor"),

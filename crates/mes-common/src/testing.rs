@@ -121,7 +121,7 @@ pub fn unsigned_channel(port: u16) -> tonic::transport::Channel {
         .connect_lazy()
 }
 
-/// The demo plant of DEMO.md, as erp-sync's file adapter reads it.
+/// The demo plant of docs/demo-plant.md, as erp-sync's file adapter reads it.
 pub fn demo_plant_path() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/demo/plant.json")
 }

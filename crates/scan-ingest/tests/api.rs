@@ -11,7 +11,7 @@ use pb::ScanKind as K;
 use pb::ScanStatus as S;
 use tonic_types::StatusExt;
 
-/// DEMO.md "typical run", steps 1–2, through the gRPC API.
+/// The typical run of docs/demo-plant.md, steps 1–2, through the gRPC API.
 async fn typical_run(app: &TestApp) {
     accepted(
         &app.submit(vec![

@@ -1,4 +1,4 @@
-//! Black-box tests: a real scan-ingest (demo plant, DEMO.md's typical run through SubmitScans)
+//! Black-box tests: a real scan-ingest (the typical run of docs/demo-plant.md via SubmitScans)
 //! and trace-query started in-process on :0 against fresh databases, queried over real gRPC.
 
 mod support;
@@ -47,7 +47,7 @@ async fn demo_run_is_traceable_backward_and_forward() {
     env.typical_run().await;
     env.settled(&app).await;
 
-    // DEMO.md step 3: where did BIKE-S0001 come from?
+    // docs/demo-plant.md, typical run step 3: where did BIKE-S0001 come from?
     let g = app
         .genealogy("BIKE-S0001", Backward, 0)
         .await

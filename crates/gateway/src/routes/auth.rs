@@ -84,7 +84,7 @@ pub async fn token(
     let device_secret = f.string("device_secret", false, 256);
     let mut errors = f.finish();
     // Demo mode: the demo tablets' secrets are published (README), so a login that names a
-    // device without its secret is accepted there, as API.md's original login is; outside
+    // device without its secret is accepted there, as docs/api.md documents; outside
     // demo mode a station binding needs the device's enrolment secret.
     let demo = state.settings.service.demo;
     match (&device_id, &device_secret) {

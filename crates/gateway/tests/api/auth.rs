@@ -48,7 +48,7 @@ async fn login_on_an_enrolled_device_binds_its_station() {
 async fn a_station_binding_needs_the_devices_enrolment_secret() {
     let demo = spawn_app().await;
     // In demo mode (secrets published in the README) naming a demo tablet is enough, as in
-    // API.md's login; the station is bound.
+    // docs/api.md's login; the station is bound.
     let res = demo
         .post_json(
             "/api/v1/auth/token",

@@ -1,4 +1,4 @@
-//! The query cache (Redis, cache-aside), as DESIGN.md's read path asks:
+//! The query cache (Redis, cache-aside), as docs/architecture.md's read path describes:
 //!
 //! - **Reads**: one round trip asks the membership filter (for lot queries), the cached
 //!   "not found" and the cached answer together. A miss goes through single-flight (identical

@@ -1,7 +1,7 @@
 //! The test harness: a real scan-ingest and trace-query instances started in-process on :0,
 //! each test with its own databases (dropped at the end, also when the test fails) and its own
 //! Redis prefixes (deleted at the end); the demo plant loaded through scan-ingest's MasterData
-//! API and DEMO.md's typical run submitted through its SubmitScans API.
+//! API and the typical run of docs/demo-plant.md submitted through its SubmitScans API.
 
 #![allow(dead_code, unused_imports)]
 
@@ -435,7 +435,7 @@ impl TestEnv {
         self.scans().void_scan(req).await.expect("void");
     }
 
-    /// DEMO.md "typical run", step 1: WO-1000 turns 25 of STEEL-L1 into FRAME-L1.
+    /// The typical run of docs/demo-plant.md, step 1: WO-1000 turns 25 of STEEL-L1 into FRAME-L1.
     pub async fn demo_step_1(&self) {
         self.submit(vec![
             scan(pb::ScanKind::StartOperation, "WO-1000", 10, "ST-10"),
