@@ -2,7 +2,9 @@
 //! (`k8s/base/alerts/mes-alerts.rules.yaml`, which compose loads too) name only metrics the
 //! services export: the four real binaries get a little traffic, their `/metrics` are scraped,
 //! and every metric name in every panel's and every rule's PromQL must be among the scraped
-//! series (histograms by their `_bucket`/`_sum`/`_count` series, as exposed).
+//! series (histograms by their `_bucket`/`_sum`/`_count` series, as exposed), every label a
+//! selector matches must be one that metric carries, and every grouping label (`by`, `on` ...)
+//! one its metrics carry (or a target label: job, instance).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -109,6 +111,10 @@ const EVENT_ONLY: &[(&str, &str)] = &[
     (
         "trace_cache_errors_total",
         "Redis failing under trace-query",
+    ),
+    (
+        "trace_prewarmed_total",
+        "a pre-warmed genealogy after a produce (skipped while two are running)",
     ),
     (
         "trace_cache_stale_stores_refused_total",
@@ -292,6 +298,116 @@ fn metric_names(expr: &str) -> Vec<String> {
     names
 }
 
+/// Skips a string literal starting at `i` (its quote): the index after its closing quote.
+fn skip_string(chars: &[char], mut i: usize) -> usize {
+    let quote = chars[i];
+    i += 1;
+    while i < chars.len() && chars[i] != quote {
+        if chars[i] == '\\' && quote != '`' {
+            i += 1;
+        }
+        i += 1;
+    }
+    i + 1
+}
+
+/// The label names an expression uses: in label matchers, with the metric they select (`None`
+/// for a selector without a name), and in grouping lists (`by`, `without`, `on`, `ignoring`,
+/// `group_left`, `group_right`), with `None`.
+fn label_uses(expr: &str) -> Vec<(Option<String>, String)> {
+    let chars: Vec<char> = expr.chars().collect();
+    let ident_start = |c: char| c.is_ascii_alphabetic() || c == '_' || c == ':';
+    let ident_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let read_ident = |i: &mut usize| -> String {
+        let start = *i;
+        while *i < chars.len() && ident_char(chars[*i]) {
+            *i += 1;
+        }
+        chars[start..*i].iter().collect()
+    };
+    let mut out = Vec::new();
+    // The last identifier and where it ended: a `{` right after it selects that metric.
+    let mut last: Option<(String, usize)> = None;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' || c == '\'' || c == '`' {
+            i = skip_string(&chars, i);
+            last = None;
+        } else if c == '[' {
+            while i < chars.len() && chars[i] != ']' {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '#' {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '{' {
+            let metric = last
+                .take()
+                .filter(|(_, end)| chars[*end..i].iter().all(|c| c.is_whitespace()))
+                .map(|(name, _)| name);
+            i += 1;
+            let mut expect_label = true;
+            while i < chars.len() && chars[i] != '}' {
+                let c = chars[i];
+                if c == '"' || c == '\'' || c == '`' {
+                    i = skip_string(&chars, i);
+                } else if c == ',' {
+                    expect_label = true;
+                    i += 1;
+                } else if expect_label && ident_start(c) {
+                    out.push((metric.clone(), read_ident(&mut i)));
+                    expect_label = false;
+                } else {
+                    i += 1;
+                }
+            }
+            i += 1;
+        } else if c == '$' || c.is_ascii_digit() {
+            // A Grafana variable, a number or a duration.
+            i += 1;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+            {
+                i += 1;
+            }
+        } else if ident_start(c) {
+            let word = read_ident(&mut i);
+            let grouping = [
+                "by",
+                "without",
+                "on",
+                "ignoring",
+                "group_left",
+                "group_right",
+            ];
+            let mut j = i;
+            while j < chars.len() && chars[j].is_whitespace() {
+                j += 1;
+            }
+            if grouping.contains(&word.as_str()) && chars.get(j) == Some(&'(') {
+                i = j + 1;
+                while i < chars.len() && chars[i] != ')' {
+                    if ident_start(chars[i]) {
+                        out.push((None, read_ident(&mut i)));
+                    } else {
+                        i += 1;
+                    }
+                }
+                i += 1;
+                last = None;
+            } else {
+                last = Some((word, i));
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 // ----------------------------------------------------------------------------------------
 // Where the queries are
 // ----------------------------------------------------------------------------------------
@@ -402,10 +518,14 @@ fn recorded_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// `name -> the series names it exposes`, for every metric the services' code emits with a
-/// literal name (`metrics::counter!("name"`, `gauge!`, `histogram!`), as the exporter renders
-/// them: histograms of `*_seconds` with buckets, other histograms as summaries.
-fn source_metrics() -> BTreeMap<String, BTreeSet<String>> {
+/// Series name -> the label names it carries.
+type Series = BTreeMap<String, BTreeSet<String>>;
+
+/// `metric -> its series` for every metric the services' code emits with a literal name
+/// (`metrics::counter!("name", "label" => ...)`, `gauge!`, `histogram!`), as the exporter
+/// renders them: histograms of `*_seconds` with buckets (`le`), other histograms as summaries
+/// (`quantile`).
+fn source_metrics() -> BTreeMap<String, Series> {
     fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -423,30 +543,67 @@ fn source_metrics() -> BTreeMap<String, BTreeSet<String>> {
     {
         walk(&krate.path().join("src"), &mut files);
     }
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<String, Series> = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         for kind in ["counter", "gauge", "histogram"] {
             let macro_call = format!("metrics::{kind}!(");
             for (pos, _) in text.match_indices(&macro_call) {
-                let rest = text[pos + macro_call.len()..].trim_start();
-                let Some(rest) = rest.strip_prefix('"') else {
+                let args = &text[pos + macro_call.len()..];
+                // The macro's arguments: up to its closing parenthesis.
+                let mut depth = 1;
+                let mut end = args.len();
+                for (k, ch) in args.char_indices() {
+                    match ch {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                    if depth == 0 {
+                        end = k;
+                        break;
+                    }
+                }
+                let args = &args[..end];
+                let Some(rest) = args.trim_start().strip_prefix('"') else {
                     continue;
                 };
-                let Some(end) = rest.find('"') else { continue };
-                let name = rest[..end].to_owned();
-                let series: BTreeSet<String> = match kind {
-                    "histogram" if name.ends_with("_seconds") => ["_bucket", "_sum", "_count"]
-                        .iter()
-                        .map(|s| format!("{name}{s}"))
-                        .collect(),
-                    "histogram" => ["", "_sum", "_count"]
-                        .iter()
-                        .map(|s| format!("{name}{s}"))
-                        .collect(),
-                    _ => [name.clone()].into(),
+                let Some(close) = rest.find('"') else {
+                    continue;
                 };
-                out.insert(name, series);
+                let name = rest[..close].to_owned();
+                let labels: BTreeSet<String> = args
+                    .split("=>")
+                    .filter_map(|before| {
+                        let before = before.trim_end().strip_suffix('"')?;
+                        let open = before.rfind('"')?;
+                        Some(before[open + 1..].to_owned())
+                    })
+                    .collect();
+                let with = |extra: &str| {
+                    let mut l = labels.clone();
+                    l.insert(extra.to_owned());
+                    l
+                };
+                let series: Series = match kind {
+                    "histogram" if name.ends_with("_seconds") => [
+                        (format!("{name}_bucket"), with("le")),
+                        (format!("{name}_sum"), labels.clone()),
+                        (format!("{name}_count"), labels.clone()),
+                    ]
+                    .into(),
+                    "histogram" => [
+                        (name.clone(), with("quantile")),
+                        (format!("{name}_sum"), labels.clone()),
+                        (format!("{name}_count"), labels.clone()),
+                    ]
+                    .into(),
+                    _ => [(name.clone(), labels.clone())].into(),
+                };
+                let entry = out.entry(name).or_default();
+                for (series, labels) in series {
+                    entry.entry(series).or_default().extend(labels);
+                }
             }
         }
     }
@@ -457,39 +614,57 @@ fn source_metrics() -> BTreeMap<String, BTreeSet<String>> {
 // The running system
 // ----------------------------------------------------------------------------------------
 
-/// The series names of one `/metrics` page (from `# TYPE` lines and sample lines).
-fn exposed_names(page: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
+/// The series of one `/metrics` page and their label names (from `# TYPE` lines and samples).
+fn exposed(page: &str) -> Series {
+    let mut out = Series::new();
     for line in page.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split_whitespace();
             if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
-                match kind {
-                    "histogram" => {
-                        for s in ["_bucket", "_sum", "_count"] {
-                            names.insert(format!("{name}{s}"));
-                        }
-                    }
-                    "summary" => {
-                        for s in ["", "_sum", "_count"] {
-                            names.insert(format!("{name}{s}"));
-                        }
-                    }
-                    _ => {
-                        names.insert(name.to_owned());
-                    }
+                let names: Vec<String> = match kind {
+                    "histogram" => ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .map(|s| format!("{name}{s}"))
+                        .collect(),
+                    "summary" => ["", "_sum", "_count"]
+                        .iter()
+                        .map(|s| format!("{name}{s}"))
+                        .collect(),
+                    _ => vec![name.to_owned()],
+                };
+                for n in names {
+                    out.entry(n).or_default();
                 }
             }
         } else if !line.starts_with('#') && !line.trim().is_empty() {
             let end = line.find(['{', ' ']).unwrap_or(line.len());
-            names.insert(line[..end].to_owned());
+            let labels = out.entry(line[..end].to_owned()).or_default();
+            if line[end..].starts_with('{') {
+                // name{a="x",b="y\"z"} 1
+                let chars: Vec<char> = line[end + 1..].chars().collect();
+                let mut i = 0;
+                while i < chars.len() && chars[i] != '}' {
+                    let start = i;
+                    while i < chars.len() && chars[i] != '=' {
+                        i += 1;
+                    }
+                    labels.insert(chars[start..i].iter().collect::<String>().trim().to_owned());
+                    i += 1;
+                    if chars.get(i) == Some(&'"') {
+                        i = skip_string(&chars, i);
+                    }
+                    if chars.get(i) == Some(&',') {
+                        i += 1;
+                    }
+                }
+            }
         }
     }
-    names
+    out
 }
 
-/// Each service's `/metrics` series names.
-async fn scrape(sys: &System) -> BTreeMap<&'static str, BTreeSet<String>> {
+/// Each service's `/metrics` series.
+async fn scrape(sys: &System) -> BTreeMap<&'static str, Series> {
     let mut urls: Vec<(&'static str, String)> = ["scan-ingest", "trace-query", "erp-sync"]
         .into_iter()
         .map(|s| (s, format!("http://127.0.0.1:{}/metrics", sys.metrics[s])))
@@ -505,7 +680,7 @@ async fn scrape(sys: &System) -> BTreeMap<&'static str, BTreeSet<String>> {
             .text()
             .await
             .expect("a /metrics page");
-        out.insert(service, exposed_names(&page));
+        out.insert(service, exposed(&page));
     }
     out
 }
@@ -674,16 +849,148 @@ fn the_promql_parser_finds_metric_names_and_nothing_else() {
     assert_eq!(metric_names(&q[1].expr), ["y"]);
 }
 
+#[test]
+fn the_promql_parser_finds_the_labels_of_selectors_and_groupings() {
+    let uses = |e: &str| -> Vec<(Option<String>, String)> { label_uses(e) };
+    let m = |name: &str, label: &str| (Some(name.to_owned()), label.to_owned());
+    let g = |label: &str| (None, label.to_owned());
+    assert_eq!(
+        uses(
+            r#"histogram_quantile(0.99, sum by (service, le) (rate(grpc_server_request_duration_seconds_bucket{job=~"$job", code!="Ok,x=}"}[$__rate_interval])))"#
+        ),
+        [
+            g("service"),
+            g("le"),
+            m("grpc_server_request_duration_seconds_bucket", "job"),
+            m("grpc_server_request_duration_seconds_bucket", "code"),
+        ]
+    );
+    assert_eq!(
+        uses(
+            "max(feed_head_position) - on () group_right max by (consumer) (feed_subscriber_position {consumer!=\"\"})"
+        ),
+        [g("consumer"), m("feed_subscriber_position", "consumer")]
+    );
+    assert_eq!(
+        uses(r#"count({__name__=~"scan.*", kind="x"})"#),
+        [g("__name__"), g("kind")]
+    );
+
+    // A /metrics page: histogram series with `le`, summaries with `quantile`, quoted values.
+    let page = "# TYPE a_seconds histogram\n\
+        a_seconds_bucket{m=\"x,y}\",le=\"0.1\"} 1\n\
+        a_seconds_sum{m=\"q\\\"}\"} 1\n\
+        # TYPE s summary\n\
+        s{quantile=\"0.5\"} 1\n\
+        c 3\n";
+    let e = exposed(page);
+    let set = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+    assert_eq!(e["a_seconds_bucket"], set(&["m", "le"]));
+    assert_eq!(e["a_seconds_sum"], set(&["m"]));
+    assert_eq!(e["a_seconds_count"], set(&[]));
+    assert_eq!(e["s"], set(&["quantile"]));
+    assert_eq!(e["s_count"], set(&[]));
+    assert_eq!(e["c"], set(&[]));
+
+    // What a query gets wrong.
+    let series = |n: &str| (n == "x_total").then(|| set(&["kind"]));
+    let none = BTreeSet::new();
+    assert_eq!(
+        problems(
+            r#"sum by (kind, job) (rate(x_total{kind="a", instance="i"}[5m])) and on (job) up == 1"#,
+            series,
+            &none
+        ),
+        Vec::<String>::new()
+    );
+    let found = problems(
+        r#"sum by (knd) (rate(x_total{kid="a"}[5m]))"#,
+        series,
+        &none,
+    );
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found[0].starts_with("grouping label knd"), "{found:?}");
+    assert!(found[1].starts_with("label kid of x_total"), "{found:?}");
+    // An unknown metric: named; its grouping labels cannot be judged.
+    let found = problems(r#"sum by (knd) (y_total{kind="a"})"#, series, &none);
+    assert_eq!(found, ["metric y_total"]);
+    // A recorded series may carry any label.
+    assert!(problems("r:x{any=\"1\"}", series, &set(&["r:x"])).is_empty());
+}
+
+/// Labels Prometheus attaches to every scraped series (target labels), or that name a series.
+const TARGET_LABELS: &[&str] = &["job", "instance", "__name__"];
+
+/// What is wrong with one query against the known series: unknown metrics, labels a metric
+/// does not carry, grouping labels none of its metrics carry.
+fn problems(
+    expr: &str,
+    series: impl Fn(&str) -> Option<BTreeSet<String>>,
+    recorded: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let names = metric_names(expr);
+    let labels_of = |name: &str| -> Option<BTreeSet<String>> {
+        if recorded.contains(name) || name.starts_with("ALERTS") {
+            // Any label: a recording rule's or an alert's own.
+            return None;
+        }
+        let mut labels = if PROMETHEUS_SERIES.contains(&name) {
+            BTreeSet::new()
+        } else {
+            series(name)?
+        };
+        labels.extend(TARGET_LABELS.iter().map(|l| (*l).to_owned()));
+        Some(labels)
+    };
+    for name in &names {
+        let known = PROMETHEUS_SERIES.contains(&name.as_str())
+            || recorded.contains(name)
+            || series(name).is_some();
+        if !known {
+            out.push(format!("metric {name}"));
+        }
+    }
+    let mut all: Option<BTreeSet<String>> =
+        Some(TARGET_LABELS.iter().map(|l| (*l).to_owned()).collect());
+    for name in &names {
+        match (labels_of(name), &mut all) {
+            (Some(l), Some(a)) => a.extend(l),
+            _ => all = None,
+        }
+    }
+    for (metric, label) in label_uses(expr) {
+        let allowed = match &metric {
+            Some(m) => labels_of(m),
+            None => all.clone(),
+        };
+        if let Some(allowed) = allowed
+            && !allowed.contains(&label)
+        {
+            match metric {
+                Some(m) => out.push(format!("label {label} of {m} (it has {allowed:?})")),
+                None => out.push(format!(
+                    "grouping label {label} (its metrics have {allowed:?})"
+                )),
+            }
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dashboard_and_alert_query_names_metrics_the_services_export() {
+async fn every_dashboard_and_alert_query_names_metrics_and_labels_the_services_export() {
     let queries = all_queries();
     let rules_text = std::fs::read_to_string(root().join(RULES)).expect(RULES);
     let recorded = recorded_names(&rules_text);
     let source = source_metrics();
-    // Every failure-only metric is one the code emits, under that exact name.
+    let in_source = |name: &str| -> Option<BTreeSet<String>> {
+        source.values().find_map(|series| series.get(name).cloned())
+    };
+    // Every event-only metric is one the code emits, under that exact name.
     for (name, why) in EVENT_ONLY {
         assert!(
-            source.values().any(|series| series.contains(*name)),
+            in_source(name).is_some(),
             "{name} (exported after {why}) is emitted nowhere in crates/*/src"
         );
     }
@@ -697,46 +1004,56 @@ async fn every_dashboard_and_alert_query_names_metrics_the_services_export() {
     traffic(&sys).await;
 
     // Some series appear a moment later (feed consumers, periodic gauges): scrape until every
-    // name is there or 30 s passed.
-    let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // query checks out or 30 s passed.
+    let mut found: Vec<String> = Vec::new();
     let mut exported = BTreeMap::new();
     for _ in 0..30 {
         exported = scrape(&sys).await;
-        missing.clear();
-        for q in &queries {
-            for name in metric_names(&q.expr) {
-                let known = PROMETHEUS_SERIES.contains(&name.as_str())
-                    || recorded.contains(&name)
-                    || exported.values().any(|names| names.contains(&name))
-                    || (EVENT_ONLY.iter().any(|(n, _)| *n == name)
-                        && source.values().any(|series| series.contains(&name)));
-                if !known {
-                    missing.entry(name).or_default().push(q.place.clone());
+        let series = |name: &str| -> Option<BTreeSet<String>> {
+            let mut labels: Option<BTreeSet<String>> = None;
+            for s in exported.values() {
+                if let Some(l) = s.get(name) {
+                    labels
+                        .get_or_insert_with(BTreeSet::new)
+                        .extend(l.iter().cloned());
                 }
             }
-        }
-        if missing.is_empty() {
+            labels.or_else(|| {
+                EVENT_ONLY
+                    .iter()
+                    .any(|(n, _)| *n == name)
+                    .then(|| in_source(name))
+                    .flatten()
+            })
+        };
+        found = queries
+            .iter()
+            .flat_map(|q| {
+                problems(&q.expr, series, &recorded)
+                    .into_iter()
+                    .map(move |p| {
+                        format!("  {}: {p}\n      {}", q.place, q.expr.replace('\n', " "))
+                    })
+            })
+            .collect();
+        if found.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let report: Vec<String> = missing
-        .iter()
-        .map(|(name, places)| {
-            let mut places = places.clone();
-            places.dedup();
-            format!("  {name}  (in {})", places.join("; "))
-        })
-        .collect();
     assert!(
-        missing.is_empty(),
-        "queries name metrics no service exports:\n{}\nexported:\n{}",
-        report.join("\n"),
+        found.is_empty(),
+        "queries name metrics or labels no service exports:\n{}\nexported:\n{}",
+        found.join("\n"),
         exported
             .iter()
-            .map(|(s, names)| format!(
+            .map(|(s, series)| format!(
                 "  {s}: {}",
-                names.iter().cloned().collect::<Vec<_>>().join(" ")
+                series
+                    .iter()
+                    .map(|(n, l)| format!("{n}{l:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ))
             .collect::<Vec<_>>()
             .join("\n")
