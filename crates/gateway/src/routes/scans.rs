@@ -789,3 +789,6 @@ mod tests {
         assert!(!is_quantity(" 5"));
     }
 }
+
+#[cfg(test)]
+mod proptests;
