@@ -46,8 +46,15 @@ fn wo(i: usize) -> String {
 fn cycle_wo(i: usize, k: usize) -> String {
     format!("FIRE-WO-{i}-{k}")
 }
-/// Work orders released per tablet when tablets work through a sequence of them.
-const CYCLE_WORK_ORDERS: usize = 800;
+/// Work orders released per tablet when tablets work through a sequence of them: 800 (a
+/// tablet completes 3-4 a second in a debug build), more for a soak (`MES_FIRE_SOAK_SECONDS`).
+fn cycle_work_orders() -> usize {
+    let soak = std::env::var("MES_FIRE_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(0);
+    800.max(soak * 10)
+}
 fn station(i: usize) -> String {
     format!("FIRE-ST-{i}")
 }
@@ -123,7 +130,7 @@ async fn seed(sys: &System, shape: Shape) -> anyhow::Result<Vec<String>> {
     let numbers: Vec<(usize, String)> = match shape {
         Shape::OneOrder => (0..TABLETS).map(|i| (i, wo(i))).collect(),
         Shape::Cycle(_) => (0..TABLETS)
-            .flat_map(|i| (0..CYCLE_WORK_ORDERS).map(move |k| (i, cycle_wo(i, k))))
+            .flat_map(|i| (0..cycle_work_orders()).map(move |k| (i, cycle_wo(i, k))))
             .collect(),
     };
     for chunk in numbers.chunks(200) {
@@ -331,9 +338,10 @@ async fn tablet(
         let scan_id = Uuid::new_v4();
         let work_order = match shape {
             Shape::OneOrder => wo(i),
-            Shape::Cycle(_) if order >= CYCLE_WORK_ORDERS => {
+            Shape::Cycle(_) if order >= cycle_work_orders() => {
                 ledger.lock().unwrap().violations.push(format!(
-                    "tablet {i} completed all its {CYCLE_WORK_ORDERS} work orders: release more"
+                    "tablet {i} completed all its {} work orders: release more",
+                    cycle_work_orders()
                 ));
                 return;
             }
@@ -490,8 +498,19 @@ impl Load {
         self.faults.push(at);
     }
 
-    /// Stops the tablets after their current scan and returns what they saw.
+    /// Stops the tablets after their current scan and returns what they saw. With
+    /// `MES_FIRE_SOAK_SECONDS` set, the load is first held until it has run that long (a
+    /// soak: `MES_FIRE_SOAK_SECONDS=3600 make test-faults`).
     async fn finish(self) -> Finished {
+        let soak = std::env::var("MES_FIRE_SOAK_SECONDS")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or_default();
+        if let Some(left) = soak.checked_sub(self.started.elapsed()) {
+            eprintln!("soak: holding the load {left:?} more");
+            tokio::time::sleep(left).await;
+        }
         self.stop.store(true, Ordering::SeqCst);
         for t in self.tablets {
             t.await.expect("tablet panicked");
@@ -1192,7 +1211,7 @@ async fn redis_blackholed_reset_slow_then_killed_never_stops_scans_nor_serves_st
     mes_e2e::reliability_record(
         "Redis faults: trace reads",
         &json!({
-            "scenario": "Redis blackhole, reset, latency, kill: trace reads",
+            "scenario": "Redis blackhole, reset, latency, kill",
             "reads": reads.answers,
             "staleness_bound_s": TRACE_BOUND.as_secs_f64(),
             "stalest_answer_s": reads.stalest.as_secs_f64(),
