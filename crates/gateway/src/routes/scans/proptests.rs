@@ -115,14 +115,16 @@ fn scan_shaped() -> impl Strategy<Value = Value> {
         .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>()))
 }
 
-/// Bodies: arbitrary JSON, or `{"scans": [...]}` with scan-shaped or arbitrary items (a few
-/// batches longer than the limit) and now and then a stray top-level key.
+/// Bodies: arbitrary JSON, or `{"scans": [...]}` with scan-shaped, arbitrary or valid items
+/// (some batches all valid, a few around the 500 limit) and now and then a stray top-level key.
 fn any_body() -> impl Strategy<Value = Value> {
     let item =
         prop_oneof![3 => scan_shaped(), 1 => any_json(), 2 => valid_scan().prop_map(|s| s.json)];
     let items = prop_oneof![
         10 => prop::collection::vec(item, 0..8),
+        3 => prop::collection::vec(valid_scan().prop_map(|s| s.json), 1..4),
         1 => (495usize..=505).prop_map(|n| vec![json!({}); n]),
+        1 => (valid_scan(), 498usize..=502).prop_map(|(v, n)| vec![v.json; n]),
     ];
     prop_oneof![
         1 => any_json(),
