@@ -101,5 +101,12 @@ for alert in $(sed -n 's/^[[:space:]]*- alert:[[:space:]]*\([A-Za-z0-9_]*\).*/\1
     missing=1
   fi
 done
+# ... and a runbook line in the README's Operating section.
+for alert in $(sed -n 's/^[[:space:]]*- alert:[[:space:]]*\([A-Za-z0-9_]*\).*/\1/p' "$RULES"); do
+  if ! grep -q "^| \`$alert\` |" README.md; then
+    echo "promtool-test: alert $alert has no runbook line in README.md (Operating > Alerts)" >&2
+    missing=1
+  fi
+done
 ((missing == 0)) || exit 1
-echo "promtool-test: every alert has a firing and a quiet case"
+echo "promtool-test: every alert has a firing and a quiet case and a runbook line"
