@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use super::OPERATION_STEP;
 use super::reversal::post_confirmation_corrections;
 use super::rpc::Rpc;
-use super::values::{Found, Move, Production, ProductionState, Side, StateOf, resource};
+use super::values::{Context, Found, Move, Production, ProductionState, Side, StateOf, resource};
 use crate::adapter::{AdapterError, Posted};
 use crate::domain::{Confirmation, LotQuantity};
 
@@ -130,7 +130,11 @@ fn by_code(lots: &[LotQuantity]) -> LotsByCode {
 }
 
 /// The production order numbered `number` (`Rejected` when Tryton has none).
-pub async fn production(rpc: &Rpc, number: &str, ctx: &Value) -> Result<Production, AdapterError> {
+pub async fn production(
+    rpc: &Rpc,
+    number: &str,
+    ctx: &Context,
+) -> Result<Production, AdapterError> {
     let found: Vec<Production> = rpc
         .search_read(
             "production",
@@ -149,7 +153,7 @@ pub async fn production(rpc: &Rpc, number: &str, ctx: &Value) -> Result<Producti
 pub async fn production_state(
     rpc: &Rpc,
     id: i64,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<Option<ProductionState>, AdapterError> {
     let read: Option<StateOf<ProductionState>> =
         rpc.read("production", id, &["state"], ctx).await?;
@@ -161,7 +165,7 @@ async fn production_keyed(
     rpc: &Rpc,
     id: i64,
     key: &str,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<bool, AdapterError> {
     let notes: Vec<Found> = rpc
         .search_read(
@@ -182,7 +186,7 @@ async fn moves(
     rpc: &Rpc,
     production: i64,
     side: Side,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<Vec<Move>, AdapterError> {
     let rows: Vec<Move> = rpc
         .search_read(
@@ -197,7 +201,7 @@ async fn moves(
 }
 
 /// The product's id (`Rejected` when Tryton has none with that code).
-pub async fn product_id(rpc: &Rpc, code: &str, ctx: &Value) -> Result<i64, AdapterError> {
+pub async fn product_id(rpc: &Rpc, code: &str, ctx: &Context) -> Result<i64, AdapterError> {
     let found: Vec<Found> = rpc
         .search_read(
             "product.product",
@@ -217,7 +221,7 @@ pub async fn find_lot(
     rpc: &Rpc,
     number: &str,
     product: i64,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<Option<i64>, AdapterError> {
     let found: Vec<Found> = rpc
         .search_read(
@@ -235,7 +239,7 @@ pub async fn lot_id(
     rpc: &Rpc,
     number: &str,
     product: i64,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<i64, AdapterError> {
     if let Some(id) = find_lot(rpc, number, product, ctx).await? {
         return Ok(id);
@@ -255,7 +259,7 @@ async fn apply_lots(
     production: &Production,
     side: Side,
     lots: &LotsByCode,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<(), AdapterError> {
     let pid = production.id;
     let moves = moves(rpc, pid, side, ctx).await?;

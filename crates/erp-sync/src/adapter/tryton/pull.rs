@@ -16,7 +16,9 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use super::rpc::Rpc;
-use super::values::{ProductionState, code, datetime, decimal, quantity_string, tagged_datetime};
+use super::values::{
+    Context, ProductionState, code, datetime, decimal, quantity_string, tagged_datetime,
+};
 use super::{OPERATION_STEP, not_correction};
 use crate::adapter::{AdapterError, Pulled};
 use crate::contract::{self, Checked};
@@ -32,7 +34,7 @@ struct Query<'a> {
     /// Date fields ORed into the "changed since" filter besides the record's own.
     extra_since: &'a [&'a str],
     fields: &'a [&'a str],
-    ctx: Value,
+    ctx: Context,
 }
 
 /// `product.product` of type goods: `code` → number, `name` → description, default unit
@@ -80,10 +82,8 @@ pub async fn received_lots(
     rpc: &Rpc,
     since: Option<&str>,
 ) -> Result<Pulled<ReceivedLot>, AdapterError> {
-    let (mut ctx, session) = rpc.ctx().await?;
-    if let Some(storage) = session.storage {
-        ctx["locations"] = json!([storage]);
-    }
+    let (ctx, session) = rpc.ctx().await?;
+    let ctx = ctx.counted_in(session.storage);
     let query = Query {
         model: "stock.lot",
         domain: vec![json!(["product.producible", "=", false])],

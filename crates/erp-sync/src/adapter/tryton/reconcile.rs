@@ -45,10 +45,7 @@ pub async fn quantities(rpc: &Rpc) -> Result<ErpQuantities, AdapterError> {
         .await?
     };
     q.work_orders = good_quantities(&productions, &corrections);
-    let mut lot_ctx = ctx;
-    if let Some(storage) = session.storage {
-        lot_ctx["locations"] = json!([storage]);
-    }
+    let lot_ctx = ctx.counted_in(session.storage);
     let lots: Vec<LotQuantity> = rpc
         .search_read(
             "stock.lot",

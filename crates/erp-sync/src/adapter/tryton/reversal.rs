@@ -33,8 +33,8 @@ use super::CORRECTION_PREFIX;
 use super::confirm::{find_lot, lot_id, product_id, production, production_state};
 use super::rpc::Rpc;
 use super::values::{
-    Company, CorrectedMove, Found, MoveState, Note, Production, ProductionState, Side, StateOf,
-    resource, tagged_decimal,
+    Company, Context, CorrectedMove, Found, MoveState, Note, Production, ProductionState, Side,
+    StateOf, resource, tagged_decimal,
 };
 use crate::adapter::{AdapterError, Posted};
 use crate::domain::{Confirmation, LotQuantity, Reversal};
@@ -258,7 +258,7 @@ async fn post_corrections(
 }
 
 /// The move that carries `note_key` (an `ir.note` on it), if any.
-async fn keyed_move(rpc: &Rpc, note_key: &str, ctx: &Value) -> Result<Option<i64>, AdapterError> {
+async fn keyed_move(rpc: &Rpc, note_key: &str, ctx: &Context) -> Result<Option<i64>, AdapterError> {
     let notes: Vec<Note> = rpc
         .search_read(
             "ir.note",
@@ -284,7 +284,7 @@ async fn post_reversal_line(
     from: i64,
     to: i64,
     note_key: &str,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Postable<Posted> {
     // Posted before (perhaps not done yet: erp-sync stopped between the steps)?
     if let Some(id) = keyed_move(rpc, note_key, ctx).await? {
@@ -352,7 +352,7 @@ async fn post_correction_production(
     production: &Production,
     line: &ReversalLine,
     note_key: &str,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Postable<Posted> {
     let reference = format!("{CORRECTION_PREFIX}{note_key}");
     let found: Vec<StateOf<ProductionState>> = rpc
@@ -435,7 +435,7 @@ async fn reversal_target(
     rpc: &Rpc,
     production: &Production,
     line: &ReversalLine,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Postable<(i64, Option<i64>, CorrectedMove)> {
     let product = match &line.code {
         Some(code) => match product_id(rpc, code, ctx).await {
@@ -503,7 +503,7 @@ async fn reversal_target(
 async fn company_currency(
     rpc: &Rpc,
     original: &CorrectedMove,
-    ctx: &Value,
+    ctx: &Context,
 ) -> Result<Option<i64>, AdapterError> {
     let Some(company) = original.company else {
         return Ok(None);
@@ -515,7 +515,7 @@ async fn company_currency(
 }
 
 /// A draft move exactly like `vals` that no note claims.
-async fn orphan_move(rpc: &Rpc, vals: &Value, ctx: &Value) -> Result<Option<i64>, AdapterError> {
+async fn orphan_move(rpc: &Rpc, vals: &Value, ctx: &Context) -> Result<Option<i64>, AdapterError> {
     let mut domain = vec![json!(["state", "=", "draft"])];
     for f in [
         "product",

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::TrytonSettings;
+use super::values::Context;
 use crate::adapter::AdapterError;
 use crate::contract;
 
@@ -181,7 +182,7 @@ impl Rpc {
                 .map_err(relogin_unavailable)?;
             session.company = prefs.get("company").and_then(Value::as_i64).unwrap_or(0);
         }
-        let ctx = context(session.company);
+        let ctx = Context::of_company(session.company);
         let warehouses = self
             .exchange(
                 &self.rpc_url,
@@ -219,9 +220,9 @@ impl Rpc {
     }
 
     /// Every model call's context (the company) and the session.
-    pub async fn ctx(&self) -> Result<(Value, Session), AdapterError> {
+    pub async fn ctx(&self) -> Result<(Context, Session), AdapterError> {
         let s = self.session().await?;
-        Ok((context(s.company), s))
+        Ok((Context::of_company(s.company), s))
     }
 
     /// Whether the server answers (no session: `common.server.version`).
@@ -275,7 +276,7 @@ impl Rpc {
         model: &str,
         domain: Value,
         fields: &[&str],
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<Vec<Value>, AdapterError> {
         let v = self
             .call(
@@ -298,7 +299,7 @@ impl Rpc {
         model: &str,
         domain: Value,
         fields: &[&str],
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<Vec<T>, AdapterError> {
         let rows = self.search_read_values(model, domain, fields, ctx).await?;
         records(model, "search_read", Value::Array(rows))
@@ -311,7 +312,7 @@ impl Rpc {
         model: &str,
         id: i64,
         fields: &[&str],
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<Option<T>, AdapterError> {
         let v = self
             .call(&format!("model.{model}.read"), json!([[id], fields, ctx]))
@@ -330,7 +331,7 @@ impl Rpc {
         model: &str,
         button: &str,
         id: i64,
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<(), AdapterError> {
         self.call(&format!("model.{model}.{button}"), json!([[id], ctx]))
             .await
@@ -342,7 +343,7 @@ impl Rpc {
         model: &str,
         id: i64,
         vals: Value,
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<(), AdapterError> {
         self.call(&format!("model.{model}.write"), json!([[id], vals, ctx]))
             .await
@@ -350,7 +351,12 @@ impl Rpc {
     }
 
     /// Creates one record: its id.
-    pub async fn create(&self, model: &str, vals: Value, ctx: &Value) -> Result<i64, AdapterError> {
+    pub async fn create(
+        &self,
+        model: &str,
+        vals: Value,
+        ctx: &Context,
+    ) -> Result<i64, AdapterError> {
         let v = self
             .call(&format!("model.{model}.create"), json!([[vals], ctx]))
             .await?;
@@ -384,15 +390,6 @@ fn relogin_unavailable(e: CallError) -> AdapterError {
     match e {
         CallError::Relogin => AdapterError::Unauthorized("tryton refused the new session".into()),
         CallError::Erp(e) => e,
-    }
-}
-
-/// Every model call's context (the last parameter): the company.
-fn context(company: i64) -> Value {
-    if company > 0 {
-        json!({"company": company})
-    } else {
-        json!({})
     }
 }
 

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use chrono::{NaiveDate, NaiveDateTime};
 use rust_decimal::Decimal;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
 /// A state string Tryton sent that this adapter does not know.
@@ -139,6 +139,34 @@ impl ProductionState {
     /// `states` as a Tryton domain value (`["state", "in", <this>]`).
     pub fn domain(states: &[ProductionState]) -> Value {
         Value::Array(states.iter().map(|s| json!(s.as_str())).collect())
+    }
+}
+
+/// Every model call's context (its last parameter): the company, and for lot quantities the
+/// locations they are counted in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Context {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    company: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locations: Option<Vec<i64>>,
+}
+
+impl Context {
+    /// The context of `company` (`<= 0`: none, Tryton takes the user's).
+    pub fn of_company(company: i64) -> Self {
+        Self {
+            company: (company > 0).then_some(company),
+            locations: None,
+        }
+    }
+
+    /// Lot quantities counted in `location` only (`None`: as Tryton counts them by default).
+    pub fn counted_in(mut self, location: Option<i64>) -> Self {
+        if let Some(l) = location {
+            self.locations = Some(vec![l]);
+        }
+        self
     }
 }
 
@@ -624,6 +652,17 @@ mod tests {
         let l: LotQuantity =
             serde_json::from_value(json!({"id": 1, "number": "L1", "quantity": "x"})).unwrap();
         assert_eq!(l.quantity, None);
+    }
+
+    #[test]
+    fn the_context_names_the_company_and_where_lots_are_counted() {
+        assert_eq!(json!(Context::of_company(2)), json!({"company": 2}));
+        assert_eq!(json!(Context::of_company(0)), json!({}));
+        assert_eq!(
+            json!(Context::of_company(2).counted_in(Some(5))),
+            json!({"company": 2, "locations": [5]})
+        );
+        assert_eq!(json!(Context::of_company(-1).counted_in(None)), json!({}));
     }
 
     #[test]
