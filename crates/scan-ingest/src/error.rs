@@ -3,21 +3,9 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// A field that failed validation, named as the client sent it (`scans[3].quantity`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldViolation {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldViolation {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+/// A field that failed validation, named as the client sent it (`scans[3].quantity`): the
+/// contract's type, shared with the gateway.
+pub use mes_domain::FieldViolation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

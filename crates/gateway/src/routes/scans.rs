@@ -1,10 +1,11 @@
 //! `POST /api/v1/scans`, `GET /api/v1/scans/{scan_id}`, `POST /api/v1/scans/{scan_id}/void`.
 
+use std::collections::HashSet;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -18,8 +19,7 @@ use crate::input::{Fields, MAX_TEXT, json_body};
 use crate::problem::{FieldError, Problem};
 use crate::routes::{opt, time, timestamp};
 
-pub const MAX_SCANS: usize = 500;
-pub const MAX_ATTRIBUTES_BYTES: usize = 4096;
+pub const MAX_SCANS: usize = mes_domain::scan::MAX_BATCH;
 
 /// Scan kinds a client may submit (`void` is created by the void operation only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
@@ -32,30 +32,6 @@ pub enum ScanKind {
     Scrap,
     Move,
     Inspect,
-}
-
-pub const KINDS: &[(&str, pb::ScanKind)] = &[
-    ("start_operation", pb::ScanKind::StartOperation),
-    ("consume", pb::ScanKind::Consume),
-    ("produce", pb::ScanKind::Produce),
-    ("complete_operation", pb::ScanKind::CompleteOperation),
-    ("scrap", pb::ScanKind::Scrap),
-    ("move", pb::ScanKind::Move),
-    ("inspect", pb::ScanKind::Inspect),
-];
-
-pub fn kind_name(kind: pb::ScanKind) -> &'static str {
-    match kind {
-        pb::ScanKind::StartOperation => "start_operation",
-        pb::ScanKind::Consume => "consume",
-        pb::ScanKind::Produce => "produce",
-        pb::ScanKind::CompleteOperation => "complete_operation",
-        pb::ScanKind::Scrap => "scrap",
-        pb::ScanKind::Move => "move",
-        pb::ScanKind::Inspect => "inspect",
-        pb::ScanKind::Void => "void",
-        pb::ScanKind::Unspecified => "unspecified",
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
@@ -215,19 +191,12 @@ pub enum VoidOutcome {
     Applied(VoidApplied),
 }
 
-fn is_quantity(s: &str) -> bool {
-    let mut parts = s.splitn(2, '.');
-    let int = parts.next().unwrap_or("");
-    let frac = parts.next();
-    !int.is_empty()
-        && int.len() <= 18
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && frac
-            .is_none_or(|f| !f.is_empty() && f.len() <= 12 && f.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Validates one scan; errors name `scans[i].field`.
-fn parse_scan(value: &Value, index: usize, errors: &mut Vec<FieldError>) -> Option<pb::Scan> {
+/// Reads one scan's JSON into its protobuf form, refusing only what JSON itself gets wrong
+/// (types, a `scan_id` that is no UUID, an unknown kind or result, a time that is no RFC 3339,
+/// unknown fields); the contract's rules (which fields each kind needs, identifiers,
+/// quantities, the time window) are `mes_domain::scan::validate_batch`'s, run on the whole
+/// batch by [`parse_batch`]. Errors name `scans[i].field`; a field in error is left empty.
+fn parse_scan(value: &Value, index: usize, errors: &mut Vec<FieldError>) -> pb::Scan {
     let mut f = Fields::new(value, &format!("scans[{index}]"));
 
     let scan_id = match f.string("scan_id", true, 64) {
@@ -241,85 +210,50 @@ fn parse_scan(value: &Value, index: usize, errors: &mut Vec<FieldError>) -> Opti
         None => None,
     };
     let kind = match f.string("kind", true, 64) {
-        Some(k) => match KINDS.iter().find(|(name, _)| *name == k) {
-            Some((_, kind)) => Some(*kind),
-            None if k == "void" => {
+        Some(k) => match mes_domain::ScanKind::parse(&k) {
+            Some(mes_domain::ScanKind::Void) => {
                 f.error(
                     "kind",
                     "void scans are created with POST /api/v1/scans/{scan_id}/void",
                 );
                 None
             }
+            Some(kind) => Some(kind),
             None => {
-                let names: Vec<&str> = KINDS.iter().map(|(n, _)| *n).collect();
-                f.error("kind", format!("must be one of: {}", names.join(", ")));
+                f.error(
+                    "kind",
+                    format!("must be one of: {}", mes_domain::ScanKind::SUBMITTABLE),
+                );
                 None
             }
         },
         None => None,
     };
-    use pb::ScanKind as K;
-    let needs = |kinds: &[K]| kind.is_some_and(|k| kinds.contains(&k));
-
-    let work_order = f.ident(
-        "work_order",
-        needs(&[
-            K::StartOperation,
-            K::Consume,
-            K::Produce,
-            K::CompleteOperation,
-            K::Scrap,
-            K::Inspect,
-        ]),
-    );
+    let text = |f: &mut Fields, name: &'static str| f.string(name, false, MAX_TEXT);
+    let work_order = text(&mut f, "work_order");
     let operation = f.integer(
         "operation",
-        needs(&[K::StartOperation, K::CompleteOperation]),
+        false,
         1,
-        u64::from(u32::MAX),
+        u64::from(mes_domain::scan::MAX_OPERATION),
     );
-    let station = f.ident("station", true);
-    let lot = f.ident(
-        "lot",
-        needs(&[K::Consume, K::Produce, K::Scrap, K::Move, K::Inspect]),
-    );
-    let material = f.ident("material", false);
-    let quantity = match f.string(
-        "quantity",
-        needs(&[K::Consume, K::Produce, K::Scrap, K::Move]),
-        40,
-    ) {
-        Some(q) if !is_quantity(&q) => {
-            f.error("quantity", "must be a decimal string such as \"12.5\"");
-            None
-        }
-        Some(q) => match q.parse::<Decimal>() {
-            Ok(d) if d > Decimal::ZERO => Some(q),
-            Ok(_) => {
-                f.error("quantity", "must be greater than zero");
-                None
-            }
-            Err(_) => {
-                f.error("quantity", "must be a decimal string such as \"12.5\"");
+    let station = text(&mut f, "station");
+    let lot = text(&mut f, "lot");
+    let material = text(&mut f, "material");
+    let quantity = text(&mut f, "quantity");
+    let into_lot = text(&mut f, "into_lot");
+    let location = text(&mut f, "location");
+    let result = match f.string("result", false, 16) {
+        Some(r) => match mes_domain::InspectResult::parse(&r) {
+            Some(r) => Some(r),
+            None => {
+                f.error("result", "must be pass or fail");
                 None
             }
         },
         None => None,
     };
-    let into_lot = f.ident("into_lot", false);
-    let location = f.ident("location", needs(&[K::Move]));
-    let result = match f.string("result", needs(&[K::Inspect]), 16) {
-        Some(r) if r == "pass" => Some(pb::InspectResult::Pass),
-        Some(r) if r == "fail" => Some(pb::InspectResult::Fail),
-        Some(_) => {
-            f.error("result", "must be pass or fail");
-            None
-        }
-        None => None,
-    };
-    let defect_required =
-        needs(&[K::Scrap]) || (needs(&[K::Inspect]) && result == Some(pb::InspectResult::Fail));
-    let defect_code = f.ident("defect_code", defect_required);
+    let defect_code = text(&mut f, "defect_code");
     let scanned_at = match f.string("scanned_at", true, 64) {
         Some(s) => match chrono::DateTime::parse_from_rfc3339(&s) {
             Ok(t) => Some(timestamp(t.with_timezone(&chrono::Utc))),
@@ -335,16 +269,7 @@ fn parse_scan(value: &Value, index: usize, errors: &mut Vec<FieldError>) -> Opti
     };
     let attributes_json = match f.raw("attributes") {
         None => String::new(),
-        Some(v @ Value::Object(_)) => {
-            let text = serde_json::to_string(v).unwrap_or_default();
-            if text.len() > MAX_ATTRIBUTES_BYTES {
-                f.error(
-                    "attributes",
-                    format!("must be at most {MAX_ATTRIBUTES_BYTES} bytes serialised"),
-                );
-            }
-            text
-        }
+        Some(v @ Value::Object(_)) => serde_json::to_string(v).unwrap_or_default(),
         Some(other) => {
             f.error(
                 "attributes",
@@ -354,28 +279,61 @@ fn parse_scan(value: &Value, index: usize, errors: &mut Vec<FieldError>) -> Opti
         }
     };
 
-    let mine = f.finish();
-    let ok = mine.is_empty();
-    errors.extend(mine);
-    if !ok {
-        return None;
-    }
-    Some(pb::Scan {
-        scan_id: scan_id?,
-        kind: kind? as i32,
+    errors.extend(f.finish());
+    pb::Scan {
+        scan_id: scan_id.unwrap_or_default(),
+        kind: kind.map_or(0, |k| k.to_proto() as i32),
         work_order: work_order.unwrap_or_default(),
         operation: operation.and_then(|o| u32::try_from(o).ok()).unwrap_or(0),
-        station: station?,
+        station: station.unwrap_or_default(),
         lot: lot.unwrap_or_default(),
         material: material.unwrap_or_default(),
         quantity: quantity.unwrap_or_default(),
         into_lot: into_lot.unwrap_or_default(),
         location: location.unwrap_or_default(),
-        result: result.unwrap_or(pb::InspectResult::Unspecified) as i32,
+        result: result.map_or(0, |r| r.to_proto() as i32),
         defect_code: defect_code.unwrap_or_default(),
         scanned_at,
         attributes_json,
-    })
+    }
+}
+
+/// The fields of a scan in the contract's order: errors are listed in it.
+const SCAN_FIELDS: [&str; 14] = [
+    "scan_id",
+    "kind",
+    "work_order",
+    "operation",
+    "station",
+    "lot",
+    "material",
+    "quantity",
+    "into_lot",
+    "location",
+    "result",
+    "defect_code",
+    "scanned_at",
+    "attributes",
+];
+
+/// Where an error goes in the list: the batch's own first, then by scan, then by field in
+/// the contract's order, unknown fields last.
+fn field_order(field: &str) -> (usize, usize) {
+    let Some((index, rest)) = field
+        .strip_prefix("scans[")
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)))
+    else {
+        return (0, 0);
+    };
+    let rank = match rest.strip_prefix('.') {
+        None => 0,
+        Some(name) => SCAN_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .map_or(SCAN_FIELDS.len() + 1, |p| p + 1),
+    };
+    (index + 1, rank)
 }
 
 /// Validates the whole body: `{"scans": [1..=500 scans]}`.
@@ -397,11 +355,29 @@ pub fn parse_batch(body: &Value) -> Result<Vec<pb::Scan>, Problem> {
             format!("must hold at most {MAX_SCANS} scans, not {}", items.len()),
         ),
         Some(Value::Array(items)) => {
-            for (i, item) in items.iter().enumerate() {
-                if let Some(scan) = parse_scan(item, i, &mut errors) {
-                    out.push(scan);
-                }
+            // Each item's JSON first, then the contract's rules over the whole batch; a field
+            // whose JSON was wrong, or an item that is no object, is named once, for that.
+            out = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| parse_scan(item, i, &mut errors))
+                .collect();
+            if let Err(violations) = mes_domain::scan::validate_batch(&out, chrono::Utc::now()) {
+                let named: HashSet<String> = errors.iter().map(|e| e.field.clone()).collect();
+                errors.extend(
+                    violations
+                        .into_iter()
+                        .filter(|v| {
+                            !named.contains(&v.field)
+                                && !v
+                                    .field
+                                    .split_once('.')
+                                    .is_some_and(|(item, _)| named.contains(item))
+                        })
+                        .map(|v| FieldError::new(v.field, v.message)),
+                );
             }
+            errors.sort_by_key(|e| field_order(&e.field));
         }
         Some(other) => f.error(
             "scans",
@@ -576,7 +552,7 @@ pub async fn get_scan(
         .flatten();
     Ok(Json(StoredScan {
         scan_id: scan.scan_id,
-        kind: kind_name(kind).to_owned(),
+        kind: mes_domain::ScanKind::name_of(kind as i32).to_owned(),
         work_order: opt(scan.work_order),
         operation: (scan.operation > 0).then_some(scan.operation),
         station: opt(scan.station),
@@ -695,8 +671,9 @@ mod tests {
     use serde_json::json;
 
     fn scan(extra: Value) -> Value {
+        // A new scan id each time: the same id twice in a batch is refused.
         let mut base = json!({
-            "scan_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "scan_id": uuid::Uuid::new_v4().to_string(),
             "kind": "consume", "work_order": "WO-1000", "station": "ST-10",
             "lot": "STEEL-L1", "quantity": "25", "scanned_at": "2025-03-01T08:15:30Z"
         });
@@ -776,17 +753,6 @@ mod tests {
             fields(parse_batch(&json!({"scans": [scan(json!({"attributes": big}))]})).unwrap_err()),
             vec!["scans[0].attributes"]
         );
-    }
-
-    #[test]
-    fn quantities_are_plain_positive_decimals() {
-        assert!(is_quantity("12.5"));
-        assert!(is_quantity("1"));
-        assert!(!is_quantity("1e3"));
-        assert!(!is_quantity("-1"));
-        assert!(!is_quantity(".5"));
-        assert!(!is_quantity("5."));
-        assert!(!is_quantity(" 5"));
     }
 }
 

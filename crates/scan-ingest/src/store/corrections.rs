@@ -368,7 +368,7 @@ pub async fn void(
             quantity: if q.is_zero() { None } else { Some(q) },
             into_lot: String::new(),
             location: String::new(),
-            result: String::new(),
+            result: None,
             defect_code: String::new(),
             scanned_at: now,
             attributes: String::new(),

@@ -36,14 +36,12 @@ impl From<Counts> for pb::UpsertResponse {
     }
 }
 
+/// A required plant identifier (the one rule, `mes_domain::ident`).
 fn required(v: &mut Vec<FieldViolation>, field: String, value: &str) {
-    if value.trim().is_empty() {
+    if value.is_empty() {
         v.push(FieldViolation::new(field, "is required"));
-    } else if value.len() > 128 || value.trim() != value {
-        v.push(FieldViolation::new(
-            field,
-            "must be at most 128 characters without surrounding spaces",
-        ));
+    } else if let Err(rule) = mes_domain::ident::check_ident(value) {
+        v.push(FieldViolation::new(field, rule));
     }
 }
 

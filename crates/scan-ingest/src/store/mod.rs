@@ -7,14 +7,7 @@ pub mod master;
 pub mod queries;
 pub mod scans;
 
-use chrono::{DateTime, Utc};
-
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use mes_domain::time::to_proto as timestamp;
 
 /// True for errors worth retrying the whole transaction (deadlock, serialization failure).
 pub fn is_retryable(e: &sqlx::Error) -> bool {

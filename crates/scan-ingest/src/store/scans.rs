@@ -233,11 +233,7 @@ pub fn stored_scan(
                 .unwrap_or_default(),
             into_lot: s.into_lot.clone(),
             location: s.location.clone(),
-            result: match s.result.as_str() {
-                "pass" => pb::InspectResult::Pass as i32,
-                "fail" => pb::InspectResult::Fail as i32,
-                _ => 0,
-            },
+            result: s.result.map_or(0, |r| r.to_proto() as i32),
             defect_code: s.defect_code.clone(),
             scanned_at: Some(timestamp(s.scanned_at)),
             attributes_json: s.attributes.clone(),
@@ -406,7 +402,7 @@ async fn insert_scans(
         quantities.push(s.quantity);
         into_lots.push(s.into_lot.clone());
         locations.push(s.location.clone());
-        results.push(s.result.clone());
+        results.push(s.result.map_or("", |r| r.as_str()));
         defects.push(s.defect_code.clone());
         scanned.push(s.scanned_at);
         attributes.push(s.attributes.clone());

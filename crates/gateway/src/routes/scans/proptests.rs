@@ -31,6 +31,15 @@ const SCAN_FIELDS: &[&str] = &[
     "attributes",
 ];
 
+/// The kinds a client may submit: wire name and protobuf kind (from the contract's table).
+fn kinds() -> Vec<(&'static str, pb::ScanKind)> {
+    mes_domain::ScanKind::ALL
+        .into_iter()
+        .filter(|k| *k != mes_domain::ScanKind::Void)
+        .map(|k| (k.as_str(), k.to_proto()))
+        .collect()
+}
+
 fn config(cases: u32) -> Config {
     Config {
         cases,
@@ -58,7 +67,7 @@ fn any_string() -> impl Strategy<Value = String> {
         Just("0f8fad5b-d9cb-469f-a165-70867728950e".to_owned()),
         Just("00000000-0000-0000-0000-000000000000".to_owned()),
         prop::sample::select(
-            KINDS
+            kinds()
                 .iter()
                 .map(|(k, _)| (*k).to_owned())
                 .collect::<Vec<_>>()
@@ -188,13 +197,14 @@ fn opt_ident() -> impl Strategy<Value = Option<String>> {
     prop::option::of(ident())
 }
 
-/// A quantity by the gateway's rule: 1..=18 integer digits, optionally 1..=12 decimals, > 0.
+/// A quantity by the contract's rule (written out here): digits with 1..=6 optional decimals,
+/// > 0, below 10^12 (at most 12 significant integer digits).
 fn quantity() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => (1u64..100_000).prop_map(|n| (n.to_string(), None)),
-        3 => ("[0-9]{1,18}", prop::option::of("[0-9]{1,12}")),
-        1 => ("[0-9]{18}", prop::option::of("[0-9]{12}")),
-        1 => ("0{1,18}", "0{0,11}[1-9]").prop_map(|(i, f)| (i, Some(f))),
+        3 => ("[0-9]{1,12}", prop::option::of("[0-9]{1,6}")),
+        1 => ("[1-9][0-9]{11}", prop::option::of("[0-9]{6}")),
+        1 => ("0{1,18}", "0{0,5}[1-9]").prop_map(|(i, f)| (i, Some(f))),
     ]
     .prop_map(|q: (String, Option<String>)| match q {
         (i, Some(f)) => format!("{i}.{f}"),
@@ -208,8 +218,9 @@ fn quantity() -> impl Strategy<Value = String> {
 /// An RFC 3339 time with an offset, as a device might send it, and the instant it names.
 fn scanned_at() -> impl Strategy<Value = (String, prost_types::Timestamp)> {
     (
-        // year 2 .. year 9998 in UTC, so the local time stays within 0000..=9999
-        -62_000_000_000i64..253_000_000_000i64,
+        // the contract's window: after 2000-01-01T00:00:00Z, at most a day ahead (up to now
+        // here, so the test cannot run out of it)
+        946_684_801i64..Utc::now().timestamp(),
         prop_oneof![
             Just(0u32),
             0u32..1_000_000_000,
@@ -249,7 +260,8 @@ fn attributes() -> impl Strategy<Value = Option<Value>> {
 
 /// The spellings of a UUID `uuid::Uuid::parse_str` reads; the parser stores it hyphenated.
 fn scan_id() -> impl Strategy<Value = (String, String)> {
-    (any::<u128>(), 0..5u8).prop_map(|(n, form)| {
+    // never the nil UUID, which the contract refuses
+    (1u128.., 0..5u8).prop_map(|(n, form)| {
         let u = uuid::Uuid::from_u128(n);
         let text = match form {
             0 => u.hyphenated().to_string(),
@@ -274,12 +286,12 @@ fn valid_scan() -> impl Strategy<Value = Valid> {
     );
     (
         scan_id(),
-        prop::sample::select(KINDS),
+        prop::sample::select(kinds()),
         ids,
         prop::option::of(prop_oneof![
             1u32..=10_000,
-            Just(u32::MAX),
-            any::<u32>().prop_map(|o| o.max(1))
+            Just(mes_domain::scan::MAX_OPERATION),
+            1u32..=mes_domain::scan::MAX_OPERATION
         ]),
         prop::option::of(quantity()),
         prop::option::of(any::<bool>()),
@@ -334,6 +346,8 @@ fn valid_scan() -> impl Strategy<Value = Valid> {
                 } else {
                     quantity
                 };
+                // only a consume goes into a lot
+                let into_lot = into_lot.filter(|_| is(&[K::Consume]));
                 let location = if need("location", is(&[K::Move])) {
                     location.or(Some("WH-1".to_owned()))
                 } else {
@@ -342,7 +356,7 @@ fn valid_scan() -> impl Strategy<Value = Valid> {
                 let result = if need("result", is(&[K::Inspect])) {
                     pass.or(Some(true))
                 } else {
-                    pass
+                    None
                 };
                 let defect_code = if need(
                     "defect_code",
@@ -472,9 +486,9 @@ fn bad_quantity() -> impl Strategy<Value = Value> {
             "١",
         ])
         .prop_map(Value::from),
-        // 19 integer digits, 13 decimals, more than 40 characters
-        "[1-9][0-9]{18}".prop_map(Value::from),
-        "[0-9]{1,5}\\.[0-9]{13}".prop_map(Value::from),
+        // 10^12 and more, 7 decimals and more, more than 40 characters
+        "[1-9][0-9]{12,18}".prop_map(Value::from),
+        "[0-9]{1,5}\\.[0-9]{7,13}".prop_map(Value::from),
         "[1-9][0-9]{40,45}".prop_map(Value::from),
     ]
 }
@@ -484,7 +498,7 @@ fn bad_operation() -> impl Strategy<Value = Value> {
         wrong_type(false),
         Just(json!(0)),
         (i64::MIN..0).prop_map(Value::from),
-        (u64::from(u32::MAX) + 1..=u64::MAX).prop_map(Value::from),
+        (u64::from(mes_domain::scan::MAX_OPERATION) + 1..=u64::MAX).prop_map(Value::from),
         (0.01f64..1e6)
             .prop_filter("not whole", |f| f.fract() != 0.0)
             .prop_map(Value::from),
@@ -500,6 +514,7 @@ fn bad_value(field: &'static str) -> BoxedStrategy<Value> {
             Just(json!("nope")),
             Just(json!("0f8fad5b-d9cb-469f-a165-70867728950g")),
             Just(json!("0f8fad5b-d9cb-469f-a165-70867728950")),
+            Just(json!("00000000-0000-0000-0000-000000000000")),
             "[0-9a-f]{65,70}".prop_map(Value::from),
         ]
         .boxed(),
@@ -509,7 +524,7 @@ fn bad_value(field: &'static str) -> BoxedStrategy<Value> {
             Just(json!("Consume")),
             Just(json!("")),
             "[a-z_]{1,20}"
-                .prop_filter("not a kind", |k| !KINDS.iter().any(|(n, _)| n == k))
+                .prop_filter("not a kind", |k| !kinds().iter().any(|(n, _)| n == k))
                 .prop_map(Value::from),
             "x{65,70}".prop_map(Value::from),
         ]
@@ -533,6 +548,9 @@ fn bad_value(field: &'static str) -> BoxedStrategy<Value> {
             Just(json!("yesterday")),
             Just(json!("1740816930")),
             "x{65,70}".prop_map(Value::from),
+            // outside the contract's window
+            Just(json!("1999-12-31T23:59:59Z")),
+            Just(json!("9999-01-01T00:00:00Z")),
         ]
         .boxed(),
         "attributes" => prop_oneof![
