@@ -1,7 +1,7 @@
 //! The `tryton` adapter: Tryton 8.2 (`production` and `stock_lot` modules) over JSON-RPC.
 //!
 //! Mapping (Tryton → MES), one module each:
-//! - [`pull`]: materials are `product.product` of type goods (`code` → number, `name` →
+//! - `pull`: materials are `product.product` of type goods (`code` → number, `name` →
 //!   description, default unit symbol → unit, tracking `lot`: Tryton has lots, no serial
 //!   numbers; products without a code break the contract and go to the dead letters);
 //!   stations: the base modules have none (`production_work` work centers are not used), so
@@ -11,15 +11,15 @@
 //!   zero are skipped); work orders are `production` from `waiting` on
 //!   (`waiting|assigned|running` → released, `done` → closed, `cancelled` → cancelled),
 //!   components per unit from the BOM (or from the planned input moves without a BOM).
-//! - [`confirm`]: a confirmation completes the order, keyed by an `ir.note` on it; a
+//! - `confirm`: a confirmation completes the order, keyed by an `ir.note` on it; a
 //!   confirmation of an order that is `done` without its key (a follow-up, a void and redo, an
 //!   order closed by hand) is booked next to it as keyed corrections, never dropped.
-//! - [`reversal`]: reversals (scans voided after their confirmation) and those corrections, as
+//! - `reversal`: reversals (scans voided after their confirmation) and those corrections, as
 //!   inventory corrections next to the `done` order, exactly once; what cannot be posted is a
 //!   dead letter saying what to book by hand.
-//! - [`reconcile`]: Tryton's books (good quantity per order, corrections included; lots on
+//! - `reconcile`: Tryton's books (good quantity per order, corrections included; lots on
 //!   hand).
-//! - [`rpc`]: the JSON-RPC transport, session and error mapping; [`values`]: the typed records
+//! - `rpc`: the JSON-RPC transport, session and error mapping; `values`: the typed records
 //!   and states Tryton sends.
 
 mod confirm;
