@@ -49,22 +49,11 @@ struct ReversalLine {
     lot: Option<String>,
     quantity: Decimal,
     to_storage: bool,
-    /// Whether it corrects the order's output (else its input) moves: the move it names as its
-    /// origin (and takes unit and cost from) is on that side.
-    corrects_output: bool,
+    /// The side of the order whose move it corrects: the move it names as its origin (and
+    /// takes unit and cost from) is on that side.
+    corrects: Side,
     /// Whether the lot may be new (produced late): it is created then.
     new_lot_ok: bool,
-}
-
-impl ReversalLine {
-    /// The side of the order whose move it corrects.
-    fn side(&self) -> Side {
-        if self.corrects_output {
-            Side::Outputs
-        } else {
-            Side::Inputs
-        }
-    }
 }
 
 /// Why a reversal cannot be posted: `Ok(Err(reason))` is for the dead letters (by hand),
@@ -137,7 +126,11 @@ fn confirmation_lines(c: &Confirmation) -> Vec<ReversalLine> {
             lot,
             quantity,
             to_storage: produced,
-            corrects_output: produced,
+            corrects: if produced {
+                Side::Outputs
+            } else {
+                Side::Inputs
+            },
             new_lot_ok: produced,
         }
     };
@@ -178,7 +171,12 @@ fn reversal_lines(r: &Reversal) -> Result<Vec<ReversalLine>, String> {
                 lot: (!l.lot.is_empty()).then(|| l.lot.clone()),
                 quantity: -l.quantity,
                 to_storage,
-                corrects_output: !to_storage,
+                // A consume taken back corrects an input, a produce an output.
+                corrects: if to_storage {
+                    Side::Inputs
+                } else {
+                    Side::Outputs
+                },
                 new_lot_ok: false,
             });
         }
@@ -190,7 +188,7 @@ fn reversal_lines(r: &Reversal) -> Result<Vec<ReversalLine>, String> {
             lot: None,
             quantity: -r.good_quantity,
             to_storage: false,
-            corrects_output: true,
+            corrects: Side::Outputs,
             new_lot_ok: false,
         });
     }
@@ -458,7 +456,7 @@ async fn reversal_target(
     };
     // The production's own move of that product (and lot, unless the lot is new): its
     // unit and cost, and the correction's origin (the move it corrects).
-    let side = line.side().move_field();
+    let side = line.corrects.move_field();
     let mut originals: Vec<CorrectedMove> = Vec::new();
     if let (Some(l), false) = (lot, line.new_lot_ok) {
         originals = rpc
@@ -489,10 +487,9 @@ async fn reversal_target(
     let Some(original) = originals.into_iter().next() else {
         return Ok(Err(format!(
             "production order has no {} move of that product to correct",
-            if line.corrects_output {
-                "output"
-            } else {
-                "input"
+            match line.corrects {
+                Side::Outputs => "output",
+                Side::Inputs => "input",
             }
         )));
     };
@@ -606,16 +603,15 @@ mod tests {
                 lot: Some("L1".into()),
                 quantity: Decimal::from(25),
                 to_storage: true,
-                corrects_output: false,
+                corrects: Side::Inputs,
                 new_lot_ok: false,
             }]
         );
-        assert_eq!(consume[0].side(), Side::Inputs);
         let produce = reversal_lines(&reversal_of(ProductionKind::Produce, "W1", "WID")).unwrap();
         assert_eq!(produce.len(), 1);
         assert!(!produce[0].to_storage);
         assert_eq!(produce[0].quantity, Decimal::from(25));
-        assert_eq!(produce[0].side(), Side::Outputs);
+        assert_eq!(produce[0].corrects, Side::Outputs);
         let mut no_lot = reversal_of(ProductionKind::Produce, "", "WID");
         no_lot.produced_lots.clear();
         let lines = reversal_lines(&no_lot).unwrap();
@@ -655,7 +651,7 @@ mod tests {
                     lot: Some("W1".into()),
                     quantity: Decimal::from(3),
                     to_storage: true,
-                    corrects_output: true,
+                    corrects: Side::Outputs,
                     new_lot_ok: true,
                 },
                 // Nothing consumed from L0: no line; scrap is not posted.
@@ -664,7 +660,7 @@ mod tests {
                     lot: Some("L1".into()),
                     quantity: Decimal::from(6),
                     to_storage: false,
-                    corrects_output: false,
+                    corrects: Side::Inputs,
                     new_lot_ok: false,
                 },
             ]
