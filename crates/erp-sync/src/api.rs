@@ -37,12 +37,7 @@ fn require_admin<T>(req: &Request<T>) -> Result<Caller, Error> {
     }
 }
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+use mes_domain::time::to_proto as timestamp;
 
 fn reconciliation(report: Report) -> pb::Reconciliation {
     pb::Reconciliation {

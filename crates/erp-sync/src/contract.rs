@@ -202,7 +202,7 @@ impl<'v, 'd> Reader<'v, 'd> {
                 None
             }
             Some(Value::String(s)) => match parse_quantity(s) {
-                Ok(d) => Some(d),
+                Ok(d) => Some(d.normalize()),
                 Err(m) => {
                     self.push(DriftKind::InvalidValue, name, m);
                     None
@@ -326,30 +326,9 @@ pub fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// A positive decimal string: digits with an optional fraction, at most 6 decimals, below 10^12
-/// (what scan-ingest accepts).
-pub fn parse_quantity(s: &str) -> Result<Decimal, &'static str> {
-    const SHAPE: &str = "must be a decimal string such as \"12.5\"";
-    let t = s.trim();
-    if t.is_empty() || t != s {
-        return Err(SHAPE);
-    }
-    if !t.chars().all(|c| c.is_ascii_digit() || c == '.') || t.starts_with('.') || t.ends_with('.')
-    {
-        return Err(SHAPE);
-    }
-    let d: Decimal = t.parse().map_err(|_| SHAPE)?;
-    if d <= Decimal::ZERO {
-        return Err("must be greater than zero");
-    }
-    if d.scale() > 6 {
-        return Err("must have at most 6 decimal places");
-    }
-    if d >= Decimal::from(1_000_000_000_000i64) {
-        return Err("is too large");
-    }
-    Ok(d.normalize())
-}
+/// A quantity from the ERP: the contract's one rule (`mes_domain::quantity`), so nothing is
+/// pulled that scan-ingest would refuse.
+pub use mes_domain::parse_quantity;
 
 /// The record's key for logs and dead letters: its identifying field when it is a string.
 fn key_of(value: &Value, field: &str, index: usize) -> String {

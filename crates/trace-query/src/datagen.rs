@@ -640,11 +640,15 @@ pub async fn load_bulk(
             Item::Scan { scan, material } => {
                 let scan_id = Uuid::parse_str(&scan.scan_id)?;
                 let at = time(scan.scanned_at.as_ref());
-                let kind = match pb::ScanKind::try_from(scan.kind) {
-                    Ok(pb::ScanKind::StartOperation) => "start_operation",
-                    Ok(pb::ScanKind::Consume) => "consume",
-                    Ok(pb::ScanKind::Produce) => "produce",
-                    Ok(pb::ScanKind::CompleteOperation) => "complete_operation",
+                // The generated plant makes starts, consumes, produces, completions and
+                // inspections only.
+                let kind = match mes_domain::ScanKind::from_proto(scan.kind) {
+                    Some(
+                        k @ (mes_domain::ScanKind::StartOperation
+                        | mes_domain::ScanKind::Consume
+                        | mes_domain::ScanKind::Produce
+                        | mes_domain::ScanKind::CompleteOperation),
+                    ) => k.as_str(),
                     _ => "inspect",
                 };
                 let quantity: Option<Decimal> = scan.quantity.parse().ok();

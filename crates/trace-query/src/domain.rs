@@ -116,17 +116,11 @@ impl GroupBy {
     }
 }
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use mes_domain::time::to_proto as timestamp;
 
 /// A protobuf time as UTC, `None` when absent or out of range.
 pub fn time_of(ts: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    let ts = ts?;
-    DateTime::<Utc>::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
+    mes_domain::time::from_proto(ts?)
 }
 
 /// A production report window `[from, to)`, validated.

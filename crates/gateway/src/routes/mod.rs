@@ -12,8 +12,6 @@ pub mod scans;
 pub mod trace;
 pub mod work_orders;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-
 use crate::problem::Problem;
 
 /// An empty proto string is an absent value.
@@ -23,18 +21,10 @@ pub(crate) fn opt(s: String) -> Option<String> {
 
 /// A proto timestamp as RFC 3339 (UTC, `Z`).
 pub(crate) fn time(ts: Option<prost_types::Timestamp>) -> Option<String> {
-    let ts = ts?;
-    let nanos = u32::try_from(ts.nanos).ok()?;
-    DateTime::<Utc>::from_timestamp(ts.seconds, nanos)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    mes_domain::time::to_rfc3339(&ts?)
 }
 
-pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
+pub(crate) use mes_domain::time::to_proto as timestamp;
 
 /// A database failure: 503 when the database cannot be reached, 500 otherwise (logged).
 pub(crate) fn db_error(e: sqlx::Error, retry_after: u64) -> Problem {
@@ -53,6 +43,7 @@ pub(crate) fn db_error(e: sqlx::Error, retry_after: u64) -> Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::{DateTime, Utc};
 
     #[test]
     fn timestamps_round_trip_as_rfc3339() {

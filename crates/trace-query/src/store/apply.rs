@@ -248,34 +248,14 @@ async fn skip_allowed(
     Ok(found.rows_affected() > 0)
 }
 
+/// A scan kind's wire name (the contract's table; "" when unknown).
 fn kind_name(kind: i32) -> &'static str {
-    match pb::ScanKind::try_from(kind) {
-        Ok(pb::ScanKind::StartOperation) => "start_operation",
-        Ok(pb::ScanKind::Consume) => "consume",
-        Ok(pb::ScanKind::Produce) => "produce",
-        Ok(pb::ScanKind::CompleteOperation) => "complete_operation",
-        Ok(pb::ScanKind::Scrap) => "scrap",
-        Ok(pb::ScanKind::Move) => "move",
-        Ok(pb::ScanKind::Inspect) => "inspect",
-        Ok(pb::ScanKind::Void) => "void",
-        _ => "",
-    }
+    mes_domain::ScanKind::name_of(kind)
 }
-
-const KINDS: [&str; 8] = [
-    "start_operation",
-    "consume",
-    "produce",
-    "complete_operation",
-    "scrap",
-    "move",
-    "inspect",
-    "void",
-];
 
 /// The stored kind name as a `'static` one ("" when unknown).
 fn static_kind(kind: &str) -> &'static str {
-    KINDS.into_iter().find(|k| *k == kind).unwrap_or("")
+    mes_domain::ScanKind::parse(kind).map_or("", mes_domain::ScanKind::as_str)
 }
 
 fn quantity(s: &str) -> Option<Decimal> {
