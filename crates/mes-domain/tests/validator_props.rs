@@ -8,12 +8,12 @@
 //! unit test when it is worth keeping.
 
 use chrono::{DateTime, TimeZone, Utc};
+use mes_domain::scan::{MAX_BATCH, validate_batch};
+use mes_domain::{InspectResult, ScanInput, ScanKind as Kind, parse_quantity};
 use mes_proto::v1 as pb;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use rust_decimal::Decimal;
-use mes_domain::scan::{MAX_BATCH, validate_batch};
-use mes_domain::{InspectResult, ScanInput, ScanKind as Kind, parse_quantity};
 
 /// The longest identifier, in bytes (written out here, not taken from the crate).
 const MAX_ID_LEN: usize = 64;
