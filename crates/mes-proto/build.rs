@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("mes_descriptor.bin"))
         // RPCs that a later issue fills in answer UNIMPLEMENTED until then.
         .generate_default_stubs(true)
+        // Undecodable requests are INVALID_ARGUMENT, not tonic-prost's INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::MesCodec")
         .compile_with_config(config, &protos, &[root, well_known])?;
     Ok(())
 }

@@ -10,5 +10,7 @@ pub mod mes {
 
 pub use mes::v1;
 
+pub mod codec;
+
 /// The encoded file descriptor set of every MES contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mes_descriptor");

@@ -284,9 +284,10 @@ impl<Req: Message + Default> Decoder for ProstDecoder<Req> {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
+        // Only requests are decoded here (answers are stored bytes).
         Req::decode(src)
             .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
+            .map_err(mes_proto::codec::invalid_request)
     }
 }
 
