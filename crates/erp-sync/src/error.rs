@@ -1,6 +1,7 @@
 //! erp-sync's request errors and their gRPC status. Internal details go to the log, never to
 //! the caller.
 
+use mes_common::errors::{Failure, ServiceError};
 use tonic::Status;
 
 use crate::adapter::AdapterError;
@@ -60,23 +61,28 @@ impl From<SyncError> for Error {
     }
 }
 
+impl ServiceError for Error {
+    fn failure(&self) -> Failure<'_> {
+        match self {
+            Error::PermissionDenied(m) => Failure::PermissionDenied(m),
+            Error::InvalidArgument(m) => Failure::BadRequest(m),
+            Error::Unavailable { what, source } => Failure::Unavailable {
+                what,
+                cause: source,
+            },
+            Error::ErpContract(_) => {
+                Failure::FailedPrecondition("the erp's data does not follow the contract")
+            }
+            Error::Internal(cause) => Failure::Internal { cause },
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        match e {
-            Error::PermissionDenied(m) => Status::permission_denied(mes_common::errors::bounded(m)),
-            Error::InvalidArgument(m) => Status::invalid_argument(mes_common::errors::bounded(m)),
-            Error::Unavailable { what, source } => {
-                tracing::warn!(dependency = what, error = %format!("{source:#}"), "dependency unavailable");
-                Status::unavailable(format!("{what} unavailable, retry later"))
-            }
-            Error::ErpContract(source) => {
-                tracing::warn!(error = %format!("{source:#}"), "erp data unusable");
-                Status::failed_precondition("the erp's data does not follow the contract")
-            }
-            Error::Internal(source) => {
-                tracing::error!(error = %format!("{source:#}"), "internal error");
-                Status::internal("internal error")
-            }
+        if let Error::ErpContract(source) = &e {
+            tracing::warn!(error = %format!("{source:#}"), "erp data unusable");
         }
+        e.to_status()
     }
 }

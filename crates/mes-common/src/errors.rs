@@ -39,6 +39,79 @@ pub fn bounded(mut message: String) -> String {
     message
 }
 
+/// What a service's error means to its caller. Each service's `Error` says which one it is
+/// ([`ServiceError::failure`]); the gRPC status is built from it here, once, and the gateway
+/// turns that status into an HTTP problem with [`http_for`]: one mapping from error to status
+/// to problem for every service.
+pub enum Failure<'a> {
+    /// The request's own values: `(field, message)`, named as the client sent them.
+    Invalid(Vec<(&'a str, &'a str)>),
+    /// The request as a whole (no one field to name).
+    BadRequest(&'a str),
+    NotFound(&'a str),
+    /// The request conflicts with what is stored (ABORTED: 409).
+    Conflict(&'a str),
+    FailedPrecondition(&'a str),
+    PermissionDenied(&'a str),
+    Unauthenticated,
+    /// A dependency (`what`: the database, the ERP...) did not answer; retrying is safe. The
+    /// cause is logged, never sent.
+    Unavailable {
+        what: &'a str,
+        cause: &'a dyn std::fmt::Display,
+    },
+    /// Ours. The cause is logged, never sent.
+    Internal {
+        cause: &'a dyn std::fmt::Display,
+    },
+}
+
+/// A service error that knows what it means to the caller: `to_status` is the same for all.
+pub trait ServiceError {
+    fn failure(&self) -> Failure<'_>;
+
+    /// The gRPC status (causes go to the log, never to the caller; messages are bounded).
+    fn to_status(&self) -> tonic::Status {
+        status_of(self.failure())
+    }
+}
+
+/// The gRPC status of a [`Failure`].
+pub fn status_of(failure: Failure<'_>) -> tonic::Status {
+    use tonic::Status;
+    use tonic_types::{ErrorDetails, StatusExt};
+    match failure {
+        Failure::Invalid(violations) => {
+            let mut details = ErrorDetails::new();
+            for (field, message) in violations.iter().take(100) {
+                details.add_bad_request_violation(
+                    bounded((*field).to_owned()),
+                    bounded((*message).to_owned()),
+                );
+            }
+            let message = violations
+                .first()
+                .map(|(field, message)| bounded(format!("{field}: {message}")))
+                .unwrap_or_else(|| "invalid request".into());
+            Status::with_error_details(Code::InvalidArgument, message, details)
+        }
+        Failure::BadRequest(m) => Status::invalid_argument(bounded(m.to_owned())),
+        Failure::NotFound(what) => Status::not_found(bounded(format!("{what} not found"))),
+        Failure::Conflict(m) => Status::aborted(bounded(m.to_owned())),
+        Failure::FailedPrecondition(m) => Status::failed_precondition(bounded(m.to_owned())),
+        Failure::PermissionDenied(m) => Status::permission_denied(bounded(m.to_owned())),
+        Failure::Unauthenticated => Status::unauthenticated("the caller is not identified"),
+        Failure::Unavailable { what, cause } => {
+            tracing::error!(dependency = what, error = %format!("{cause:#}"), "dependency unavailable");
+            Status::unavailable(format!("{what} unavailable, retry"))
+        }
+        Failure::Internal { cause } => {
+            tracing::error!(error = %format!("{cause:#}"), "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
 /// `(http status, problem code)` for a gRPC code.
 pub fn http_for(code: Code) -> (u16, &'static str) {
     match code {
@@ -70,6 +143,61 @@ mod tests {
         assert!(cut.len() <= MAX_STATUS_MESSAGE, "{}", cut.len());
         assert!(cut.ends_with('…'));
         assert!(cut.starts_with("lot éé"));
+    }
+
+    #[test]
+    fn each_failure_has_its_status_and_no_cause_leaks() {
+        use tonic_types::StatusExt;
+        let invalid = status_of(Failure::Invalid(vec![
+            ("scans[0].quantity", "must be greater than zero"),
+            ("scans[1].lot", "is required"),
+        ]));
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert_eq!(
+            invalid.message(),
+            "scans[0].quantity: must be greater than zero"
+        );
+        let violations = invalid
+            .get_error_details()
+            .bad_request()
+            .map(|b| b.field_violations.len());
+        assert_eq!(violations, Some(2));
+        let secret = "password=hunter2 at db:5432";
+        for (failure, code) in [
+            (
+                Failure::BadRequest("no such adapter"),
+                Code::InvalidArgument,
+            ),
+            (Failure::NotFound("lot X"), Code::NotFound),
+            (Failure::Conflict("already voided"), Code::Aborted),
+            (
+                Failure::FailedPrecondition("held"),
+                Code::FailedPrecondition,
+            ),
+            (
+                Failure::PermissionDenied("not yours"),
+                Code::PermissionDenied,
+            ),
+            (Failure::Unauthenticated, Code::Unauthenticated),
+            (
+                Failure::Unavailable {
+                    what: "database",
+                    cause: &secret,
+                },
+                Code::Unavailable,
+            ),
+            (Failure::Internal { cause: &secret }, Code::Internal),
+        ] {
+            let status = status_of(failure);
+            assert_eq!(status.code(), code);
+            assert!(!status.message().contains("hunter2"), "{status:?}");
+        }
+        assert_eq!(
+            status_of(Failure::NotFound(&"x".repeat(5000)))
+                .message()
+                .len(),
+            MAX_STATUS_MESSAGE
+        );
     }
 
     #[test]

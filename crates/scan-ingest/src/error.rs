@@ -1,7 +1,7 @@
 //! scan-ingest's errors and their gRPC status.
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use mes_common::errors::{Failure, ServiceError};
+use tonic::Status;
 
 /// A field that failed validation, named as the client sent it (`scans[3].quantity`): the
 /// contract's type, shared with the gateway.
@@ -79,38 +79,32 @@ impl From<anyhow::Error> for Error {
     }
 }
 
+impl ServiceError for Error {
+    fn failure(&self) -> Failure<'_> {
+        match self {
+            Error::Invalid(violations) => Failure::Invalid(
+                violations
+                    .iter()
+                    .map(|v| (v.field.as_str(), v.message.as_str()))
+                    .collect(),
+            ),
+            Error::NotFound(what) => Failure::NotFound(what),
+            Error::Conflict(m) => Failure::Conflict(m),
+            Error::FailedPrecondition(m) => Failure::FailedPrecondition(m),
+            Error::PermissionDenied(m) => Failure::PermissionDenied(m),
+            Error::Unauthenticated => Failure::Unauthenticated,
+            Error::Unavailable(cause) => Failure::Unavailable {
+                what: "database",
+                cause,
+            },
+            Error::Internal(cause) => Failure::Internal { cause },
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        use mes_common::errors::bounded;
-        match e {
-            Error::Invalid(violations) => {
-                let mut details = ErrorDetails::new();
-                for v in violations.iter().take(100) {
-                    details.add_bad_request_violation(
-                        bounded(v.field.clone()),
-                        bounded(v.message.clone()),
-                    );
-                }
-                let message = violations
-                    .first()
-                    .map(|v| bounded(format!("{}: {}", v.field, v.message)))
-                    .unwrap_or_else(|| "invalid request".into());
-                Status::with_error_details(Code::InvalidArgument, message, details)
-            }
-            Error::NotFound(what) => Status::not_found(bounded(format!("{what} not found"))),
-            Error::Conflict(m) => Status::aborted(bounded(m)),
-            Error::FailedPrecondition(m) => Status::failed_precondition(bounded(m)),
-            Error::PermissionDenied(m) => Status::permission_denied(bounded(m)),
-            Error::Unauthenticated => Status::unauthenticated("the caller is not identified"),
-            Error::Unavailable(source) => {
-                tracing::error!(error = %format!("{source:#}"), "database unavailable");
-                Status::unavailable("database unavailable, retry")
-            }
-            Error::Internal(source) => {
-                tracing::error!(error = %format!("{source:#}"), "internal error");
-                Status::internal("internal error")
-            }
-        }
+        e.to_status()
     }
 }
 
@@ -119,6 +113,7 @@ mod tests {
     use std::borrow::Cow;
 
     use super::*;
+    use tonic::Code;
 
     /// A database error with a SQLSTATE, as PostgreSQL reports it.
     #[derive(Debug)]

@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use fred::bytes::{BufMut, Bytes};
+use mes_common::errors::ServiceError;
 use mes_proto::v1 as pb;
 use mes_proto::v1::trace_query_server::{TraceQuery, TraceQueryServer};
 use prost::Message;

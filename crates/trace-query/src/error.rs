@@ -1,8 +1,7 @@
 //! trace-query's errors and their gRPC status.
 
-use mes_common::errors::bounded;
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use mes_common::errors::{Failure, ServiceError};
+use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,31 +22,18 @@ impl Error {
             message: message.into(),
         }
     }
+}
 
-    /// The gRPC status (internal causes go to the log, never to the caller).
-    pub fn to_status(&self) -> Status {
+impl ServiceError for Error {
+    fn failure(&self) -> Failure<'_> {
         match self {
-            Error::Invalid { field, message } => {
-                let mut details = ErrorDetails::new();
-                details.add_bad_request_violation(bounded(field.clone()), bounded(message.clone()));
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    bounded(format!("{field}: {message}")),
-                    details,
-                )
-            }
-            Error::NotFound(what) => Status::not_found(bounded(format!("{what} not found"))),
-            Error::Unavailable(source) => {
-                tracing::error!(
-                    error = source as &dyn std::error::Error,
-                    "database unavailable"
-                );
-                Status::unavailable("database unavailable, retry")
-            }
-            Error::Internal(source) => {
-                tracing::error!(error = %format!("{source:#}"), "internal error");
-                Status::internal("internal error")
-            }
+            Error::Invalid { field, message } => Failure::Invalid(vec![(field, message)]),
+            Error::NotFound(what) => Failure::NotFound(what),
+            Error::Unavailable(cause) => Failure::Unavailable {
+                what: "database",
+                cause,
+            },
+            Error::Internal(cause) => Failure::Internal { cause },
         }
     }
 }
@@ -75,6 +61,8 @@ impl From<Error> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
+    use tonic_types::StatusExt;
 
     #[test]
     fn invalid_argument_names_the_field() {
