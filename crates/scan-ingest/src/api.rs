@@ -31,6 +31,11 @@ impl Api {
         hold: bool,
     ) -> Result<Response<pb::Lot>, Status> {
         let caller = caller(&req)?;
+        require_role(
+            &caller,
+            &["quality", "supervisor"],
+            "holding and releasing lots needs the quality or supervisor role",
+        )?;
         let r = req.get_ref();
         let lot = corrections::set_hold(&self.state.pool, &r.lot, &r.reason, hold, &caller).await?;
         self.state.feed.committed();
@@ -40,6 +45,16 @@ impl Api {
 
 fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
     Caller::from_metadata(req.metadata()).ok_or(Error::Unauthenticated)
+}
+
+/// Sensitive operations check the caller's roles again here, after the gateway did (admins
+/// pass every check: `Caller::has_any_role`).
+fn require_role(caller: &Caller, roles: &[&str], why: &str) -> Result<(), Error> {
+    if caller.has_any_role(roles) {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(why.into()))
+    }
 }
 
 #[tonic::async_trait]
@@ -87,6 +102,11 @@ impl ScanIngest for Api {
         req: Request<pb::VoidScanRequest>,
     ) -> Result<Response<pb::VoidScanResponse>, Status> {
         let caller = caller(&req)?;
+        require_role(
+            &caller,
+            &["supervisor"],
+            "voiding scans needs the supervisor role",
+        )?;
         let r = req.get_ref();
         let out =
             corrections::void(&self.state.pool, &r.scan_id, &r.reason, r.confirm, &caller).await?;
