@@ -314,17 +314,8 @@ impl<'v, 'd> Reader<'v, 'd> {
     }
 }
 
-/// The JSON type of a value, for messages.
-pub fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+/// The JSON type of a value, for messages (the gateway's words too).
+pub use mes_common::errors::json_type as type_name;
 
 /// A quantity from the ERP: the contract's one rule (`mes_domain::quantity`), so nothing is
 /// pulled that scan-ingest would refuse.

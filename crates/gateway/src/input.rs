@@ -226,16 +226,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-pub fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+pub use mes_common::errors::json_type as type_name;
 
 /// Query parameters read like [`Fields`]: unknown or repeated parameters are refused.
 pub struct Params {

@@ -112,6 +112,20 @@ pub fn status_of(failure: Failure<'_>) -> tonic::Status {
     }
 }
 
+/// How a field error names the JSON type a value has (`must be a string, not a number`), for
+/// the gateway's REST input and erp-sync's ERP contract alike.
+pub fn json_type(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// `(http status, problem code)` for a gRPC code.
 pub fn http_for(code: Code) -> (u16, &'static str) {
     match code {

@@ -17,6 +17,24 @@ use crate::FieldViolation;
 use crate::ident::{IDENT_RULE, is_ident};
 use crate::quantity::parse_quantity;
 
+/// The fields of a scan, in the contract's order (the order its errors are listed in).
+pub const FIELDS: [&str; 14] = [
+    "scan_id",
+    "kind",
+    "work_order",
+    "operation",
+    "station",
+    "lot",
+    "material",
+    "quantity",
+    "into_lot",
+    "location",
+    "result",
+    "defect_code",
+    "scanned_at",
+    "attributes",
+];
+
 /// Scans in one batch at most.
 pub const MAX_BATCH: usize = 500;
 /// Serialised attributes at most, in bytes.

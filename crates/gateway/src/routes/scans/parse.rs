@@ -121,22 +121,7 @@ fn parse_scan(value: &Value, index: usize, errors: &mut Vec<FieldError>) -> pb::
 }
 
 /// The fields of a scan in the contract's order: errors are listed in it.
-const SCAN_FIELDS: [&str; 14] = [
-    "scan_id",
-    "kind",
-    "work_order",
-    "operation",
-    "station",
-    "lot",
-    "material",
-    "quantity",
-    "into_lot",
-    "location",
-    "result",
-    "defect_code",
-    "scanned_at",
-    "attributes",
-];
+use mes_domain::scan::FIELDS as SCAN_FIELDS;
 
 /// Where an error goes in the list: the batch's own first, then by scan, then by field in
 /// the contract's order, unknown fields last.
