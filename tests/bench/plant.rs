@@ -209,8 +209,8 @@ pub async fn seed(sys: &System, lanes: usize) -> anyhow::Result<String> {
 
 /// The generated plant of the scale runs (depth 5, fan-in 4: a top-level lot's backward
 /// genealogy has 1,365 nodes once every level holds at least 1,024 lots).
-pub fn scale_plan(s: &Settings) -> trace_query::datagen::Plan {
-    trace_query::datagen::Plan {
+pub fn scale_plan(s: &Settings) -> mes_datagen::Plan {
+    mes_datagen::Plan {
         lots: s.lots,
         depth: 5,
         fan_in: 4,
@@ -232,7 +232,7 @@ pub async fn scale_read_model(s: &Settings) -> anyhow::Result<String> {
     let started = Instant::now();
     let mut quiet = |_: u64, _: u64| {};
     let plan = scale_plan(s);
-    let items = trace_query::datagen::load_bulk(&pool, &plan, "mes-datagen", &mut quiet).await?;
+    let items = mes_datagen::load_bulk(&pool, &plan, "mes-datagen", &mut quiet).await?;
     pool.close().await;
     println!(
         "generated plant: {} lots, depth {}, fan-in {} ({items} rows in {:.0} s)",

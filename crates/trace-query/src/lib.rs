@@ -9,7 +9,6 @@
 //! - [`store`]: SQL of its own database: applying events, the read queries.
 //! - [`cache`]: the Redis query cache (cache-aside, single-flight, locks, membership filter).
 //! - [`stats`]: counters behind the metrics.
-//! - [`datagen`]: realistic data volumes for tests and benchmarks (`mes-datagen`).
 //! - [`error`]: the service's errors and their gRPC status.
 //!
 //! Migrations of its own database are in `migrations/` and run at start-up.
@@ -17,7 +16,6 @@
 pub mod api;
 pub mod cache;
 pub mod config;
-pub mod datagen;
 pub mod domain;
 pub mod error;
 pub mod projection;

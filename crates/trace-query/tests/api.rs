@@ -1018,7 +1018,7 @@ async fn health_is_serving_and_reflection_lists_trace_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_plant_loads_identically_in_bulk_and_through_the_projection() {
-    use trace_query::datagen::{self, Plan};
+    use mes_datagen::{self as datagen, Plan};
     let unique = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let urls = [
         format!("postgres://postgres@127.0.0.1:5432/test_tq_bulk_{unique}"),
@@ -1085,7 +1085,7 @@ async fn generated_plant_loads_identically_in_bulk_and_through_the_projection() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_plant_loads_through_scan_ingest_and_is_traced_to_full_depth() {
-    use trace_query::datagen::{self, Plan};
+    use mes_datagen::{self as datagen, Plan};
     let env = TestEnv::new().await;
     let app = env.spawn_trace_query(TqOptions::default()).await;
     let plan = Plan {

@@ -1,4 +1,4 @@
-//! `mes-datagen`: realistic data volumes for trace-query (see `trace_query::datagen`).
+//! `mes-datagen`: realistic data volumes for trace-query (see the `mes_datagen` library).
 //!
 //! ```text
 //! mes-datagen [--mode bulk|events|grpc|bench] [--lots N] [--depth D] [--fan-in F]
@@ -26,7 +26,7 @@
 use std::time::Instant;
 
 use mes_common::identity::Caller;
-use trace_query::datagen::{self, Plan};
+use mes_datagen::{self as datagen, Plan};
 
 const USAGE: &str = "usage: mes-datagen [--mode bulk|events|grpc|bench] [--lots N] [--depth D] \
 [--fan-in F] [--extra-scans S] [--seed N] [--database-url URL] [--scan-ingest-url URL] \

@@ -1,4 +1,5 @@
-//! Realistic data volumes for tests and benchmarks (the `mes-datagen` binary).
+//! `mes-datagen`: realistic data volumes for trace-query's tests and the benchmark (and the
+//! `mes-datagen` binary), kept out of the service's own library.
 //!
 //! A [`Plan`] describes a plant with `depth` + 1 levels of material: level 0 are received lots
 //! (with supplier and supplier lot); each lot of level L ≥ 1 is produced by a work order of its
@@ -12,7 +13,8 @@
 //! ways to load it:
 //! - [`load_bulk`]: straight into a trace-query database with large `UNNEST` inserts — the
 //!   rows the projection would write (a test checks they are identical) — for big volumes;
-//! - [`load_events`]: as the feed's events through the projection itself ([`crate::store::apply`]);
+//! - [`load_events`]: as the feed's events through the projection itself
+//!   ([`trace_query::store::apply`]);
 //! - [`load_grpc`]: through the real write path, scan-ingest's `MasterData` and `SubmitScans`
 //!   over gRPC with a caller in the metadata (trace-query then builds its read model from the
 //!   feed).
@@ -29,7 +31,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::domain::timestamp;
+use mes_domain::time::to_proto as timestamp;
 
 type Traced = mes_common::grpc::Signed<tonic::transport::Channel>;
 
@@ -418,13 +420,13 @@ pub async fn load_events(
         n += 1;
         batch.push(event_of(item, n));
         if batch.len() == 2000 {
-            crate::store::apply::apply(pool, consumer, &batch).await?;
+            trace_query::store::apply::apply(pool, consumer, &batch).await?;
             batch.clear();
             progress(n, total);
         }
     }
     if !batch.is_empty() {
-        crate::store::apply::apply(pool, consumer, &batch).await?;
+        trace_query::store::apply::apply(pool, consumer, &batch).await?;
     }
     progress(n, total);
     Ok(n)
@@ -479,7 +481,8 @@ impl Rows {
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> DateTime<Utc> {
-    crate::domain::time_of(ts).unwrap_or_else(Utc::now)
+    ts.and_then(mes_domain::time::from_proto)
+        .unwrap_or_else(Utc::now)
 }
 
 async fn flush(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, r: &mut Rows) -> anyhow::Result<()> {
