@@ -33,6 +33,7 @@ test: deps-up ## deps up, rustfmt check, clippy -D warnings, then the whole test
 	scripts/promtool-test.sh
 	scripts/compose-check.sh
 	scripts/k8s-copies.sh
+	python3 scripts/check-doc-links.py
 	@# the end-to-end suite (tests/) starts the four service binaries: build them first
 	$(MAKE) --no-print-directory failpoint-bins
 	$(CARGO) build --workspace --bins

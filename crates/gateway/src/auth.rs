@@ -218,6 +218,8 @@ pub fn now_secs() -> u64 {
 pub struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// The other secret of a rotation: tokens it signed still verify; none is signed with it.
+    previous: Option<DecodingKey>,
     validation: Validation,
     issuer: String,
     ttl: u64,
@@ -226,6 +228,17 @@ pub struct Tokens {
 
 impl Tokens {
     pub fn new(secret: &[u8], issuer: &str, ttl_seconds: u64) -> Self {
+        Self::rotating(secret, None, issuer, ttl_seconds)
+    }
+
+    /// Signs with `secret`; verifies tokens signed with it or with `previous` (a rotation:
+    /// README "Rotating the JWT secret").
+    pub fn rotating(
+        secret: &[u8],
+        previous: Option<&[u8]>,
+        issuer: &str,
+        ttl_seconds: u64,
+    ) -> Self {
         // Exactly one algorithm: a token whose header names another (or `none`) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
@@ -238,6 +251,7 @@ impl Tokens {
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
+            previous: previous.map(DecodingKey::from_secret),
             validation,
             issuer: issuer.to_owned(),
             ttl: ttl_seconds,
@@ -289,9 +303,19 @@ impl Tokens {
             let expired = jsonwebtoken::errors::ErrorKind::ExpiredSignature;
             return Err(refused(&expired.into()));
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| refused(&e))?;
+        let decoded = match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        {
+            // Only a signature that is not the current secret's is tried with the previous one.
+            Err(e)
+                if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature)
+                    && self.previous.is_some() =>
+            {
+                let previous = self.previous.as_ref().unwrap_or(&self.decoding);
+                jsonwebtoken::decode::<Claims>(token, previous, &self.validation)
+            }
+            other => other,
+        };
+        let claims = decoded.map(|data| data.claims).map_err(|e| refused(&e))?;
         self.verified.remember(token, &claims);
         Ok(claims)
     }
@@ -449,6 +473,36 @@ mod tests {
         assert!(t.verify(&forged).is_err());
         assert!(t.verify("not.a.token").is_err());
         assert!(t.verify("").is_err());
+    }
+
+    #[test]
+    fn during_a_rotation_tokens_of_both_secrets_verify_and_only_the_new_one_signs() {
+        const OLD: &[u8] = b"0123456789abcdef0123456789abcdef";
+        const NEW: &[u8] = b"the-new-secret-of-32-bytes-or-more";
+        let before = Tokens::new(OLD, "mes-gateway", 900);
+        let (old_token, _) = before
+            .issue("op1", vec!["operator".into()], None, None)
+            .unwrap();
+        let during = Tokens::rotating(NEW, Some(OLD), "mes-gateway", 900);
+        assert!(
+            during.verify(&old_token).is_ok(),
+            "a token of the old secret"
+        );
+        let (new_token, claims) = during
+            .issue("op1", vec!["operator".into()], None, None)
+            .unwrap();
+        assert!(during.verify(&new_token).is_ok());
+        assert!(
+            before.verify(&new_token).is_err(),
+            "new tokens are signed with the new secret"
+        );
+        let stranger = EncodingKey::from_secret(b"another-secret-another-secret-xx");
+        let forged =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &stranger).unwrap();
+        assert!(during.verify(&forged).is_err(), "a third secret");
+        let after = Tokens::new(NEW, "mes-gateway", 900);
+        assert!(after.verify(&old_token).is_err(), "the old secret retired");
+        assert!(after.verify(&new_token).is_ok());
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct Settings {
     /// HS256 signing secret of access tokens (at least 32 bytes). Required unless demo mode is
     /// on; in demo mode an empty secret is replaced by a random per-process one.
     pub jwt_secret: Secret,
+    /// A second secret (at least 32 bytes) whose tokens still verify, never used to sign: the
+    /// other secret of a rotation (README "Rotating the JWT secret").
+    pub jwt_secret_previous: Secret,
     /// `iss` and `aud` of the access tokens.
     pub jwt_issuer: String,
     /// Lifetime of an access token.
@@ -85,6 +88,7 @@ impl Settings {
             trace_query_url: "http://127.0.0.1:50052".into(),
             erp_sync_url: "http://127.0.0.1:50053".into(),
             jwt_secret: Secret::default(),
+            jwt_secret_previous: Secret::default(),
             jwt_issuer: "mes-gateway".into(),
             token_ttl_seconds: 900,
             cors_allowed_origins: Vec::new(),
@@ -140,6 +144,14 @@ impl Settings {
         anyhow::ensure!(
             self.jwt_secret.is_empty() || self.jwt_secret.expose().len() >= 32,
             "jwt_secret must be at least 32 bytes"
+        );
+        anyhow::ensure!(
+            self.jwt_secret_previous.is_empty() || self.jwt_secret_previous.expose().len() >= 32,
+            "jwt_secret_previous must be at least 32 bytes"
+        );
+        anyhow::ensure!(
+            self.jwt_secret_previous.is_empty() || !self.jwt_secret.is_empty(),
+            "jwt_secret_previous needs a jwt_secret to sign with"
         );
         anyhow::ensure!(self.token_ttl_seconds > 0, "token_ttl_seconds must be > 0");
         anyhow::ensure!(self.max_body_bytes > 0, "max_body_bytes must be > 0");

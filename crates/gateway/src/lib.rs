@@ -200,7 +200,13 @@ impl Application {
             concurrent = hashes.size(),
             "password checks of logins bounded"
         );
-        let tokens = Tokens::new(&secret, &settings.jwt_issuer, settings.token_ttl_seconds);
+        let previous = settings.jwt_secret_previous.expose().as_bytes();
+        let tokens = Tokens::rotating(
+            &secret,
+            (!previous.is_empty()).then_some(previous),
+            &settings.jwt_issuer,
+            settings.token_ttl_seconds,
+        );
         let backends = Backends::new(&settings)?;
         let listener = mes_common::grpc::bind(&settings.service.listen_addr).await?;
         let port = listener.local_addr()?.port();
