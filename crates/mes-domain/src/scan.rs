@@ -1,4 +1,5 @@
-//! Scans: the kinds and their wire names, inspection results, and the shape of a valid scan.
+//! Scans: the kinds and their wire names, inspection results, the shape of a valid scan, and
+//! what a valid scan asks for, typed per kind ([`ScanCommand`]).
 //!
 //! [`validate_batch`] is the one place the shape rules live (which fields each kind needs,
 //! identifiers, quantities, the time window, attributes). The gateway runs it on a REST batch
@@ -195,7 +196,8 @@ impl InspectResult {
     }
 }
 
-/// A scan that passed shape validation. Optional identifiers are empty when absent.
+/// A scan that passed shape validation, as it is stored. Optional identifiers are empty when
+/// absent; [`ScanInput::command`] gives the kind's fields typed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScanInput {
     pub scan_id: Uuid,
@@ -216,6 +218,69 @@ pub struct ScanInput {
 }
 
 impl ScanInput {
+    /// What the scan asks for, with exactly its kind's fields. `Some` for every scan
+    /// [`validate_batch`] returns; `None` for a `void` scan (made by the void operation, never
+    /// submitted) and for a `ScanInput` built by hand without a field its kind requires.
+    pub fn command(&self) -> Option<ScanCommand> {
+        let given = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let work_order = given(&self.work_order);
+        let operation = (self.operation != 0).then_some(self.operation);
+        let lot = given(&self.lot);
+        Some(match self.kind {
+            ScanKind::StartOperation => ScanCommand::Start(Start {
+                work_order: work_order?,
+                operation: operation?,
+            }),
+            ScanKind::CompleteOperation => ScanCommand::Complete(Complete {
+                work_order: work_order?,
+                operation: operation?,
+            }),
+            ScanKind::Consume => ScanCommand::Consume(Consume {
+                work_order: work_order?,
+                operation,
+                lot: lot?,
+                quantity: self.quantity?,
+                material: given(&self.material),
+                into_lot: given(&self.into_lot),
+            }),
+            ScanKind::Produce => ScanCommand::Produce(Produce {
+                work_order: work_order?,
+                operation,
+                lot: lot?,
+                quantity: self.quantity?,
+                material: given(&self.material),
+            }),
+            ScanKind::Scrap => ScanCommand::Scrap(Scrap {
+                work_order: work_order?,
+                operation,
+                lot: lot?,
+                quantity: self.quantity?,
+                defect_code: given(&self.defect_code)?,
+            }),
+            ScanKind::Move => ScanCommand::Move(Move {
+                work_order,
+                operation,
+                lot: lot?,
+                quantity: self.quantity?,
+                location: given(&self.location)?,
+            }),
+            ScanKind::Inspect => ScanCommand::Inspect(Inspect {
+                work_order: work_order?,
+                operation,
+                lot: lot?,
+                verdict: match self.result? {
+                    InspectResult::Pass => Verdict::Pass {
+                        defect_code: given(&self.defect_code),
+                    },
+                    InspectResult::Fail => Verdict::Fail {
+                        defect_code: given(&self.defect_code)?,
+                    },
+                },
+            }),
+            ScanKind::Void => return None,
+        })
+    }
+
     /// A stable hash of the client-supplied content (idempotency: same id and hash =
     /// duplicate). Stored with every scan: its canonical form must never change.
     pub fn content_hash(&self) -> String {
@@ -248,6 +313,128 @@ impl ScanInput {
             h.update(part.as_bytes());
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// What a scan asks for, one variant per submittable kind, each holding exactly the fields its
+/// kind gives meaning to: a field the kind requires is there (no empty string, no `Option`), an
+/// optional one is an `Option`. Made from a validated scan by [`ScanInput::command`]; the rules
+/// of each kind (scan-ingest) take it instead of re-reading strings.
+///
+/// Fields the contract allows on any scan but no rule reads (a lot on a `start_operation`, the
+/// attributes, the device time) stay on the [`ScanInput`], which is what is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScanCommand {
+    Start(Start),
+    Consume(Consume),
+    Produce(Produce),
+    Complete(Complete),
+    Scrap(Scrap),
+    Move(Move),
+    Inspect(Inspect),
+}
+
+/// `start_operation`: a routing step of a work order begins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Start {
+    pub work_order: String,
+    /// The routing step (never 0).
+    pub operation: i32,
+}
+
+/// `complete_operation`: a routing step of a work order ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Complete {
+    pub work_order: String,
+    /// The routing step (never 0).
+    pub operation: i32,
+}
+
+/// `consume`: a quantity of a component lot goes into a work order (into `into_lot`, one of
+/// its output lots, when given).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consume {
+    pub work_order: String,
+    /// `None`: the work order's operation at the scan's station.
+    pub operation: Option<i32>,
+    pub lot: String,
+    pub quantity: Decimal,
+    /// The material the operator expects the lot to be.
+    pub material: Option<String>,
+    pub into_lot: Option<String>,
+}
+
+/// `produce`: a quantity of the work order's output, into a new or its own lot (a serial: 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Produce {
+    pub work_order: String,
+    /// `None`: the work order's operation at the scan's station.
+    pub operation: Option<i32>,
+    pub lot: String,
+    pub quantity: Decimal,
+    /// The material the operator expects the order to produce.
+    pub material: Option<String>,
+}
+
+/// `scrap`: a quantity of a lot is scrapped on a work order, with its defect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scrap {
+    pub work_order: String,
+    /// `None`: the work order's operation at the scan's station.
+    pub operation: Option<i32>,
+    pub lot: String,
+    pub quantity: Decimal,
+    pub defect_code: String,
+}
+
+/// `move`: a lot goes to another location, on a work order or none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Move {
+    pub work_order: Option<String>,
+    /// `None`: the work order's operation at the scan's station, or none without an order.
+    pub operation: Option<i32>,
+    pub lot: String,
+    pub quantity: Decimal,
+    pub location: String,
+}
+
+/// `inspect`: a lot passed or failed an inspection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inspect {
+    pub work_order: String,
+    /// `None`: the work order's operation at the scan's station.
+    pub operation: Option<i32>,
+    pub lot: String,
+    pub verdict: Verdict,
+}
+
+/// An inspection's outcome: a failed one always names its defect.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Pass { defect_code: Option<String> },
+    Fail { defect_code: String },
+}
+
+impl Verdict {
+    pub fn result(&self) -> InspectResult {
+        match self {
+            Verdict::Pass { .. } => InspectResult::Pass,
+            Verdict::Fail { .. } => InspectResult::Fail,
+        }
+    }
+}
+
+impl ScanCommand {
+    pub fn kind(&self) -> ScanKind {
+        match self {
+            ScanCommand::Start(_) => ScanKind::StartOperation,
+            ScanCommand::Consume(_) => ScanKind::Consume,
+            ScanCommand::Produce(_) => ScanKind::Produce,
+            ScanCommand::Complete(_) => ScanKind::CompleteOperation,
+            ScanCommand::Scrap(_) => ScanKind::Scrap,
+            ScanCommand::Move(_) => ScanKind::Move,
+            ScanCommand::Inspect(_) => ScanKind::Inspect,
+        }
     }
 }
 
@@ -295,6 +482,8 @@ pub fn validate_batch(
         if let Some(scan) = validate_scan(s, i, now, &mut seen, &mut violations)
             && violations.len() == before
         {
+            // The shape rules above are what makes a scan its kind's command.
+            debug_assert!(scan.command().is_some(), "{scan:?}");
             out.push(scan);
         }
     }
@@ -491,6 +680,126 @@ mod tests {
             .into_iter()
             .map(|v| format!("{}: {}", v.field, v.message))
             .collect()
+    }
+
+    fn command(s: pb::Scan) -> Option<ScanCommand> {
+        let mut ok = validate_batch(&[s], now()).unwrap();
+        ok.pop().unwrap().command()
+    }
+
+    #[test]
+    fn a_valid_scan_is_its_kinds_command_with_exactly_its_fields() {
+        let mut start = scan(pb::ScanKind::StartOperation);
+        start.lot = "L-1".into(); // allowed, stored, but no part of a start
+        start.quantity = "3".into();
+        assert_eq!(
+            command(start),
+            Some(ScanCommand::Start(Start {
+                work_order: "WO-1".into(),
+                operation: 10,
+            }))
+        );
+        let mut consume = scan(pb::ScanKind::Consume);
+        consume.operation = 0;
+        consume.lot = "L-1".into();
+        consume.quantity = "2.5".into();
+        consume.into_lot = "L-2".into();
+        assert_eq!(
+            command(consume.clone()),
+            Some(ScanCommand::Consume(Consume {
+                work_order: "WO-1".into(),
+                operation: None,
+                lot: "L-1".into(),
+                quantity: Decimal::new(25, 1),
+                material: None,
+                into_lot: Some("L-2".into()),
+            }))
+        );
+        let mut produce = consume.clone();
+        produce.kind = pb::ScanKind::Produce as i32;
+        produce.into_lot.clear();
+        produce.material = "FRAME".into();
+        assert_eq!(
+            command(produce),
+            Some(ScanCommand::Produce(Produce {
+                work_order: "WO-1".into(),
+                operation: None,
+                lot: "L-1".into(),
+                quantity: Decimal::new(25, 1),
+                material: Some("FRAME".into()),
+            }))
+        );
+        let mut scrap = scan(pb::ScanKind::Scrap);
+        scrap.lot = "L-1".into();
+        scrap.quantity = "1".into();
+        scrap.defect_code = "CRACK".into();
+        assert_eq!(
+            command(scrap),
+            Some(ScanCommand::Scrap(Scrap {
+                work_order: "WO-1".into(),
+                operation: Some(10),
+                lot: "L-1".into(),
+                quantity: Decimal::ONE,
+                defect_code: "CRACK".into(),
+            }))
+        );
+        let mut mv = scan(pb::ScanKind::Move);
+        mv.work_order.clear();
+        mv.operation = 0;
+        mv.lot = "L-1".into();
+        mv.quantity = "1".into();
+        mv.location = "RACK-1".into();
+        assert_eq!(
+            command(mv),
+            Some(ScanCommand::Move(Move {
+                work_order: None,
+                operation: None,
+                lot: "L-1".into(),
+                quantity: Decimal::ONE,
+                location: "RACK-1".into(),
+            }))
+        );
+        let mut inspect = scan(pb::ScanKind::Inspect);
+        inspect.lot = "L-1".into();
+        inspect.result = pb::InspectResult::Fail as i32;
+        inspect.defect_code = "SCRATCH".into();
+        let want = Verdict::Fail {
+            defect_code: "SCRATCH".into(),
+        };
+        assert_eq!(want.result(), InspectResult::Fail);
+        assert_eq!(
+            command(inspect),
+            Some(ScanCommand::Inspect(Inspect {
+                work_order: "WO-1".into(),
+                operation: Some(10),
+                lot: "L-1".into(),
+                verdict: want,
+            }))
+        );
+        let complete = scan(pb::ScanKind::CompleteOperation);
+        let c = command(complete).unwrap();
+        assert_eq!(c.kind(), ScanKind::CompleteOperation);
+    }
+
+    #[test]
+    fn a_void_or_a_scan_without_its_kinds_fields_is_no_command() {
+        let mut s =
+            validate_batch(&[scan(pb::ScanKind::StartOperation)], now()).unwrap()[0].clone();
+        assert!(s.command().is_some());
+        s.kind = ScanKind::Void;
+        assert_eq!(s.command(), None);
+        s.kind = ScanKind::StartOperation;
+        s.operation = 0;
+        assert_eq!(s.command(), None);
+        s.kind = ScanKind::Consume;
+        s.operation = 10;
+        s.lot = "L-1".into();
+        assert_eq!(s.command(), None, "no quantity");
+        s.kind = ScanKind::Inspect;
+        s.result = Some(InspectResult::Fail);
+        assert_eq!(s.command(), None, "a failed inspection without its defect");
+        s.result = Some(InspectResult::Pass);
+        assert!(s.command().is_some());
     }
 
     #[test]
