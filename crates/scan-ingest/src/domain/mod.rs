@@ -1,8 +1,13 @@
-//! The rules of the write path, free of transport and SQL: shape validation of a scan, and the
-//! effect of each scan kind on the state it touches (work order, operation, lots).
+//! The rules of the write path, free of transport and SQL: what each scan kind does to the work
+//! order, the routing step and the lots it touches.
 //!
 //! [`World`] holds the rows a batch touches, loaded and locked by the store; [`World::apply`]
-//! either rejects a scan without changing anything or applies all of its effects.
+//! either rejects a scan without changing anything or applies all of its effects. It checks what
+//! every scan shares (the station), then hands the scan's [`ScanCommand`] to its kind's module
+//! (`start`, `consume`, `produce`, `complete`, `scrap`, `moves`, `inspect`), all of one shape:
+//! `impl Rule for <Kind>` (the kind's checks, in the order a client reads its rejections, then
+//! its effects) with its unit tests beside it. The checks the kinds share (the work order open
+//! for the scan, its routing step, a usable lot) are below.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -10,8 +15,19 @@ use rust_decimal::Decimal;
 
 // The scan's kinds, its shape rules and its validated form are the contract's, shared with the
 // gateway (mes-domain); what a valid scan does to the plant is this module's.
-pub use mes_domain::scan::{MAX_BATCH, validate_batch};
+pub use mes_domain::scan::{MAX_BATCH, ScanCommand, validate_batch};
 pub use mes_domain::{InspectResult, ScanInput, ScanKind as Kind, parse_quantity};
+
+mod complete;
+mod consume;
+mod inspect;
+mod moves;
+mod produce;
+mod scrap;
+mod start;
+
+#[cfg(test)]
+mod fixture;
 
 /// A business rejection: the scan is valid but cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +79,7 @@ pub struct LotState {
 }
 
 /// The rows a batch touches (locked by the store for the transaction).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct World {
     pub work_orders: HashMap<String, WorkOrderState>,
     pub lots: HashMap<String, LotState>,
@@ -79,6 +95,12 @@ pub struct Applied {
     pub material: String,
     /// The routing step the scan was booked on (resolved from the station when not given).
     pub operation: i32,
+}
+
+/// One scan kind's rule: its checks, then its effects on `world`, for a scan made at `station`
+/// (a station that exists). A rejection leaves `world` as it was.
+trait Rule {
+    fn apply(&self, world: &mut World, station: &str) -> Result<Applied, Rejection>;
 }
 
 impl World {
@@ -102,350 +124,233 @@ impl World {
                 format!("station {} does not exist", scan.station),
             );
         }
-        // Work order and operation checks (no mutation yet).
-        let step = if scan.work_order.is_empty() {
-            None
-        } else {
-            let Some(wo) = self.work_orders.get(&scan.work_order) else {
-                return reject(
-                    "unknown_work_order",
-                    format!("work order {} does not exist", scan.work_order),
-                );
+        let Some(command) = scan.command() else {
+            // Never a scan validate_batch let through: a void, or one built without its fields.
+            return match scan.kind {
+                Kind::Void => reject(
+                    "invalid_kind",
+                    "void scans are created by the void operation",
+                ),
+                kind => reject(
+                    "invalid_kind",
+                    format!(
+                        "this {} scan lacks a field its kind requires",
+                        kind.as_str()
+                    ),
+                ),
             };
-            if matches!(wo.status.as_str(), "closed" | "cancelled") {
-                return reject(
-                    "work_order_closed",
-                    format!("work order {} is {}", wo.number, wo.status),
-                );
-            }
-            if wo.status == "completed" && !matches!(scan.kind, Kind::Inspect | Kind::Move) {
-                return reject(
-                    "work_order_closed",
-                    format!("work order {} is completed", wo.number),
-                );
-            }
-            Some(resolve_operation(wo, scan)?)
         };
-
-        let outcome = match scan.kind {
-            Kind::StartOperation => {
-                let op = &self.work_orders[&scan.work_order].operations[&step.unwrap_or_default()];
-                if op.status == "completed" {
-                    return reject(
-                        "invalid_operation",
-                        format!("operation {} is already completed", op.step),
-                    );
-                }
-                let wo = self.with_op(scan, step, |op| op.status = "in_progress".into());
-                wo.dirty = true;
-                mark_started(wo);
-                Ok(Applied {
-                    material: wo.material.clone(),
-                    operation: 0,
-                })
-            }
-            Kind::CompleteOperation => {
-                let op = &self.work_orders[&scan.work_order].operations[&step.unwrap_or_default()];
-                if op.status == "completed" {
-                    return reject(
-                        "invalid_operation",
-                        format!("operation {} is already completed", op.step),
-                    );
-                }
-                let wo = self.with_op(scan, step, |op| op.status = "completed".into());
-                wo.dirty = true;
-                mark_started(wo);
-                if wo.operations.values().all(|o| o.status == "completed") {
-                    wo.status = "completed".into();
-                }
-                Ok(Applied {
-                    material: wo.material.clone(),
-                    operation: 0,
-                })
-            }
-            Kind::Consume => {
-                let q = scan.quantity.unwrap_or_default();
-                let lot = self.usable_lot(&scan.lot)?;
-                if !scan.material.is_empty() && scan.material != lot.material {
-                    return reject(
-                        "wrong_material",
-                        format!("lot {} is {}, not {}", lot.lot, lot.material, scan.material),
-                    );
-                }
-                let wo = &self.work_orders[&scan.work_order];
-                if !wo.components.contains_key(&lot.material) {
-                    return reject(
-                        "not_in_bom",
-                        format!(
-                            "{} is not a component of work order {}",
-                            lot.material, wo.number
-                        ),
-                    );
-                }
-                if lot.on_hand < q {
-                    return reject(
-                        "insufficient_quantity",
-                        format!(
-                            "lot {} has {} on hand, {} requested",
-                            lot.lot, lot.on_hand, q
-                        ),
-                    );
-                }
-                if let Some(target) = self.lots.get(&scan.into_lot)
-                    && target.material != wo.material
-                {
-                    return reject(
-                        "wrong_material",
-                        format!(
-                            "into_lot {} is not an output of work order {}",
-                            scan.into_lot, wo.number
-                        ),
-                    );
-                }
-                let material = lot.material.clone();
-                let lot = self.lots.get_mut(&scan.lot).expect("checked above");
-                lot.on_hand -= q;
-                if lot.on_hand.is_zero() {
-                    lot.status = "consumed".into();
-                }
-                lot.dirty = true;
-                let wo = self.with_op(scan, step, |_| {});
-                mark_started(wo);
-                Ok(Applied {
-                    material,
-                    operation: 0,
-                })
-            }
-            Kind::Produce => {
-                let q = scan.quantity.unwrap_or_default();
-                let wo = &self.work_orders[&scan.work_order];
-                let output = wo.material.clone();
-                if !scan.material.is_empty() && scan.material != output {
-                    return reject(
-                        "wrong_material",
-                        format!(
-                            "work order {} produces {}, not {}",
-                            wo.number, output, scan.material
-                        ),
-                    );
-                }
-                let serial = self.materials.get(&output).is_some_and(|t| t == "serial");
-                if serial && q != Decimal::ONE {
-                    return reject("invalid_quantity", "a serial is produced with quantity 1");
-                }
-                match self.lots.get(&scan.lot) {
-                    Some(existing) if !existing.is_new || existing.dirty => {
-                        if serial {
-                            return reject(
-                                "duplicate_serial",
-                                format!("serial {} already exists", scan.lot),
-                            );
-                        }
-                        if existing.material != output {
-                            return reject(
-                                "wrong_material",
-                                format!(
-                                    "lot {} is {}, not {}",
-                                    scan.lot, existing.material, output
-                                ),
-                            );
-                        }
-                        if existing.origin_kind != "produced"
-                            || existing.work_order != scan.work_order
-                        {
-                            return reject(
-                                "lot_exists",
-                                format!("lot {} belongs to another origin", scan.lot),
-                            );
-                        }
-                        if existing.status == "on_hold" {
-                            return reject("lot_on_hold", format!("lot {} is on hold", scan.lot));
-                        }
-                    }
-                    _ => {}
-                }
-                let lot = self
-                    .lots
-                    .entry(scan.lot.clone())
-                    .or_insert_with(|| LotState {
-                        lot: scan.lot.clone(),
-                        material: output.clone(),
-                        on_hand: Decimal::ZERO,
-                        status: "active".into(),
-                        location: scan.station.clone(),
-                        origin_kind: "produced".into(),
-                        work_order: scan.work_order.clone(),
-                        is_new: true,
-                        dirty: false,
-                    });
-                lot.material = output.clone();
-                lot.origin_kind = "produced".into();
-                lot.work_order = scan.work_order.clone();
-                if lot.location.is_empty() {
-                    lot.location = scan.station.clone();
-                }
-                lot.on_hand += q;
-                lot.status = "active".into();
-                lot.dirty = true;
-                let wo = self.with_op(scan, step, |op| op.good += q);
-                wo.produced += q;
-                wo.dirty = true;
-                mark_started(wo);
-                Ok(Applied {
-                    material: output,
-                    operation: 0,
-                })
-            }
-            Kind::Scrap => {
-                let q = scan.quantity.unwrap_or_default();
-                let lot = self.usable_lot(&scan.lot)?;
-                if lot.on_hand < q {
-                    return reject(
-                        "insufficient_quantity",
-                        format!(
-                            "lot {} has {} on hand, {} to scrap",
-                            lot.lot, lot.on_hand, q
-                        ),
-                    );
-                }
-                let material = lot.material.clone();
-                let lot = self.lots.get_mut(&scan.lot).expect("checked above");
-                lot.on_hand -= q;
-                if lot.on_hand.is_zero() {
-                    lot.status = "scrapped".into();
-                }
-                lot.dirty = true;
-                let wo = self.with_op(scan, step, |op| op.scrap += q);
-                wo.scrap += q;
-                wo.dirty = true;
-                mark_started(wo);
-                Ok(Applied {
-                    material,
-                    operation: 0,
-                })
-            }
-            Kind::Move => {
-                let q = scan.quantity.unwrap_or_default();
-                let lot = self.usable_lot(&scan.lot)?;
-                if lot.on_hand < q {
-                    return reject(
-                        "insufficient_quantity",
-                        format!("lot {} has {} on hand, {} to move", lot.lot, lot.on_hand, q),
-                    );
-                }
-                let material = lot.material.clone();
-                let lot = self.lots.get_mut(&scan.lot).expect("checked above");
-                lot.location = scan.location.clone();
-                lot.dirty = true;
-                if step.is_some() {
-                    mark_started(self.with_op(scan, step, |_| {}));
-                }
-                Ok(Applied {
-                    material,
-                    operation: 0,
-                })
-            }
-            Kind::Inspect => {
-                let Some(lot) = self.lots.get(&scan.lot).filter(|l| !l.is_new || l.dirty) else {
-                    return reject("unknown_lot", format!("lot {} does not exist", scan.lot));
-                };
-                let material = lot.material.clone();
-                if step.is_some() {
-                    mark_started(self.with_op(scan, step, |_| {}));
-                }
-                Ok(Applied {
-                    material,
-                    operation: 0,
-                })
-            }
-            Kind::Void => reject(
-                "invalid_kind",
-                "void scans are created by the void operation",
-            ),
-        };
-        outcome.map(|a| Applied {
-            operation: step.unwrap_or(scan.operation),
-            ..a
-        })
-    }
-
-    fn usable_lot(&self, lot: &str) -> Result<&LotState, Rejection> {
-        let Some(l) = self.lots.get(lot).filter(|l| !l.is_new || l.dirty) else {
-            return reject("unknown_lot", format!("lot {lot} does not exist"));
-        };
-        if l.status == "on_hold" {
-            return reject("lot_on_hold", format!("lot {lot} is on hold"));
+        let station = scan.station.as_str();
+        match &command {
+            ScanCommand::Start(c) => c.apply(self, station),
+            ScanCommand::Consume(c) => c.apply(self, station),
+            ScanCommand::Produce(c) => c.apply(self, station),
+            ScanCommand::Complete(c) => c.apply(self, station),
+            ScanCommand::Scrap(c) => c.apply(self, station),
+            ScanCommand::Move(c) => c.apply(self, station),
+            ScanCommand::Inspect(c) => c.apply(self, station),
         }
-        Ok(l)
-    }
-
-    /// The scan's work order, after `f` changed the scan's operation.
-    fn with_op(
-        &mut self,
-        scan: &ScanInput,
-        step: Option<i32>,
-        f: impl FnOnce(&mut OperationState),
-    ) -> &mut WorkOrderState {
-        let wo = self
-            .work_orders
-            .get_mut(&scan.work_order)
-            .expect("work order checked before");
-        if let Some(op) = step.and_then(|s| wo.operations.get_mut(&s)) {
-            f(op);
-        }
-        wo
     }
 }
 
-fn mark_started(wo: &mut WorkOrderState) {
-    if wo.status == "released" {
-        wo.status = "in_progress".into();
-        wo.dirty = true;
+impl WorkOrderState {
+    /// The first scan of any kind starts a released order.
+    fn mark_started(&mut self) {
+        if self.status == "released" {
+            self.status = "in_progress".into();
+            self.dirty = true;
+        }
     }
+
+    /// Changes routing step `step` (one [`resolve_operation`] found on this order).
+    fn update_operation(&mut self, step: i32, f: impl FnOnce(&mut OperationState)) {
+        if let Some(op) = self.operations.get_mut(&step) {
+            f(op);
+        }
+    }
+}
+
+impl LotState {
+    /// Whether the lot exists (loaded from the database, or produced earlier in this batch).
+    fn exists(&self) -> bool {
+        !self.is_new || self.dirty
+    }
+}
+
+/// Whether a kind still books on a work order its last operation completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Completed {
+    /// Only moving and inspecting what the order made.
+    Accepted,
+    Refused,
+}
+
+/// The work order a scan books on, if it is open for it.
+fn open_order<'w>(
+    work_orders: &'w mut HashMap<String, WorkOrderState>,
+    number: &str,
+    completed: Completed,
+) -> Result<&'w mut WorkOrderState, Rejection> {
+    let Some(wo) = work_orders.get_mut(number) else {
+        return reject(
+            "unknown_work_order",
+            format!("work order {number} does not exist"),
+        );
+    };
+    if matches!(wo.status.as_str(), "closed" | "cancelled") {
+        return reject(
+            "work_order_closed",
+            format!("work order {} is {}", wo.number, wo.status),
+        );
+    }
+    if wo.status == "completed" && completed == Completed::Refused {
+        return reject(
+            "work_order_closed",
+            format!("work order {} is completed", wo.number),
+        );
+    }
+    Ok(wo)
+}
+
+/// The open work order a scan books on and the routing step it resolves to.
+fn book<'w>(
+    work_orders: &'w mut HashMap<String, WorkOrderState>,
+    number: &str,
+    station: &str,
+    operation: Option<i32>,
+    completed: Completed,
+) -> Result<(&'w mut WorkOrderState, i32), Rejection> {
+    let wo = open_order(work_orders, number, completed)?;
+    let step = resolve_operation(wo, station, operation)?.step;
+    Ok((wo, step))
 }
 
 /// The routing step a scan belongs to: the named one (which must run at the scan's station),
 /// or the order's operation at that station.
-fn resolve_operation(wo: &WorkOrderState, scan: &ScanInput) -> Result<i32, Rejection> {
-    if scan.operation != 0 {
-        let Some(op) = wo.operations.get(&scan.operation) else {
+fn resolve_operation<'w>(
+    wo: &'w WorkOrderState,
+    station: &str,
+    operation: Option<i32>,
+) -> Result<&'w OperationState, Rejection> {
+    if let Some(step) = operation {
+        let Some(op) = wo.operations.get(&step) else {
             return reject(
                 "invalid_operation",
-                format!(
-                    "work order {} has no operation {}",
-                    wo.number, scan.operation
-                ),
+                format!("work order {} has no operation {step}", wo.number),
             );
         };
-        if op.station != scan.station {
+        if op.station != station {
             return reject(
                 "wrong_station",
                 format!(
-                    "operation {} runs at {}, not {}",
-                    op.step, op.station, scan.station
+                    "operation {} runs at {}, not {station}",
+                    op.step, op.station
                 ),
             );
         }
-        return Ok(op.step);
+        return Ok(op);
     }
     // Prefer an unfinished operation at this station, else the last one there.
     let at_station: Vec<&OperationState> = wo
         .operations
         .values()
-        .filter(|o| o.station == scan.station)
+        .filter(|o| o.station == station)
         .collect();
     match at_station
         .iter()
         .find(|o| o.status != "completed")
         .or(at_station.last())
     {
-        Some(op) => Ok(op.step),
+        Some(op) => Ok(op),
         None => reject(
             "wrong_station",
-            format!(
-                "work order {} has no operation at {}",
-                wo.number, scan.station
-            ),
+            format!("work order {} has no operation at {station}", wo.number),
         ),
+    }
+}
+
+/// The named routing step, if it is not completed yet (starting and completing it).
+fn unfinished_step(wo: &WorkOrderState, station: &str, operation: i32) -> Result<i32, Rejection> {
+    let op = resolve_operation(wo, station, Some(operation))?;
+    if op.status == "completed" {
+        return reject(
+            "invalid_operation",
+            format!("operation {} is already completed", op.step),
+        );
+    }
+    Ok(op.step)
+}
+
+/// A lot a scan takes from: it exists and is not on hold.
+fn usable_lot<'w>(
+    lots: &'w mut HashMap<String, LotState>,
+    lot: &str,
+) -> Result<&'w mut LotState, Rejection> {
+    let Some(l) = lots.get_mut(lot).filter(|l| l.exists()) else {
+        return reject("unknown_lot", format!("lot {lot} does not exist"));
+    };
+    if l.status == "on_hold" {
+        return reject("lot_on_hold", format!("lot {lot} is on hold"));
+    }
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{accept, dec, plant, refused, scan};
+    use super::*;
+
+    fn consume() -> ScanInput {
+        let mut s = scan(Kind::Consume);
+        s.lot = "STEEL-1".into();
+        s.quantity = Some(dec("1"));
+        s
+    }
+
+    #[test]
+    fn a_device_bound_to_a_station_scans_there_only() {
+        let mut world = plant();
+        let r = world.apply(&consume(), Some("ST-20")).unwrap_err();
+        assert_eq!(
+            (r.code, r.message.as_str()),
+            ("wrong_station", "this device is bound to station ST-20")
+        );
+        assert_eq!(world, plant());
+        assert!(world.apply(&consume(), Some("ST-10")).is_ok());
+    }
+
+    #[test]
+    fn the_station_must_exist() {
+        let mut s = consume();
+        s.station = "ST-99".into();
+        let m = refused(&s, "unknown_station");
+        assert_eq!(m, "station ST-99 does not exist");
+    }
+
+    #[test]
+    fn a_scan_that_is_no_command_is_refused() {
+        let m = refused(&scan(Kind::Void), "invalid_kind");
+        assert_eq!(m, "void scans are created by the void operation");
+        let mut s = consume();
+        s.quantity = None;
+        refused(&s, "invalid_kind");
+    }
+
+    #[test]
+    fn the_step_is_the_unfinished_one_at_the_station_else_the_last_there() {
+        let mut world = plant();
+        let wo = world.work_orders.get_mut("WO-1").unwrap();
+        let mut thirty = wo.operations[&10].clone();
+        thirty.step = 30;
+        wo.operations.insert(30, thirty);
+        assert_eq!(accept(&mut world, &consume()).operation, 10);
+        let mut complete = scan(Kind::CompleteOperation);
+        complete.operation = 10;
+        accept(&mut world, &complete);
+        assert_eq!(accept(&mut world, &consume()).operation, 30);
+        complete.operation = 30;
+        accept(&mut world, &complete);
+        assert_eq!(world.work_orders["WO-1"].status, "in_progress");
+        assert_eq!(accept(&mut world, &consume()).operation, 30);
     }
 }
