@@ -7,8 +7,10 @@
 //! └─ gateway      POST /api/v1/scans                  (http.request, server)
 //!    └─ gateway   ScanIngest/SubmitScans              (grpc.client)
 //!       └─ scan-ingest  .../SubmitScans              (grpc.request, server)
-//!          └─ scan-ingest submit_scans                (the batch's validation)
-//!             ├─ scan-ingest scan.group_commit        (the commit)
+//!          └─ scan-ingest submit_scans                (the batch)
+//!             ├─ scan-ingest scan.validate            (the contract's shape rules)
+//!             ├─ scan-ingest scan.group_commit        (the commit; linked from the traces of
+//!             │                                        the other requests it committed)
 //!             ├─ trace-query feed.apply               (the projection, asynchronous, via the feed)
 //!             ├─ erp-sync    feed.apply               (the confirmation queued, via the feed)
 //!             └─ erp-sync    erp.post_confirmation    (the post to the ERP, from the outbox)
@@ -58,6 +60,7 @@ struct Hops<'a> {
     gateway_request: Option<&'a ReceivedSpan>,
     ingest_server: Option<&'a ReceivedSpan>,
     ingest_validation: Option<&'a ReceivedSpan>,
+    ingest_validate: Option<&'a ReceivedSpan>,
     ingest_commit: Option<&'a ReceivedSpan>,
     projection: Option<&'a ReceivedSpan>,
     erp_queue: Option<&'a ReceivedSpan>,
@@ -79,6 +82,7 @@ impl<'a> Hops<'a> {
                 .iter()
                 .find(|s| s.service == "scan-ingest" && s.span.name.ends_with("/SubmitScans")),
             ingest_validation: named("scan-ingest", "submit_scans"),
+            ingest_validate: named("scan-ingest", "scan.validate"),
             ingest_commit: named("scan-ingest", "scan.group_commit"),
             projection: named("trace-query", "feed.apply"),
             erp_queue: named("erp-sync", "feed.apply"),
@@ -94,6 +98,7 @@ impl<'a> Hops<'a> {
         self.gateway_request.is_some()
             && self.ingest_server.is_some()
             && self.ingest_validation.is_some()
+            && self.ingest_validate.is_some()
             && self.ingest_commit.is_some()
             && self.projection.is_some()
             && self.erp_queue.is_some()
@@ -174,6 +179,7 @@ async fn one_trace_holds_every_hop_from_the_tablet_to_the_erp() {
         hops.ingest_validation,
         "scan-ingest submit_scans (validation)",
     );
+    let validate = require(hops.ingest_validate, "scan-ingest scan.validate");
     let commit = require(hops.ingest_commit, "scan-ingest scan.group_commit");
     let projection = require(hops.projection, "trace-query feed.apply (projection)");
     let queue = require(hops.erp_queue, "erp-sync feed.apply (confirmation queued)");
@@ -198,11 +204,10 @@ async fn one_trace_holds_every_hop_from_the_tablet_to_the_erp() {
         .unwrap_or_else(|| panic!("parent of {server:#?} is not in the trace"));
     assert_eq!(gateway_client.service, "gateway");
     assert_eq!(parent_of(gateway_client), id_of(&gateway));
-    // Validation runs in submit_scans, under the server span; the commit under it.
-    // Missing hop: there is no span of the validation alone (domain::validate_batch runs inside
-    // `submit_scans`, the master-data checks inside `scan.group_commit`); a `scan.validate` span
-    // around validate_batch in crates/scan-ingest/src/api.rs `submit_scans` would make it one.
+    // submit_scans runs under the server span; the shape rules (scan.validate) and the commit
+    // under it.
     assert_eq!(parent_of(&validation), id_of(&server));
+    assert_eq!(parent_of(&validate), id_of(&validation));
     assert_eq!(attr(&validation, "scans").as_deref(), Some("4"));
     assert_eq!(
         parent_of(&commit),
@@ -235,6 +240,7 @@ async fn one_trace_holds_every_hop_from_the_tablet_to_the_erp() {
         &gateway,
         &server,
         &validation,
+        &validate,
         &commit,
         &projection,
         &queue,

@@ -104,6 +104,16 @@ pub fn context_from_traceparent(traceparent: &str) -> opentelemetry::Context {
     extract_http(&headers)
 }
 
+/// Links `span` to the span a stored `traceparent` names (when it names one): work done for
+/// several requests at once (a group commit) belongs to one trace and is linked from the others.
+pub fn add_link(span: &tracing::Span, traceparent: &str) {
+    let cx = context_from_traceparent(traceparent);
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
 /// Makes `span` a child of the remote context `cx` (when `cx` carries a valid span).
 pub fn set_parent(span: &tracing::Span, cx: opentelemetry::Context) {
     if cx.span().span_context().is_valid() {
@@ -160,6 +170,58 @@ mod tests {
             );
             assert_eq!(current_trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         });
+    }
+
+    /// Keeps the spans that end.
+    #[derive(Debug, Default, Clone)]
+    struct Ended(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanProcessor for Ended {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+        fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+            self.0.lock().unwrap().push(span);
+        }
+        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(
+            &self,
+            _: std::time::Duration,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_span_is_linked_to_the_span_a_stored_traceparent_names() {
+        crate::telemetry::set_propagator();
+        let ended = Ended::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_span_processor(ended.clone())
+            .build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(tracer));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("scan.group_commit");
+            add_link(&span, TP);
+            add_link(&span, "not a traceparent");
+            drop(span);
+        });
+        let spans = ended.0.lock().unwrap();
+        let commit = spans
+            .iter()
+            .find(|s| s.name == "scan.group_commit")
+            .expect("the span ended");
+        let linked: Vec<String> = commit
+            .links
+            .iter()
+            .map(|l| format!("{}-{}", l.span_context.trace_id(), l.span_context.span_id()))
+            .collect();
+        assert_eq!(
+            linked,
+            ["4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"]
+        );
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl ScanIngest for Api {
         req: Request<pb::SubmitScansRequest>,
     ) -> Result<Response<pb::SubmitScansResponse>, Status> {
         let caller = caller(&req)?;
-        let inputs = domain::validate_batch(&req.get_ref().scans, chrono::Utc::now())
+        let inputs = tracing::info_span!("scan.validate")
+            .in_scope(|| domain::validate_batch(&req.get_ref().scans, chrono::Utc::now()))
             .map_err(Error::Invalid)?;
         metrics::histogram!("scan_batch_size").record(inputs.len() as f64);
         let results = self

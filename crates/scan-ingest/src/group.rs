@@ -108,6 +108,14 @@ async fn commit(pool: &PgPool, cache: &RefCache, jobs: Vec<Job>) {
     let scans: usize = jobs.iter().map(|j| j.request.inputs.len()).sum();
     metrics::histogram!("scan_group_requests").record(jobs.len() as f64);
     let span = tracing::info_span!(parent: &jobs[0].span, "scan.group_commit", requests = jobs.len(), scans);
+    // One commit for several requests: a child of the first request's span, linked to each
+    // other request's trace, and each of those linked back to it, so every request's trace
+    // leads to the commit that stored its scans.
+    let commit_traceparent = span.in_scope(mes_common::propagation::current_traceparent);
+    for job in &jobs[1..] {
+        mes_common::propagation::add_link(&span, &job.request.traceparent);
+        mes_common::propagation::add_link(&job.span, &commit_traceparent);
+    }
     let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
     let start = std::time::Instant::now();
     let outcome = scans::submit_group(pool, cache, &requests)
