@@ -23,6 +23,7 @@ use mes_common::testing::Channel;
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
+use erp_sync::config::{Adapter, FileErp, RestErp, Secret, TrytonErp};
 use mes_common::testing::{DbGuard, RedisGuard};
 
 /// One test's world: a scan-ingest, a database for erp-sync instances, a scratch directory.
@@ -199,34 +200,42 @@ impl TestEnv {
         s.service.internal_key = mes_common::testing::internal_key();
         s.scan_ingest_url = format!("http://127.0.0.1:{}", self.scan_ingest_port);
         s.leader_retry_ms = 200;
-        s.erp.plant_file = options
-            .plant_file
-            .unwrap_or_else(demo_plant_path)
-            .to_string_lossy()
-            .into_owned();
-        s.erp.outbox_file = options
-            .outbox_file
-            .unwrap_or_else(|| self.path("confirmations.jsonl"))
-            .to_string_lossy()
-            .into_owned();
         s.erp.pull_interval_seconds = options.pull_interval_seconds;
         s.erp.call_timeout_ms = if options.call_timeout_ms > 0 {
             options.call_timeout_ms
         } else {
             3_000
         };
-        if !options.adapter.is_empty() {
-            s.erp.adapter = options.adapter.clone();
-        }
-        s.erp.rest_base_url = options.rest_base_url.clone();
-        s.erp.rest_token = erp_sync::config::Secret(options.rest_token.clone());
-        if let Some(t) = &options.tryton {
-            s.erp.tryton_url = t.url.clone();
-            s.erp.tryton_database = t.database.clone();
-            s.erp.tryton_user = t.user.clone();
-            s.erp.tryton_password = erp_sync::config::Secret(t.password.clone());
-            s.erp.tryton_station = t.station.clone();
-        }
+        s.erp.adapter = match options.adapter.as_str() {
+            "" | "file" => Adapter::File(FileErp {
+                plant_file: options
+                    .plant_file
+                    .unwrap_or_else(demo_plant_path)
+                    .to_string_lossy()
+                    .into_owned(),
+                outbox_file: options
+                    .outbox_file
+                    .unwrap_or_else(|| self.path("confirmations.jsonl"))
+                    .to_string_lossy()
+                    .into_owned(),
+            }),
+            "rest" => Adapter::Rest(RestErp {
+                rest_base_url: options.rest_base_url.clone(),
+                rest_token: Secret(options.rest_token.clone()),
+            }),
+            "tryton" => Adapter::Tryton(match &options.tryton {
+                Some(t) => TrytonErp {
+                    tryton_url: t.url.clone(),
+                    tryton_database: t.database.clone(),
+                    tryton_user: t.user.clone(),
+                    tryton_password: Secret(t.password.clone()),
+                    tryton_station: t.station.clone(),
+                    ..TrytonErp::default()
+                },
+                None => TrytonErp::default(),
+            }),
+            other => panic!("no erp adapter {other:?}"),
+        };
         if options.breaker_failure_threshold > 0 {
             s.erp.breaker_failure_threshold = options.breaker_failure_threshold;
         }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::{AdapterError, ErpAdapter, Posted, Pulled};
-use crate::config::ErpSettings;
+use crate::config::TrytonErp;
 use crate::domain::{
     Confirmation, ErpQuantities, Material, ReceivedLot, Reversal, Station, WorkOrder,
 };
@@ -67,7 +67,7 @@ pub struct TrytonSettings {
 }
 
 impl TrytonSettings {
-    pub fn from_erp(s: &ErpSettings) -> Self {
+    pub fn from_erp(s: &TrytonErp) -> Self {
         Self {
             url: s.tryton_url.clone(),
             database: s.tryton_database.clone(),
