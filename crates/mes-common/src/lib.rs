@@ -9,11 +9,14 @@
 //! - [`health`]: dependency probes that drive gRPC health.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`identity`]: the caller identity the gateway forwards in gRPC metadata.
+//! - [`feed`]: the event-feed consumer of trace-query and erp-sync (follow loop, backoff, batch
+//!   span, metrics, stall alarm) over their [`feed::Apply`].
 
 pub mod cache;
 pub mod config;
 pub mod db;
 pub mod errors;
+pub mod feed;
 pub mod grpc;
 pub mod health;
 pub mod identity;
