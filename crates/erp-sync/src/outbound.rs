@@ -1,8 +1,9 @@
 //! Outbound, first half: follows scan-ingest's event feed from the cursor stored in erp-sync's
-//! database and turns completed operations into confirmations in the outbox, and voids of
-//! scans already confirmed into reversals — in the same transaction as the cursor, so each
-//! event takes effect exactly once. Before following the feed, each new leader queues as
-//! follow-ups the late production an older build left unreported below the cursor
+//! database (the services' one feed consumer, [`mes_common::feed`], with its backoff, batch
+//! span, metrics and stall alarm) and turns completed operations into confirmations in the
+//! outbox, and voids of scans already confirmed into reversals — in the same transaction as the
+//! cursor, so each event takes effect exactly once. Before following the feed, each new leader
+//! queues as follow-ups the late production an older build left unreported below the cursor
 //! ([`outbound::queue_stranded_follow_ups`]).
 //!
 //! An event this build cannot read and that may carry production (an unknown kind from a newer
@@ -19,19 +20,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
+use futures::StreamExt;
 use mes_common::Shutdown;
+use mes_common::feed::{self, Batch, Failure, Outcome};
 use mes_proto::v1 as pb;
 use mes_proto::v1::event::Payload;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::{Completion, ProductionKind, ProductionLine};
 use crate::mes::{self, Mes};
-use crate::store::outbound::{self, Fact, FeedEvent, Stop};
+use crate::store::outbound::{self, Fact, FeedEvent};
 
 /// Events applied in one transaction at most.
 const BATCH: usize = 200;
@@ -168,158 +169,72 @@ fn scan_fact(stored: &pb::StoredScan) -> Fact {
     }
 }
 
-/// Follows the feed until `stop`; reconnects with backoff (from the stored cursor) when the
-/// stream breaks. `queued` is woken when confirmations were queued.
+/// Follows the feed until `stop` ([`feed::Consumer::follow`]: reconnects with backoff from the
+/// stored cursor when the stream breaks). `queued` is woken when confirmations were queued.
 /// Every batch is applied under the scheduler's lease `token`; once another replica took the
 /// lease, the consumer stops.
 pub async fn follow(pool: PgPool, mes: Mes, queued: Arc<Notify>, token: i64, stop: Shutdown) {
-    let mut failures = 0u32;
-    // Once per leadership, before following the feed: late production an older build left
-    // unreported below the cursor becomes follow-ups.
-    loop {
-        match outbound::queue_stranded_follow_ups(&pool, mes::CALLER, token).await {
-            Ok(n) => {
-                if n > 0 {
-                    tracing::warn!(
-                        follow_ups = n,
-                        "late production left unreported by an older build queued as follow-ups"
-                    );
-                    metrics::counter!("erp_follow_ups_total").increment(n as u64);
-                    queued.notify_one();
-                }
-                break;
-            }
-            Err(outbound::ApplyError::Fenced(e)) => {
-                tracing::error!(error = %e, "another replica leads the erp jobs; the feed consumer stops");
-                return;
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, failures, "cannot look for unreported late production");
-            }
-        }
-        let delay = crate::breaker::backoff(
-            failures.max(1),
-            Duration::from_millis(200),
-            Duration::from_secs(10),
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait() => return,
-        }
-    }
-    failures = 0;
-    let mut stalled = Stalled::new(mes::CALLER);
-    loop {
-        match follow_once(&pool, &mes, &queued, token, &stop, &mut stalled).await {
-            Ok(()) if stop.is_triggered() => return,
-            Err(e)
-                if matches!(
-                    e.downcast_ref::<outbound::ApplyError>(),
-                    Some(outbound::ApplyError::Fenced(_))
-                ) =>
-            {
-                tracing::error!(error = %format!("{e:#}"), "another replica leads the erp jobs; the feed consumer stops");
-                return;
-            }
-            Ok(()) => {
-                tracing::info!("event feed ended; resubscribing");
-                failures = 0;
-            }
-            Err(e) if e.downcast_ref::<Stop>().is_some() => {
-                // Reported by `Stalled::stop`; retried (from the stored cursor) with backoff
-                // until erp-sync is upgraded or the position is recorded in feed_skips.
-                failures += 1;
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %format!("{e:#}"), failures, "event feed consumer failed");
-            }
-        }
-        let delay = crate::breaker::backoff(
-            failures.max(1),
-            Duration::from_millis(200),
-            Duration::from_secs(10),
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait() => return,
-        }
-    }
+    let consumer = feed::Consumer::new(feed::Settings {
+        consumer: mes::CALLER.into(),
+        batch: BATCH,
+        retry_initial: Duration::from_millis(200),
+        retry_max: Duration::from_secs(10),
+    });
+    let outbound = Outbound {
+        pool,
+        queued,
+        token,
+    };
+    consumer.follow(&outbound, &mes, &stop).await;
 }
 
-/// The event the consumer is stopped in front of, as the log and the metrics report it.
-struct Stalled {
-    consumer: &'static str,
-    stop: Option<Stop>,
-}
-
-impl Stalled {
-    fn new(consumer: &'static str) -> Self {
-        metrics::gauge!("event_feed_stalled", "consumer" => consumer).set(0.0);
-        Self {
-            consumer,
-            stop: None,
-        }
-    }
-
-    /// The consumer stopped in front of `stop`: reported once per event (each retry stops
-    /// there again until it is passed).
-    fn stop(&mut self, stop: &Stop) {
-        metrics::gauge!("event_feed_stalled", "consumer" => self.consumer).set(1.0);
-        metrics::gauge!("event_feed_stalled_position", "consumer" => self.consumer)
-            .set(stop.position as f64);
-        if self.stop.as_ref() != Some(stop) {
-            tracing::error!(
-                position = stop.position,
-                kind = %stop.kind,
-                reason = %stop.reason,
-                "event feed stalled: this erp-sync cannot apply the event; upgrade it, or record the position in feed_skips to pass it"
-            );
-            self.stop = Some(stop.clone());
-        }
-    }
-
-    /// The consumer applied events up to `position`.
-    fn passed(&mut self, position: i64) {
-        if self.stop.as_ref().is_some_and(|s| position >= s.position) {
-            metrics::gauge!("event_feed_stalled", "consumer" => self.consumer).set(0.0);
-            tracing::info!(position, "event feed no longer stalled");
-            self.stop = None;
-        }
-    }
-}
-
-async fn follow_once(
-    pool: &PgPool,
-    mes: &Mes,
-    queued: &Notify,
+/// erp-sync's side of the feed consumer: the outbox, under the scheduler's lease.
+struct Outbound {
+    pool: PgPool,
+    queued: Arc<Notify>,
     token: i64,
-    stop: &Shutdown,
-    stalled: &mut Stalled,
-) -> anyhow::Result<()> {
-    let after = outbound::feed_position(pool, mes::CALLER).await?;
-    let mut stream = mes.subscribe(u64::try_from(after).unwrap_or(0)).await?;
-    tracing::info!(after, "following the event feed");
-    loop {
-        let first = tokio::select! {
-            m = stream.message() => m?,
-            _ = stop.wait() => return Ok(()),
-        };
-        let Some(first) = first else { return Ok(()) };
-        let mut batch = vec![first];
-        let mut broken = None;
-        while batch.len() < BATCH {
-            match stream.message().now_or_never() {
-                Some(Ok(Some(e))) => batch.push(e),
-                Some(Err(status)) => {
-                    broken = Some(status);
-                    break;
-                }
-                Some(Ok(None)) | None => break,
-            }
+}
+
+/// A lost lease ends the consumer; anything else is retried.
+fn failure(e: outbound::ApplyError) -> Failure {
+    match e {
+        outbound::ApplyError::Fenced(_) => {
+            Failure::Halt(anyhow::Error::new(e).context("another replica leads the erp jobs"))
         }
+        e => Failure::retry(e),
+    }
+}
+
+impl feed::Apply for Outbound {
+    /// Once per leadership, before following the feed: late production an older build left
+    /// unreported below the cursor becomes follow-ups.
+    async fn prepare(&self) -> Result<(), Failure> {
+        let n = outbound::queue_stranded_follow_ups(&self.pool, mes::CALLER, self.token)
+            .await
+            .map_err(|e| match failure(e) {
+                Failure::Retry(e) => {
+                    Failure::Retry(e.context("cannot look for unreported late production"))
+                }
+                halt => halt,
+            })?;
+        if n > 0 {
+            tracing::warn!(
+                follow_ups = n,
+                "late production left unreported by an older build queued as follow-ups"
+            );
+            metrics::counter!("erp_follow_ups_total").increment(n as u64);
+            self.queued.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn position(&self) -> anyhow::Result<i64> {
+        Ok(outbound::feed_position(&self.pool, mes::CALLER).await?)
+    }
+
+    async fn apply(&self, batch: &Batch) -> Result<Outcome, Failure> {
         let events: Vec<FeedEvent> = batch
+            .events
             .iter()
             .map(|e| FeedEvent {
                 position: i64::try_from(e.position).unwrap_or(i64::MAX),
@@ -328,21 +243,9 @@ async fn follow_once(
                 fact: fact_of(e),
             })
             .collect();
-        let span = tracing::info_span!("feed.apply", events = events.len());
-        if let Some(tp) = batch
-            .iter()
-            .rev()
-            .map(|e| &e.traceparent)
-            .find(|t| !t.is_empty())
-        {
-            mes_common::propagation::set_parent(
-                &span,
-                mes_common::propagation::context_from_traceparent(tp),
-            );
-        }
-        let applied = outbound::apply(pool, mes::CALLER, token, &events)
-            .instrument(span)
-            .await?;
+        let applied = outbound::apply(&self.pool, mes::CALLER, self.token, &events)
+            .await
+            .map_err(failure)?;
         metrics::gauge!("erp_feed_position").set(applied.position as f64);
         if applied.reversals > 0 {
             metrics::counter!("erp_reversals_total").increment(applied.reversals as u64);
@@ -351,16 +254,22 @@ async fn follow_once(
             metrics::counter!("erp_follow_ups_total").increment(applied.follow_ups as u64);
         }
         if applied.confirmations > 0 || applied.reversals > 0 || applied.follow_ups > 0 {
-            queued.notify_one();
+            self.queued.notify_one();
         }
-        stalled.passed(applied.position);
-        if let Some(stop) = applied.stopped {
-            stalled.stop(&stop);
-            return Err(stop.into());
-        }
-        if let Some(status) = broken {
-            return Err(status.into());
-        }
+        Ok(Outcome {
+            position: applied.position,
+            stopped: applied.stopped.map(|s| feed::Stop {
+                position: s.position,
+                kind: s.kind,
+                reason: s.reason,
+            }),
+        })
+    }
+}
+
+impl feed::Source for Mes {
+    async fn subscribe(&self, after: u64) -> Result<feed::Events, tonic::Status> {
+        Ok(Mes::subscribe(self, after).await?.boxed())
     }
 }
 
