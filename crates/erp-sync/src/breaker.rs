@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -126,14 +125,8 @@ impl Breaker {
 
 /// The delay before retry number `attempt` (1 = first retry): exponential from `initial`,
 /// capped at `max`, with "equal jitter" (half fixed, half random) so that many queued
-/// deliveries do not retry in lockstep.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exp = initial.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(30)));
-    let cap = exp.min(max).max(Duration::from_millis(1));
-    let half = cap / 2;
-    let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-    half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
-}
+/// deliveries do not retry in lockstep. The one backoff policy, shared with the feed consumer.
+pub use mes_common::feed::backoff;
 
 #[cfg(test)]
 mod tests {

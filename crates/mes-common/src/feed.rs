@@ -410,6 +410,46 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
 }
 
+/// The stored cursor of `consumer` in the service's own `feed_cursor` table (`consumer` text
+/// key, `position` bigint; 0: nothing applied yet). Read outside a batch: what
+/// [`Apply::position`] answers.
+pub async fn stored_position(pool: &sqlx::PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
+}
+
+/// The cursor of `consumer`, locked for the batch's transaction (no other batch of this
+/// consumer runs beside it) and created at 0 the first time. The batch then moves it in the
+/// same transaction as its effects: each event takes effect once.
+pub async fn lock_cursor(
+    conn: &mut sqlx::PgConnection,
+    consumer: &str,
+) -> Result<i64, sqlx::Error> {
+    const LOCK: &str = "SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE";
+    if let Some(position) = sqlx::query_scalar(LOCK)
+        .bind(consumer)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        return Ok(position);
+    }
+    sqlx::query(
+        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_scalar(LOCK)
+        .bind(consumer)
+        .fetch_one(&mut *conn)
+        .await
+}
+
 /// `first` and whatever `stream` has ready behind it, `max` events at most; and the error that
 /// broke the stream, if one did (the events before it are applied first).
 fn gather(first: pb::Event, stream: &mut Events, max: usize) -> (Batch, Option<tonic::Status>) {

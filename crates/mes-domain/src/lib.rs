@@ -16,7 +16,7 @@ pub mod time;
 
 pub use ident::{IDENT_MAX, IDENT_RULE, is_ident};
 pub use quantity::parse_quantity;
-pub use scan::{InspectResult, ScanInput, ScanKind};
+pub use scan::{InspectResult, ScanCommand, ScanInput, ScanKind};
 
 /// One invalid field of a request: `field` as the client wrote it (`scans[2].quantity`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -116,15 +116,7 @@ pub struct Applied {
     pub stopped: Option<Stop>,
 }
 
-pub async fn feed_position(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
-    Ok(
-        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1")
-            .bind(consumer)
-            .fetch_optional(pool)
-            .await?
-            .unwrap_or(0),
-    )
-}
+pub use mes_common::feed::stored_position as feed_position;
 
 /// The event `consumer` is stopped in front of, as recorded with its cursor (any replica can
 /// read it), if any.
@@ -163,15 +155,8 @@ pub async fn apply(
     crate::store::lease::check(&mut tx, token).await?;
     custom_plans(&mut tx).await?;
     // Creates the consumer's cursor on its first batch and locks it (no other batch of this
-    // consumer runs beside this one); the update changes nothing.
-    let start: i64 = sqlx::query_scalar(
-        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0)
-         ON CONFLICT (consumer) DO UPDATE SET position = feed_cursor.position
-         RETURNING position",
-    )
-    .bind(consumer)
-    .fetch_one(&mut *tx)
-    .await?;
+    // consumer runs beside this one).
+    let start = mes_common::feed::lock_cursor(&mut tx, consumer).await?;
     let mut applied = Applied {
         position: start,
         ..Default::default()

@@ -79,15 +79,7 @@ impl std::fmt::Display for Stop {
 }
 
 /// The stored cursor of `consumer` (0: nothing applied yet).
-pub async fn cursor(pool: &PgPool, consumer: &str) -> Result<i64, sqlx::Error> {
-    Ok(
-        sqlx::query_scalar("SELECT position FROM feed_cursor WHERE consumer = $1")
-            .bind(consumer)
-            .fetch_optional(pool)
-            .await?
-            .unwrap_or(0),
-    )
-}
+pub use mes_common::feed::stored_position as cursor;
 
 /// Empties the read model and sets the cursor of `consumer` back to 0, in one transaction: the
 /// consumer then replays the feed from the start.
@@ -117,7 +109,7 @@ pub async fn apply(
     events: &[pb::Event],
 ) -> Result<Applied, ApplyError> {
     let mut tx = pool.begin().await?;
-    let start = lock_cursor(&mut tx, consumer).await?;
+    let start = mes_common::feed::lock_cursor(&mut tx, consumer).await?;
     let mut applied = Applied {
         position: start,
         ..Default::default()
@@ -185,31 +177,6 @@ pub async fn apply(
     .await?;
     tx.commit().await?;
     Ok(applied)
-}
-
-/// The stored cursor of `consumer`, locked for the batch (created at 0 the first time).
-async fn lock_cursor(
-    tx: &mut Transaction<'_, Postgres>,
-    consumer: &str,
-) -> Result<i64, sqlx::Error> {
-    const LOCK: &str = "SELECT position FROM feed_cursor WHERE consumer = $1 FOR UPDATE";
-    if let Some(position) = sqlx::query_scalar(LOCK)
-        .bind(consumer)
-        .fetch_optional(&mut **tx)
-        .await?
-    {
-        return Ok(position);
-    }
-    sqlx::query(
-        "INSERT INTO feed_cursor (consumer, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query_scalar(LOCK)
-        .bind(consumer)
-        .fetch_one(&mut **tx)
-        .await
 }
 
 /// Whether this build can apply `e` (a payload it knows, with the fields the projection
