@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Closed,
