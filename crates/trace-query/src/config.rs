@@ -19,6 +19,9 @@ pub struct Settings {
     /// First and longest delay between attempts to resubscribe to the feed.
     pub feed_retry_initial_ms: u64,
     pub feed_retry_max_ms: u64,
+    /// How often a replica that does not project tries to take the projection lease (one
+    /// replica projects the feed at a time; the others serve reads), in milliseconds.
+    pub projection_lease_retry_ms: u64,
     /// TTL of cached query answers (each one gets a random jitter of ± `cache_ttl_jitter_percent`).
     pub cache_ttl_seconds: u64,
     /// TTL of cached "not found" answers.
@@ -52,6 +55,7 @@ impl Default for Settings {
             feed_batch: 500,
             feed_retry_initial_ms: 200,
             feed_retry_max_ms: 5_000,
+            projection_lease_retry_ms: 2_000,
             cache_ttl_seconds: 600,
             cache_negative_ttl_ms: 5_000,
             cache_ttl_jitter_percent: 20,

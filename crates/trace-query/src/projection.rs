@@ -5,11 +5,13 @@
 //! stall alarm are the shared consumer's (`event_feed_*{consumer}`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mes_common::Shutdown;
 use mes_common::feed::{self, Batch, Failure, Outcome};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 
 use crate::cache::QueryCache;
 use crate::config::Settings;
@@ -21,7 +23,18 @@ pub struct Projection {
     cache: QueryCache,
     feed: feed::EventFeed,
     consumer: feed::Consumer,
+    lease_retry: Duration,
+    /// Whether this replica holds the projection lease now.
+    leading: Arc<AtomicBool>,
 }
+
+/// The projection lease: a session advisory lock in trace-query's database (its key is the
+/// consumer's name), held on a connection of its own while this replica projects. Replicas of
+/// one read model scale reads without repeating the projection's work; a stopped or killed
+/// leader's connection ends and another replica takes over within `projection_lease_retry_ms`.
+/// Two replicas projecting at once (a lease lost with its connection while the batch still
+/// runs) stays correct: the cursor row serialises their batches.
+const LEASE: &str = "SELECT pg_try_advisory_lock(hashtext('mes-projection:' || $1))";
 
 impl Projection {
     /// A lazy channel: building never blocks on scan-ingest.
@@ -42,6 +55,8 @@ impl Projection {
             cache,
             feed,
             consumer,
+            lease_retry: Duration::from_millis(settings.projection_lease_retry_ms.max(1)),
+            leading: Arc::default(),
         })
     }
 
@@ -69,10 +84,88 @@ impl Projection {
         Ok(())
     }
 
-    /// Follows the feed until `stop`.
-    pub async fn follow(self, stop: Shutdown) {
-        self.consumer.follow(&self, &self.feed, &stop).await;
+    /// Whether this replica holds the projection lease (and so projects the feed).
+    pub fn leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
     }
+
+    /// Follows the feed until `stop`, while this replica holds the projection lease; waits for
+    /// the lease otherwise.
+    pub async fn follow(self, stop: Shutdown) {
+        metrics::gauge!("trace_projection_leader").set(0.0);
+        while !stop.is_triggered() {
+            let Some(lease) = self.take_lease().await else {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.lease_retry) => {}
+                    _ = stop.wait() => {}
+                }
+                continue;
+            };
+            tracing::info!("projection lease taken: this replica projects the feed");
+            self.leading.store(true, Ordering::SeqCst);
+            metrics::gauge!("trace_projection_leader").set(1.0);
+            // The consumer runs until `stop`, or until the lease's connection fails.
+            let until = Shutdown::new();
+            let watch = tokio::spawn(hold(lease, self.lease_retry, stop.clone(), until.clone()));
+            self.consumer.follow(&self, &self.feed, &until).await;
+            // However the consumer ended, the lease's connection is closed (never pooled with
+            // the lock still on it).
+            until.trigger();
+            let _ = watch.await;
+            self.leading.store(false, Ordering::SeqCst);
+            metrics::gauge!("trace_projection_leader").set(0.0);
+            if !stop.is_triggered() {
+                tracing::warn!("projection lease lost (its connection failed); taking it again");
+            }
+        }
+    }
+
+    /// The lease's connection if this replica got the lease.
+    async fn take_lease(&self) -> Option<PoolConnection<Postgres>> {
+        let mut conn = match self.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot try the projection lease");
+                return None;
+            }
+        };
+        match sqlx::query_scalar::<_, bool>(LEASE)
+            .bind(self.consumer.name())
+            .fetch_one(&mut *conn)
+            .await
+        {
+            // Taken: the connection leaves the pool, so the lock lives and dies with it.
+            Ok(true) => Some(conn),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot try the projection lease");
+                None
+            }
+        }
+    }
+}
+
+/// Holds the lease: checks its connection every `every`; triggers `until` when `stop` fires or
+/// the connection fails (the lock went with it). The connection is closed, not returned to
+/// the pool, so the lock is released with it.
+async fn hold(
+    mut lease: PoolConnection<Postgres>,
+    every: Duration,
+    stop: Shutdown,
+    until: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait() => break,
+            _ = until.wait() => break,
+        }
+        if sqlx::query("SELECT 1").execute(&mut *lease).await.is_err() {
+            break;
+        }
+    }
+    until.trigger();
+    let _ = lease.close().await;
 }
 
 impl feed::Apply for Projection {

@@ -369,3 +369,49 @@ async fn an_event_this_build_cannot_read_stops_the_projection_until_skipped() {
     app.stop().await;
     env.stop().await;
 }
+
+/// Two replicas of one read model: one projects the feed (it holds the projection lease), the
+/// other only serves reads; when the leader stops, the other takes the lease and projects
+/// what came meanwhile, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_projects_and_another_takes_over_when_it_stops() {
+    let env = TestEnv::new().await;
+    let first = env.spawn_trace_query(TqOptions::default()).await;
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            first.state.projection.leading()
+        })
+        .await,
+        "the only replica takes the lease"
+    );
+    let second = env.spawn_trace_query(TqOptions::default()).await;
+    env.typical_run().await;
+    env.caught_up(&first).await;
+    // Several of its lease retries later, the second replica still does not project.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        !second.state.projection.leading(),
+        "two replicas project the feed at once"
+    );
+    // It serves reads from the read model the leader keeps.
+    let g = second
+        .genealogy("STEEL-L1", Forward, 0)
+        .await
+        .expect("the follower answers");
+    assert!(!g.nodes.is_empty());
+
+    first.stop().await;
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            second.state.projection.leading()
+        })
+        .await,
+        "nobody took over the projection"
+    );
+    env.frame_l2_from_steel_l2().await;
+    env.submit(vec![steel_l1_into_frame_l2()]).await;
+    env.caught_up(&second).await;
+    assert!(reaches_frame_l2(
+        &second.genealogy("STEEL-L1", Forward, 0).await.unwrap()
+    ));
+}

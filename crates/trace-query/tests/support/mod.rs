@@ -203,6 +203,7 @@ impl TestEnv {
         s.scan_ingest_url = format!("http://127.0.0.1:{}", self.si_port);
         s.feed_retry_initial_ms = 50;
         s.feed_retry_max_ms = 500;
+        s.projection_lease_retry_ms = 200;
         s.lot_filter_capacity = 100_000;
         if let Some(p) = options.prewarm {
             s.prewarm = p;
