@@ -9,7 +9,7 @@
 //! - **Batches.** A batch is the first event the stream yields and whatever is ready behind it,
 //!   [`Settings::batch`] at most. It is applied under a `feed.apply` span whose parent is the
 //!   trace of the last event that carries one (its `traceparent`): the consumer's work joins the
-//!   trace of the request that caused it.
+//!   trace of the request that caused it, and is linked to every other event's request.
 //! - **Reconnects.** When the stream ends or breaks (scan-ingest restarted, network) or a batch
 //!   fails, the loop resubscribes from the stored cursor after [`backoff`] (exponential from
 //!   [`Settings::retry_initial`] to [`Settings::retry_max`], equal jitter). It resubscribes at
@@ -469,17 +469,34 @@ fn gather(first: pb::Event, stream: &mut Events, max: usize) -> (Batch, Option<t
     (Batch { events, caught_up }, broken)
 }
 
-/// The batch's span: `feed.apply`, in the trace of the last event that carries one.
+/// The batch's span: `feed.apply`, in the trace of the last event that carries one, and
+/// linked to the span of every other event's request (OpenTelemetry's batch pattern), so each
+/// request's trace leads to the batch that applied its events.
 fn batch_span(batch: &Batch) -> tracing::Span {
     let span = tracing::info_span!("feed.apply", events = batch.events.len());
-    if let Some(traceparent) = parent_of(&batch.events) {
+    let parent = parent_of(&batch.events);
+    if let Some(traceparent) = parent {
         crate::propagation::set_parent(
             &span,
             crate::propagation::context_from_traceparent(traceparent),
         );
     }
+    let mut linked = std::collections::HashSet::new();
+    for e in &batch.events {
+        if !e.traceparent.is_empty()
+            && Some(e.traceparent.as_str()) != parent
+            && linked.len() < MAX_LINKS
+            && linked.insert(e.traceparent.as_str())
+        {
+            crate::propagation::add_link(&span, &e.traceparent);
+        }
+    }
     span
 }
+
+/// Links of one batch span at most (a batch of 500 events from 500 requests: the first 127
+/// others; OpenTelemetry's default span limit is 128 links).
+const MAX_LINKS: usize = 127;
 
 fn parent_of(events: &[pb::Event]) -> Option<&str> {
     events
@@ -797,6 +814,72 @@ mod tests {
         let b = "00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01";
         assert_eq!(parent_of(&[with(1, a), with(2, b), with(3, "")]), Some(b));
         assert_eq!(parent_of(&[with(1, ""), with(2, "")]), None);
+    }
+
+    /// Keeps the spans that end.
+    #[derive(Debug, Default, Clone)]
+    struct Ended(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanProcessor for Ended {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+        fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+            self.0.lock().unwrap().push(span);
+        }
+        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_batch_span_is_linked_to_every_other_events_request() {
+        use tracing_subscriber::layer::SubscriberExt;
+        crate::telemetry::set_propagator();
+        let ended = Ended::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_span_processor(ended.clone())
+            .build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(tracer));
+        let with = |p: u64, tp: &str| pb::Event {
+            traceparent: tp.into(),
+            ..event(p)
+        };
+        let a = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let b = "00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01";
+        let c = "00-2cf7651916cd43dd8448eb211c80319c-d7ad6b7169203331-01";
+        let batch = Batch {
+            events: vec![with(1, a), with(2, b), with(3, a), with(4, ""), with(5, c)],
+            caught_up: true,
+        };
+        tracing::subscriber::with_default(subscriber, || drop(batch_span(&batch)));
+        let spans = ended.0.lock().unwrap();
+        let span = spans
+            .iter()
+            .find(|s| s.name == "feed.apply")
+            .expect("ended");
+        assert_eq!(
+            span.span_context.trace_id().to_string(),
+            "2cf7651916cd43dd8448eb211c80319c",
+            "in the last event's trace"
+        );
+        let mut linked: Vec<String> = span
+            .links
+            .iter()
+            .map(|l| l.span_context.trace_id().to_string())
+            .collect();
+        linked.sort();
+        assert_eq!(
+            linked,
+            [
+                "0af7651916cd43dd8448eb211c80319c",
+                "1bf7651916cd43dd8448eb211c80319c"
+            ],
+            "each other request once"
+        );
     }
 
     #[test]
