@@ -72,6 +72,45 @@ async fn the_openapi_document_is_3_1_and_covers_every_route_and_error() {
     ] {
         assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
     }
+    // Every `$ref` points at something in the document (the scan kinds and inspection results
+    // are built from mes-domain's names by hand, not derived).
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x.as_str()) {
+                        ("$ref", Some(r)) => out.push(r),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let target = r.strip_prefix('#').and_then(|p| doc.pointer(p));
+        assert!(target.is_some_and(Value::is_object), "dangling {r}");
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["ScanKind"]["enum"],
+        serde_json::json!([
+            "start_operation",
+            "consume",
+            "produce",
+            "complete_operation",
+            "scrap",
+            "move",
+            "inspect"
+        ])
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["InspectResult"]["enum"],
+        serde_json::json!(["pass", "fail"])
+    );
     let mut ids = std::collections::BTreeSet::new();
     for (path, item) in paths {
         for (method, op) in item.as_object().unwrap() {

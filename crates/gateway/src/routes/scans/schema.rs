@@ -3,26 +3,49 @@
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 
-/// Scan kinds a client may submit (`void` is created by the void operation only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
-#[schema(rename_all = "snake_case")]
-pub enum ScanKind {
-    StartOperation,
-    Consume,
-    Produce,
-    CompleteOperation,
-    Scrap,
-    Move,
-    Inspect,
+/// Scan kinds a client may submit (`void` is created by the void operation only), as the
+/// OpenAPI document lists them: the contract's names (`mes_domain::ScanKind`), not a copy.
+pub struct ScanKind;
+
+impl utoipa::PartialSchema for ScanKind {
+    fn schema() -> RefOr<Schema> {
+        let names = mes_domain::ScanKind::ALL
+            .into_iter()
+            .filter(|k| *k != mes_domain::ScanKind::Void)
+            .map(mes_domain::ScanKind::as_str);
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "Scan kinds a client may submit (`void` is created by the void operation only).",
+            ))
+            .enum_values(Some(names))
+            .into()
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
-#[schema(rename_all = "snake_case")]
-pub enum InspectResult {
-    Pass,
-    Fail,
+impl ToSchema for ScanKind {}
+
+/// The outcome of an inspection (`mes_domain::InspectResult`).
+pub struct InspectResult;
+
+impl utoipa::PartialSchema for InspectResult {
+    fn schema() -> RefOr<Schema> {
+        let names = [
+            mes_domain::InspectResult::Pass,
+            mes_domain::InspectResult::Fail,
+        ]
+        .map(mes_domain::InspectResult::as_str);
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(names))
+            .into()
+    }
 }
+
+impl ToSchema for InspectResult {}
 
 /// One scan. Required fields depend on `kind`: `work_order` for all but `move`; `operation`
 /// for `start_operation` and `complete_operation`; `lot` for `consume`, `produce`, `scrap`,
