@@ -816,34 +816,8 @@ mod tests {
         assert_eq!(parent_of(&[with(1, ""), with(2, "")]), None);
     }
 
-    /// Keeps the spans that end.
-    #[derive(Debug, Default, Clone)]
-    struct Ended(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-    impl opentelemetry_sdk::trace::SpanProcessor for Ended {
-        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
-        fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
-            self.0.lock().unwrap().push(span);
-        }
-        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-            Ok(())
-        }
-        fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-            Ok(())
-        }
-    }
-
     #[test]
     fn the_batch_span_is_linked_to_every_other_events_request() {
-        use tracing_subscriber::layer::SubscriberExt;
-        crate::telemetry::set_propagator();
-        let ended = Ended::default();
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-            .with_span_processor(ended.clone())
-            .build();
-        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
-        let subscriber =
-            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(tracer));
         let with = |p: u64, tp: &str| pb::Event {
             traceparent: tp.into(),
             ..event(p)
@@ -855,8 +829,7 @@ mod tests {
             events: vec![with(1, a), with(2, b), with(3, a), with(4, ""), with(5, c)],
             caught_up: true,
         };
-        tracing::subscriber::with_default(subscriber, || drop(batch_span(&batch)));
-        let spans = ended.0.lock().unwrap();
+        let spans = crate::propagation::recorded::spans(|| drop(batch_span(&batch)));
         let span = spans
             .iter()
             .find(|s| s.name == "feed.apply")

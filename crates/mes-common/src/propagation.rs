@@ -121,6 +121,49 @@ pub fn set_parent(span: &tracing::Span, cx: opentelemetry::Context) {
     }
 }
 
+/// Tests of this crate that look at the spans they produce (links, parents).
+#[cfg(test)]
+pub(crate) mod recorded {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Keeps the spans that end.
+    #[derive(Debug, Default, Clone)]
+    struct Ended(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanProcessor for Ended {
+        fn on_start(&self, _: &mut Span, _: &opentelemetry::Context) {}
+        fn on_end(&self, span: SpanData) {
+            self.0.lock().unwrap().push(span);
+        }
+        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(
+            &self,
+            _: std::time::Duration,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    /// The spans that ended while `f` ran, with OpenTelemetry contexts and W3C propagation.
+    pub(crate) fn spans(f: impl FnOnce()) -> Vec<SpanData> {
+        crate::telemetry::set_propagator();
+        let ended = Ended::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_span_processor(ended.clone())
+            .build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(tracer));
+        tracing::subscriber::with_default(subscriber, f);
+        std::mem::take(&mut *ended.0.lock().unwrap())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,43 +215,14 @@ mod tests {
         });
     }
 
-    /// Keeps the spans that end.
-    #[derive(Debug, Default, Clone)]
-    struct Ended(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-    impl opentelemetry_sdk::trace::SpanProcessor for Ended {
-        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
-        fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
-            self.0.lock().unwrap().push(span);
-        }
-        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-            Ok(())
-        }
-        fn shutdown_with_timeout(
-            &self,
-            _: std::time::Duration,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_span_is_linked_to_the_span_a_stored_traceparent_names() {
-        crate::telemetry::set_propagator();
-        let ended = Ended::default();
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-            .with_span_processor(ended.clone())
-            .build();
-        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
-        let subscriber =
-            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(tracer));
-        tracing::subscriber::with_default(subscriber, || {
+        let spans = recorded::spans(|| {
             let span = tracing::info_span!("scan.group_commit");
             add_link(&span, TP);
             add_link(&span, "not a traceparent");
             drop(span);
         });
-        let spans = ended.0.lock().unwrap();
         let commit = spans
             .iter()
             .find(|s| s.name == "scan.group_commit")

@@ -19,23 +19,8 @@ use rust_decimal::Decimal;
 const MAX_ID_LEN: usize = 64;
 const MAX_ATTRIBUTES: usize = 4096;
 
-/// Every field a violation may name.
-const FIELDS: &[&str] = &[
-    "scan_id",
-    "kind",
-    "work_order",
-    "operation",
-    "station",
-    "lot",
-    "material",
-    "quantity",
-    "into_lot",
-    "location",
-    "result",
-    "defect_code",
-    "scanned_at",
-    "attributes",
-];
+/// Every field a violation may name: the contract's.
+const FIELDS: &[&str] = &mes_domain::scan::FIELDS;
 
 fn config(cases: u32) -> Config {
     Config {

@@ -111,10 +111,12 @@ async fn commit(pool: &PgPool, cache: &RefCache, jobs: Vec<Job>) {
     // One commit for several requests: a child of the first request's span, linked to each
     // other request's trace, and each of those linked back to it, so every request's trace
     // leads to the commit that stored its scans.
-    let commit_traceparent = span.in_scope(mes_common::propagation::current_traceparent);
-    for job in &jobs[1..] {
-        mes_common::propagation::add_link(&span, &job.request.traceparent);
-        mes_common::propagation::add_link(&job.span, &commit_traceparent);
+    if jobs.len() > 1 {
+        let commit_traceparent = span.in_scope(mes_common::propagation::current_traceparent);
+        for job in &jobs[1..] {
+            mes_common::propagation::add_link(&span, &job.request.traceparent);
+            mes_common::propagation::add_link(&job.span, &commit_traceparent);
+        }
     }
     let requests: Vec<Request> = jobs.iter().map(|j| j.request.clone()).collect();
     let start = std::time::Instant::now();

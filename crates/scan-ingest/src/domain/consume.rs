@@ -73,14 +73,11 @@ impl Rule for Consume {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixture::{accept, dec, plant, refused, scan};
+    use super::super::fixture::{accept, dec, lot_scan, plant, refused};
     use super::super::{Kind, ScanInput};
 
     fn consume(lot: &str, quantity: &str) -> ScanInput {
-        let mut s = scan(Kind::Consume);
-        s.lot = lot.into();
-        s.quantity = Some(dec(quantity));
-        s
+        lot_scan(Kind::Consume, lot, quantity)
     }
 
     #[test]

@@ -119,6 +119,14 @@ pub fn scan(kind: Kind) -> ScanInput {
     }
 }
 
+/// A scan of `kind` on `lot` with `quantity` (WO-1, ST-10).
+pub fn lot_scan(kind: Kind, lot: &str, quantity: &str) -> ScanInput {
+    let mut s = scan(kind);
+    s.lot = lot.into();
+    s.quantity = Some(dec(quantity));
+    s
+}
+
 /// Applies `scan` to `world` (no device binding); panics with the rejection if there is one.
 pub fn accept(world: &mut World, scan: &ScanInput) -> Applied {
     match world.apply(scan, None) {

@@ -297,14 +297,11 @@ fn usable_lot<'w>(
 
 #[cfg(test)]
 mod tests {
-    use super::fixture::{accept, dec, plant, refused, scan};
+    use super::fixture::{accept, lot_scan, plant, refused, scan};
     use super::*;
 
     fn consume() -> ScanInput {
-        let mut s = scan(Kind::Consume);
-        s.lot = "STEEL-1".into();
-        s.quantity = Some(dec("1"));
-        s
+        lot_scan(Kind::Consume, "STEEL-1", "1")
     }
 
     #[test]

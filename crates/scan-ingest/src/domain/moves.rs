@@ -45,14 +45,12 @@ impl Rule for Move {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixture::{accept, dec, plant, refused, scan};
+    use super::super::fixture::{accept, dec, lot_scan, plant, refused};
     use super::super::{Kind, ScanInput};
 
     fn move_(lot: &str, quantity: &str) -> ScanInput {
-        let mut s = scan(Kind::Move);
+        let mut s = lot_scan(Kind::Move, lot, quantity);
         s.work_order.clear();
-        s.lot = lot.into();
-        s.quantity = Some(dec(quantity));
         s.location = "DOCK-2".into();
         s
     }

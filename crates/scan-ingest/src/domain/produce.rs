@@ -88,14 +88,12 @@ impl Rule for Produce {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixture::{accept, dec, lot, plant, refused, scan};
+    use super::super::fixture::{accept, dec, lot, lot_scan, plant, refused};
     use super::super::{Kind, ScanInput};
 
     fn produce(work_order: &str, lot: &str, quantity: &str) -> ScanInput {
-        let mut s = scan(Kind::Produce);
+        let mut s = lot_scan(Kind::Produce, lot, quantity);
         s.work_order = work_order.into();
-        s.lot = lot.into();
-        s.quantity = Some(dec(quantity));
         if work_order == "WO-2" {
             s.station = "ST-30".into();
         }

@@ -42,13 +42,11 @@ impl Rule for Scrap {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixture::{accept, dec, plant, refused, scan};
+    use super::super::fixture::{accept, dec, lot_scan, plant, refused};
     use super::super::{Kind, ScanInput};
 
     fn scrap(lot: &str, quantity: &str) -> ScanInput {
-        let mut s = scan(Kind::Scrap);
-        s.lot = lot.into();
-        s.quantity = Some(dec(quantity));
+        let mut s = lot_scan(Kind::Scrap, lot, quantity);
         s.defect_code = "CRACK".into();
         s
     }

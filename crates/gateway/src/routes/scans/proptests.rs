@@ -13,23 +13,8 @@ use serde_json::{Map, Number, Value, json};
 
 use super::*;
 
-/// Every field `parse_scan` reads.
-const SCAN_FIELDS: &[&str] = &[
-    "scan_id",
-    "kind",
-    "work_order",
-    "operation",
-    "station",
-    "lot",
-    "material",
-    "quantity",
-    "into_lot",
-    "location",
-    "result",
-    "defect_code",
-    "scanned_at",
-    "attributes",
-];
+/// Every field `parse_scan` reads: the contract's.
+const SCAN_FIELDS: &[&str] = &mes_domain::scan::FIELDS;
 
 /// The kinds a client may submit: wire name and protobuf kind (from the contract's table).
 fn kinds() -> Vec<(&'static str, pb::ScanKind)> {
